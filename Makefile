@@ -1,0 +1,54 @@
+# One-command set-up, serving and testing. Every target is idempotent: a second run skips what is done.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+# Where `make serve` and the tests find the demo checkpoint when OFA_MODEL_DIR is not set.
+DEMO_CHECKPOINT ?= checkpoints/ofa-tiny-demo
+export DEMO_CHECKPOINT
+
+.PHONY: setup setup-dev serve test test-unit lint bench bench-engine load-test soak burst clean
+
+## setup: create .venv and install the pinned runtime (engine, tritonserver, client)
+setup: $(RUNTIME_STAMP)
+
+$(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/runtime.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . || $(PY) -m pip install -q --no-deps -e .
+	@touch $@
+
+## setup-dev: setup + test tools and ModelScope's OFA reference (test-only)
+setup-dev: $(DEV_STAMP)
+
+$(DEV_STAMP): requirements/dev.txt $(RUNTIME_STAMP)
+	$(PY) -m pip install -q -r requirements/dev.txt -c requirements/runtime.txt
+	# fairseq is imported by ModelScope's OFA package; --no-deps keeps torchaudio out,
+	# --no-build-isolation keeps pip from putting a CUDA torch into the build environment.
+	$(PY) -c "import fairseq" 2>/dev/null || $(PY) -m pip install -q --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
+	@touch $@
+
+## serve: set up, prepare the checkpoint and run tritonserver in the foreground
+serve: setup
+	$(PY) -m ofa_captioning.serve
+
+## test: set up, then the whole test suite (unit, parity with ModelScope, integration against tritonserver)
+test: setup-dev
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+test-unit: setup-dev
+	$(PY) -m pytest -m "not integration and not reference"
+
+lint: setup-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+## bench-engine: engine vs ModelScope reference, in-process (issue: engine targets)
+bench-engine: setup-dev
+	$(PY) load_tests/bench_engine.py
+
+clean:
+	rm -rf $(VENV) checkpoints .pytest_cache .ruff_cache

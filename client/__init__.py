@@ -1,0 +1,1 @@
+"""Thin Python client for the OFA captioning Triton server (placeholder)."""

@@ -1,0 +1,1 @@
+"""OFA image captioning engine (placeholder; filled in by the engine work)."""
