@@ -1,0 +1,169 @@
+"""Image decoding and pixel preprocessing, with the exact semantics of ModelScope's OFA captioning.
+
+The reference (ModelScope ``LoadImage`` + ``OfaImageCaptioningPreprocessor``) does::
+
+    img = PIL.Image.open(io.BytesIO(data))          # first frame of animated GIF / multi-page TIFF
+    img = ImageOps.exif_transpose(img)
+    img = img.convert("RGB")                         # LoadImage, and again in the transform (a no-op)
+    img = img.resize((S, S), Image.BICUBIC)          # torchvision Resize((S, S), BICUBIC) on a PIL image
+    x = ToTensor(img)                                # uint8 HWC -> float32 CHW, / 255
+    x = (x - mean) / std                             # torchvision Normalize, float32
+
+This module does the same PIL calls in the same order and reproduces the float32 arithmetic bit for bit
+(via a per-channel 256-entry lookup table computed with the reference's operations), without torchvision.
+It also refuses undecodable input and decompression bombs with :class:`ImageDecodeError`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageDecodeError",
+    "ImageInput",
+    "load_image",
+    "normalize_lut",
+    "preprocess_image",
+    "preprocess_images",
+]
+
+#: Default limit on width * height read from the image header (before any pixel is decoded).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+ImageInput = bytes | bytearray | memoryview | Image.Image
+
+_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = frozenset(range(2, 9))
+
+
+class ImageDecodeError(ValueError):
+    """The input is not a decodable image (or is larger than the configured pixel limit)."""
+
+
+def _open(data: ImageInput, max_pixels: int | None) -> Image.Image:
+    if isinstance(data, Image.Image):
+        img = data
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageDecodeError(f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+        return img
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"expected encoded image bytes or a PIL.Image.Image, got {type(data).__name__}")
+    raw = bytes(data)
+    if not raw:
+        raise ImageDecodeError("empty input: expected the bytes of an encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    try:
+        img = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image is too large to decode safely: {e}") from e
+    except Exception as e:  # UnidentifiedImageError, and whatever a format plugin raises on a broken header
+        raise ImageDecodeError(
+            f"cannot decode image ({len(raw)} bytes, starts with {raw[:8]!r}): {e}; "
+            "expected JPEG, PNG, WebP, BMP, GIF or TIFF"
+        ) from e
+    # Only the header has been read so far: refuse bombs before allocating their pixels.
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageDecodeError(f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+    if w <= 0 or h <= 0:
+        raise ImageDecodeError(f"image has an invalid size {w}x{h}")
+    return img
+
+
+def load_image(data: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image as the reference does: first frame, EXIF orientation applied, mode RGB.
+
+    ``data`` is the encoded file (JPEG, PNG, WebP, BMP, GIF, TIFF, ... whatever Pillow opens) or a
+    ``PIL.Image.Image``. A PIL image is used at its current frame and is not modified (it is returned as is
+    when it is already RGB and upright). Images with more than
+    ``max_pixels`` pixels (``None``: no limit of ours; Pillow's own bomb limit still applies) are refused from
+    their header, before decoding. Raises :class:`ImageDecodeError` for anything that cannot be decoded.
+    """
+    img = _open(data, max_pixels)
+    try:
+        img.load()
+        # ImageOps.exif_transpose returns a copy when there is nothing to do; skipping that copy keeps
+        # the pixels identical and saves a full-size allocation.
+        if img.getexif().get(_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS:
+            img = ImageOps.exif_transpose(img)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # truncated files, corrupt data streams, broken EXIF, ...
+        raise ImageDecodeError(f"cannot decode image: {e}") from e
+    return img
+
+
+_LUT_CACHE: dict[tuple[tuple[float, ...], tuple[float, ...]], np.ndarray] = {}
+
+
+def normalize_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """float32 table [3, 256]: the reference's ``(float32(v) / 255 - mean[c]) / std[c]`` for each byte value v."""
+    key = (tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    lut = _LUT_CACHE.get(key)
+    if lut is None:
+        if len(key[0]) != 3 or len(key[1]) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
+        if any(s == 0 for s in key[1]):
+            raise ValueError(f"std must not contain 0, got {list(std)}")
+        v = np.arange(256, dtype=np.float32) / np.float32(255)  # ToTensor: float32 division by 255
+        m = np.asarray(key[0], dtype=np.float32)[:, None]
+        s = np.asarray(key[1], dtype=np.float32)[:, None]
+        lut = np.ascontiguousarray((v[None, :] - m) / s, dtype=np.float32)  # Normalize: sub_ then div_
+        lut.setflags(write=False)
+        _LUT_CACHE[key] = lut
+    return lut
+
+
+def _pixels_into(img: Image.Image, size: int, lut: np.ndarray, out: np.ndarray) -> None:
+    resized = img.resize((size, size), Image.Resampling.BICUBIC)
+    arr = np.asarray(resized)  # [S, S, 3] uint8
+    for c in range(3):
+        np.take(lut[c], arr[:, :, c], out=out[c])
+
+
+def preprocess_image(
+    image: ImageInput,
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """One image -> float32 ``[3, size, size]``: :func:`load_image`, bicubic resize to size x size, normalize."""
+    return preprocess_images([image], size=size, mean=mean, std=std, max_pixels=max_pixels)[0]
+
+
+def preprocess_images(
+    images: Iterable[ImageInput],
+    *,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Images (encoded bytes or PIL) -> float32 ``[B, 3, size, size]`` pixel batch, as the reference computes it.
+
+    The aspect ratio is not kept (the reference resizes to a square). Raises :class:`ImageDecodeError` naming
+    the index of the first image that cannot be decoded.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    lut = normalize_lut(mean, std)
+    items = list(images)
+    out = np.empty((len(items), 3, size, size), dtype=np.float32)
+    for i, item in enumerate(items):
+        try:
+            img = load_image(item, max_pixels=max_pixels)
+        except ImageDecodeError as e:
+            if len(items) == 1:
+                raise
+            raise ImageDecodeError(f"image {i}: {e}") from e
+        _pixels_into(img, size, lut, out[i])
+    return out
