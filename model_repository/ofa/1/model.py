@@ -1,0 +1,106 @@
+"""Triton adapter `ofa`: ``pixel_values`` (+ optional ``beam_size``, ``max_length``) -> ``caption``, ``score``.
+
+A thin adapter over ``ofa_captioning.Captioner``. Every row of every request of one execute() goes into one
+engine batch per distinct (beam_size, max_length); results go back one response per request, in order. A bad
+request (settings out of range, inconsistent shapes) gets its own INVALID_ARG error and its neighbours are
+still answered. Warm-up runs in initialize(), so the server reports ready only once the model is warm.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from ofa_captioning.captioner import Captioner
+
+from ofa_serving.adapter import (
+    check_tensor_dims,
+    error_response,
+    input_array,
+    model_config_dict,
+    optional_int_rows,
+)
+from ofa_serving.batching import RequestError, run_batched
+from ofa_serving.settings import OFASettings, load_settings, resolve_device, resolve_dtype
+
+
+class TritonPythonModel:
+    """Caption batches of images with the OFA engine."""
+
+    def initialize(self, args):
+        """Load the checkpoint on the configured device, check the config's dims, warm up."""
+        config = model_config_dict(args)
+        self.model_name = args.get("model_name", "ofa")
+        settings = load_settings(OFASettings, config)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        device = resolve_device(settings.device, torch.cuda.is_available())
+        dtype = getattr(torch, resolve_dtype(settings.dtype, device))
+        self.captioner = Captioner.from_pretrained(settings.model_dir, device=device, dtype=dtype)
+        size = self.captioner.patch_image_size
+        check_tensor_dims(
+            config,
+            "pixel_values",
+            [3, size, size],
+            f"the checkpoint {settings.model_dir} (patch_image_size {size})",
+        )
+        if settings.warmup:
+            self.captioner.generate(torch.zeros(2, 3, size, size))
+        pb_utils.Logger.log_info(
+            f"{self.model_name}: {settings.model_dir} on {device} ({dtype}), {torch.get_num_threads()} torch "
+            f"threads, warm-up {'done' if settings.warmup else 'off'}"
+        )
+
+    def execute(self, requests):
+        """One engine batch per distinct settings; one response per request, in order."""
+        results = run_batched([self._read(request) for request in requests], self._generate)
+        responses = []
+        for result in results:
+            if isinstance(result, BaseException):
+                responses.append(error_response(pb_utils, result, model_name=self.model_name))
+                continue
+            captions = np.array([[c.text.encode("utf-8")] for c in result], dtype=np.object_)
+            scores = np.array([[c.score] for c in result], dtype=np.float32)
+            responses.append(
+                pb_utils.InferenceResponse(
+                    [pb_utils.Tensor("caption", captions), pb_utils.Tensor("score", scores)]
+                )
+            )
+        return responses
+
+    def _read(self, request):
+        """The request's rows as ``((beam_size, max_length), pixels)``, or the error that makes it invalid."""
+        try:
+            pixels = input_array(pb_utils, request, "pixel_values")
+            rows = len(pixels)
+            beams = optional_int_rows(
+                input_array(pb_utils, request, "beam_size", optional=True), rows, "beam_size"
+            )
+            lengths = optional_int_rows(
+                input_array(pb_utils, request, "max_length", optional=True), rows, "max_length"
+            )
+            keys = []
+            for beam, length in zip(beams, lengths, strict=True):
+                try:
+                    keys.append(self.captioner.validate_settings(beam, length))
+                except ValueError as exc:
+                    raise RequestError(str(exc)) from exc
+            return list(zip(keys, pixels, strict=True))
+        except Exception as exc:  # noqa: BLE001 - becomes this request's error response
+            return exc
+
+    def _generate(self, key, pixels):
+        """One engine call for all rows sharing the generation settings ``key``."""
+        beam_size, max_length = key
+        batch = torch.from_numpy(np.stack(pixels))
+        return self.captioner.generate(batch, beam_size=beam_size, max_length=max_length)
+
+    def finalize(self):
+        """Release the engine (and CUDA memory where it used some)."""
+        self.captioner = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        pb_utils.Logger.log_info(f"{self.model_name}: finalized")

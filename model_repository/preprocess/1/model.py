@@ -1,0 +1,80 @@
+"""Triton adapter `preprocess`: encoded image bytes -> ``pixel_values`` [3, S, S] float32.
+
+A thin adapter over ``ofa_captioning.preprocess`` (the same function the engine and the tests use). All images
+of one execute() are decoded one by one (an undecodable image fails only its own request, INVALID_ARG with
+the reason) and turned into pixels in one call; one response per request, in order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ofa_captioning.config import load_task_config
+from ofa_captioning.preprocess import ImageDecodeError, load_image, preprocess_images
+from ofa_serving.adapter import check_tensor_dims, error_response, input_array, model_config_dict
+from ofa_serving.batching import RequestError, run_batched
+from ofa_serving.images import PayloadError, decode_image_payload
+from ofa_serving.settings import PreprocessSettings, load_settings
+
+
+class TritonPythonModel:
+    """Decode images and compute the engine's pixel values."""
+
+    def initialize(self, args):
+        """Read settings and the checkpoint's image settings; refuse a config whose dims do not match."""
+        config = model_config_dict(args)
+        self.model_name = args.get("model_name", "preprocess")
+        self.settings = load_settings(PreprocessSettings, config)
+        task = load_task_config(self.settings.model_dir)
+        self.size, self.mean, self.std = task.patch_image_size, task.mean, task.std
+        check_tensor_dims(
+            config,
+            "pixel_values",
+            [3, self.size, self.size],
+            f"the checkpoint {self.settings.model_dir} (patch_image_size {self.size})",
+        )
+        pb_utils.Logger.log_info(
+            f"{self.model_name}: {self.size}x{self.size} pixels from {self.settings.model_dir}, "
+            f"max {self.settings.max_image_bytes} bytes / {self.settings.max_image_pixels} pixels per image"
+        )
+
+    def execute(self, requests):
+        """One response per request, in order; a bad image fails only its own request."""
+        per_request = [self._read(request) for request in requests]
+        results = run_batched(per_request, self._pixels)
+        responses = []
+        for result in results:
+            if isinstance(result, BaseException):
+                responses.append(error_response(pb_utils, result, model_name=self.model_name))
+                continue
+            pixels = np.stack(result).astype(np.float32, copy=False)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("pixel_values", pixels)]))
+        return responses
+
+    def _read(self, request):
+        """The request's decoded images as ``(None, PIL.Image)`` rows, or the error that makes it invalid."""
+        try:
+            images = input_array(pb_utils, request, "image")
+            if images.ndim != 2 or images.shape[1] != 1:
+                raise RequestError(f"input 'image' must have shape [batch, 1], got {list(images.shape)}")
+            rows = []
+            for i, payload in enumerate(images[:, 0]):
+                try:
+                    data = decode_image_payload(payload, max_bytes=self.settings.max_image_bytes)
+                    rows.append((None, load_image(data, max_pixels=self.settings.max_image_pixels)))
+                except (PayloadError, ImageDecodeError) as exc:
+                    prefix = f"image {i}: " if len(images) > 1 else ""
+                    raise RequestError(f"{prefix}{exc}") from exc
+            return rows
+        except Exception as exc:  # noqa: BLE001 - becomes this request's error response
+            return exc
+
+    def _pixels(self, _key, images):
+        """All decoded images of this execute() -> their pixel values, in one call."""
+        pixels = preprocess_images(images, size=self.size, mean=self.mean, std=self.std, max_pixels=None)
+        return list(pixels)
+
+    def finalize(self):
+        """Nothing to release (no model weights here)."""
+        pb_utils.Logger.log_info(f"{self.model_name}: finalized")

@@ -1,0 +1,93 @@
+"""Helpers the Triton Python-backend adapters share (``model_repository/*/1/model.py``).
+
+The functions take the ``triton_python_backend_utils`` module as an argument (``pb``) instead of importing
+it, so that they run under a stand-in in the unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .batching import RequestError
+from .settings import SettingsError
+
+__all__ = [
+    "model_config_dict",
+    "check_tensor_dims",
+    "input_array",
+    "optional_int_rows",
+    "error_response",
+]
+
+_MAX_MESSAGE = 500
+
+
+def model_config_dict(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The model configuration of ``initialize(args)`` as a dict."""
+    config = args["model_config"]
+    return json.loads(config) if isinstance(config, str | bytes) else dict(config)
+
+
+def check_tensor_dims(model_config: Mapping[str, Any], name: str, expected: Sequence[int], why: str) -> None:
+    """Fail (``SettingsError``) unless input or output ``name`` of ``model_config`` has dims ``expected``."""
+    for entry in list(model_config.get("input", [])) + list(model_config.get("output", [])):
+        if entry.get("name") == name:
+            dims = [int(d) for d in entry.get("dims", [])]
+            if dims != list(expected):
+                raise SettingsError(
+                    f"{model_config.get('name', 'model')}/config.pbtxt: tensor {name!r} has dims {dims} but {why} "
+                    f"needs {list(expected)}; edit dims of {name!r} in the config.pbtxt of both preprocess and ofa"
+                )
+            return
+    raise SettingsError(f"{model_config.get('name', 'model')}/config.pbtxt has no tensor {name!r}")
+
+
+def input_array(pb: Any, request: Any, name: str, *, optional: bool = False) -> np.ndarray | None:
+    """Input ``name`` of ``request`` as a numpy array (batch dimension first); ``None`` if optional and absent."""
+    tensor = pb.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        if optional:
+            return None
+        raise RequestError(f"missing input {name!r}")
+    return tensor.as_numpy()
+
+
+def optional_int_rows(array: np.ndarray | None, rows: int, name: str) -> list[int | None]:
+    """Per-row values of an optional INT32 ``[1]`` input of a request with ``rows`` rows (``None`` if absent)."""
+    if array is None:
+        return [None] * rows
+    if array.ndim != 2 or array.shape[1] != 1:
+        raise RequestError(f"input {name!r} must have shape [batch, 1], got {list(array.shape)}")
+    if array.shape[0] != rows:
+        raise RequestError(
+            f"input {name!r} has batch size {array.shape[0]} but the request has {rows} image(s)"
+        )
+    return [int(v) for v in array[:, 0]]
+
+
+def error_response(pb: Any, exc: BaseException, *, model_name: str) -> Any:
+    """One request's error response, logged: INVALID_ARG for a :class:`RequestError`, INTERNAL otherwise.
+
+    A bad request is logged in one line; an internal error is logged with its traceback and reported to the
+    client in a short message (exception type and text).
+    """
+    logger = getattr(pb, "Logger", None)
+    if isinstance(exc, RequestError):
+        message = str(exc)
+        code = getattr(pb.TritonError, "INVALID_ARG", None)
+        if logger is not None:
+            logger.log_warn(f"{model_name}: bad request: {message}")
+    else:
+        message = f"{model_name}: internal error: {type(exc).__name__}: {exc}"
+        code = getattr(pb.TritonError, "INTERNAL", None)
+        if logger is not None:
+            logger.log_error("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    if len(message) > _MAX_MESSAGE:
+        message = message[: _MAX_MESSAGE - 3] + "..."
+    error = pb.TritonError(message) if code is None else pb.TritonError(message, code)
+    return pb.InferenceResponse(output_tensors=[], error=error)

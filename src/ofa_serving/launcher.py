@@ -1,0 +1,441 @@
+"""Run the real ``tritonserver`` shipped in the ``nvidia-pytriton`` wheel, without Docker.
+
+Used by ``make serve`` (:mod:`ofa_serving.serve`), the integration tests' session fixture, the load tests and
+the benchmark. Typical use::
+
+    from ofa_serving.launcher import TritonServer
+
+    with TritonServer.on_free_ports(model_dir="checkpoints/ofa-tiny-demo", log_file="triton.log") as server:
+        print(server.http_url, server.grpc_url, server.metrics_url)   # ready (and warm) here
+    # stopped here: SIGTERM, then SIGKILL after the timeout
+
+The wheel holds the server binary, the Python backend, one backend stub per Python version and the local
+response cache; :func:`find_triton` locates them, :func:`prepare_backend_dir` assembles a backend directory
+(Python backend + the stub of the running Python) once under ``.cache/triton-backends/``, and
+:class:`TritonServer` sets the environment the server and its stubs need: ``LD_LIBRARY_PATH`` with
+``nvidia_pytriton.libs``, ``PATH`` starting with this Python's ``bin`` (the stub embeds the Python it finds
+there, hence this venv's packages) and ``PYTHONPATH`` with this package's source directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .settings import ServerSettings, load_settings
+
+__all__ = [
+    "TritonInstallation",
+    "TritonServer",
+    "ServerStartError",
+    "find_triton",
+    "prepare_backend_dir",
+    "free_port",
+    "free_ports",
+    "repo_root",
+    "default_model_repository",
+]
+
+PACKAGE_SRC = Path(__file__).resolve().parent.parent
+
+
+class ServerStartError(RuntimeError):
+    """tritonserver could not be started, exited early or did not become ready in time."""
+
+
+def repo_root() -> Path:
+    """The checkout this package runs from (the directory holding pyproject.toml), else the current directory."""
+    candidate = PACKAGE_SRC.parent
+    return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd()
+
+
+def default_model_repository() -> Path:
+    """``model_repository/`` of this checkout (or of the current directory)."""
+    for base in (repo_root(), Path.cwd()):
+        if (base / "model_repository").is_dir():
+            return base / "model_repository"
+    raise ServerStartError("no model_repository/ found; pass model_repository= or set OFA_MODEL_REPOSITORY")
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    """Where the parts of the server live inside the installed nvidia-pytriton wheel."""
+
+    binary: Path
+    python_backend: Path
+    stub: Path
+    caches: Path
+    libs: Path
+
+
+def find_triton() -> TritonInstallation:
+    """Locate tritonserver, the Python backend, this Python's stub and the caches in the nvidia-pytriton wheel."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerStartError(
+            "the nvidia-pytriton wheel (which ships tritonserver) is not installed in this Python "
+            f"({sys.executable}); run `make setup`"
+        )
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    root = pkg / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    found = TritonInstallation(
+        binary=root / "bin" / "tritonserver",
+        python_backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+        caches=root / "caches",
+        libs=pkg.parent / "nvidia_pytriton.libs",
+    )
+    for name, path in vars(found).items():
+        if not path.exists():
+            raise ServerStartError(f"nvidia-pytriton is incomplete: no {name} at {path} (Python {version})")
+    return found
+
+
+def prepare_backend_dir(
+    installation: TritonInstallation | None = None, directory: str | Path | None = None
+) -> Path:
+    """A ``--backend-directory`` with the Python backend and the stub of the running Python (idempotent).
+
+    Defaults to ``.cache/triton-backends/python<X.Y>/`` in the checkout. Files are copied only when missing or
+    changed, through a temporary name, so concurrent callers do not see half-written files.
+    """
+    installation = installation or find_triton()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    directory = (
+        Path(directory) if directory else repo_root() / ".cache" / "triton-backends" / f"python{version}"
+    )
+    target = directory / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    sources = [p for p in installation.python_backend.iterdir() if p.is_file()] + [installation.stub]
+    for src in sources:
+        dst = target / src.name
+        st = src.stat()
+        if dst.exists() and dst.stat().st_size == st.st_size and dst.stat().st_mtime == st.st_mtime:
+            continue
+        fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{src.name}.")
+        os.close(fd)
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    return directory
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports that are free on ``host`` right now."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host if host not in ("", "0.0.0.0") else "127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def _check_numpy() -> None:
+    try:
+        import numpy
+    except ImportError:
+        return
+    if int(numpy.__version__.split(".")[0]) >= 2:
+        raise ServerStartError(
+            f"numpy {numpy.__version__} is installed; the Python backend stub of tritonserver 2.51 corrupts "
+            "BYTES tensors under numpy 2: install numpy<2 (make setup does)"
+        )
+
+
+try:  # die with the launching thread's process (Linux); resolved before fork, called in the child
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _PRCTL = None
+
+
+def _die_with_parent() -> None:
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class TritonServer:
+    """One tritonserver process serving a model repository; a context manager (start + ready, then stop).
+
+    Args:
+        model_repository: the Triton model repository (default: ``model_repository/`` of the checkout).
+        model_dir: checkpoint directory, exported to the models as ``OFA_MODEL_DIR`` (default: inherited).
+        host: bind address of the HTTP, gRPC and metrics endpoints.
+        http_port, grpc_port, metrics_port: ports (0 is not allowed: use :meth:`on_free_ports`).
+        response_cache_bytes: size of the local response cache; 0 runs without a cache.
+        exit_timeout_secs: how long the server lets in-flight requests finish after SIGTERM.
+        log_verbose: ``--log-verbose`` level.
+        log_file: file receiving the server's stdout and stderr; ``None`` = inherit (foreground use).
+        env: extra environment variables for the server and its models (e.g. ``{"OFA_WARMUP": "0"}``).
+        extra_args: more tritonserver flags, appended last.
+        die_with_parent: ask Linux to SIGTERM the server when the thread that started it exits.
+    """
+
+    def __init__(
+        self,
+        model_repository: str | Path | None = None,
+        model_dir: str | Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        response_cache_bytes: int = 64 * 1024 * 1024,
+        exit_timeout_secs: int = 30,
+        log_verbose: int = 0,
+        log_file: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+        die_with_parent: bool = True,
+    ) -> None:
+        self.model_repository = Path(model_repository or default_model_repository()).resolve()
+        self.model_dir = Path(model_dir).resolve() if model_dir else None
+        self.host = host
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.response_cache_bytes = response_cache_bytes
+        self.exit_timeout_secs = exit_timeout_secs
+        self.log_verbose = log_verbose
+        self.log_file = Path(log_file) if log_file else None
+        self.extra_env = dict(env or {})
+        self.extra_args = list(extra_args)
+        self.die_with_parent = die_with_parent
+        self.process: subprocess.Popen | None = None
+        self._log_handle = None
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings | None = None, **overrides) -> TritonServer:
+        """A server configured from :class:`ServerSettings` (default: read from the environment)."""
+        s = settings or load_settings(ServerSettings)
+        kwargs = {
+            "model_repository": s.model_repository,
+            "model_dir": s.model_dir,
+            "host": s.host,
+            "http_port": s.http_port,
+            "grpc_port": s.grpc_port,
+            "metrics_port": s.metrics_port,
+            "response_cache_bytes": s.response_cache_bytes,
+            "exit_timeout_secs": s.exit_timeout_secs,
+            "log_verbose": s.log_verbose,
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def on_free_ports(cls, model_repository=None, model_dir=None, **kwargs) -> TritonServer:
+        """A server on three free ports of ``host`` (default 127.0.0.1): for tests and benchmarks."""
+        http, grpc, metrics = free_ports(3, kwargs.get("host", "127.0.0.1"))
+        return cls(
+            model_repository, model_dir, http_port=http, grpc_port=grpc, metrics_port=metrics, **kwargs
+        )
+
+    # -- addresses -------------------------------------------------------------------------------------
+    @property
+    def _connect_host(self) -> str:
+        return "127.0.0.1" if self.host in ("", "0.0.0.0") else ("::1" if self.host == "::" else self.host)
+
+    @property
+    def http_address(self) -> str:
+        """``host:port`` of the HTTP endpoint (what ``tritonclient.http`` and ``CaptionClient`` take)."""
+        host = self._connect_host
+        return f"[{host}]:{self.http_port}" if ":" in host else f"{host}:{self.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        """``host:port`` of the gRPC endpoint (what ``tritonclient.grpc`` and ``CaptionClient`` take)."""
+        host = self._connect_host
+        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of the KServe v2 HTTP endpoint."""
+        return f"http://{self.http_address}"
+
+    @property
+    def grpc_url(self) -> str:
+        """``grpc://host:port`` of the KServe v2 gRPC endpoint (CaptionClient accepts it)."""
+        return f"grpc://{self.grpc_address}"
+
+    @property
+    def metrics_url(self) -> str:
+        """``http://host:port/metrics``: Prometheus text."""
+        host = self._connect_host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the tritonserver process (``None`` before start)."""
+        return self.process.pid if self.process else None
+
+    # -- process ---------------------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        """The tritonserver command line (needs :func:`find_triton`; prepares the backend directory)."""
+        triton = find_triton()
+        cmd = [
+            str(triton.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={prepare_backend_dir(triton)}",
+            f"--cache-directory={triton.caches}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--disable-auto-complete-config",
+            f"--exit-timeout-secs={self.exit_timeout_secs}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        if self.response_cache_bytes > 0:
+            cmd.append(f"--cache-config=local,size={self.response_cache_bytes}")
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: ours plus LD_LIBRARY_PATH, PATH, PYTHONPATH, OFA_MODEL_DIR and ``env``."""
+        triton = find_triton()
+        env = dict(os.environ)
+
+        def prepend(name: str, *parts: str) -> None:
+            old = [p for p in env.get(name, "").split(os.pathsep) if p and p not in parts]
+            env[name] = os.pathsep.join([*parts, *old])
+
+        libs = [str(triton.libs)]
+        if sysconfig.get_config_var("Py_ENABLE_SHARED") and sysconfig.get_config_var("LIBDIR"):
+            libs.append(sysconfig.get_config_var("LIBDIR"))  # this Python's libpython for the stub
+        prepend("LD_LIBRARY_PATH", *libs)
+        prepend("PATH", str(Path(sys.executable).parent))
+        prepend("PYTHONPATH", str(PACKAGE_SRC))
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.model_dir is not None:
+            env["OFA_MODEL_DIR"] = str(self.model_dir)
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> TritonServer:
+        """Start tritonserver in the background (its own process group); returns at once."""
+        if self.process is not None and self.process.poll() is None:
+            raise ServerStartError(f"already running (pid {self.process.pid})")
+        _check_numpy()
+        if self.model_dir is not None and not self.model_dir.is_dir():
+            raise ServerStartError(f"checkpoint directory {self.model_dir} does not exist")
+        cmd, env = self.command(), self.environment()
+        out = None
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            out = self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if self.die_with_parent else None,
+        )
+        atexit.register(self.stop)
+        return self
+
+    def is_ready(self) -> bool:
+        """True when the server answers ``/v2/health/ready`` (all models loaded, warm-up done)."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = 300.0) -> TritonServer:
+        """Block until ready; raise :class:`ServerStartError` (with the log's tail) if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None:
+                raise ServerStartError("not started")
+            code = self.process.poll()
+            if code is not None:
+                raise ServerStartError(f"tritonserver exited with code {code} before ready{self._log_tail()}")
+            if self.is_ready():
+                return self
+            time.sleep(0.25)
+        raise ServerStartError(f"tritonserver not ready after {timeout:.0f} s{self._log_tail()}")
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the server to exit (foreground use); its exit code."""
+        if self.process is None:
+            raise ServerStartError("not started")
+        return self.process.wait(timeout)
+
+    def terminate(self) -> None:
+        """Send SIGTERM (graceful: in-flight requests get up to ``exit_timeout_secs``); does not wait."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop the server by its PID: SIGTERM, then SIGKILL after ``timeout`` s (default exit timeout + 10).
+
+        Leftovers of its process group (backend stubs) are killed too. Returns the exit code; idempotent.
+        """
+        with contextlib.suppress(ValueError):
+            atexit.unregister(self.stop)
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.exit_timeout_secs + 10 if timeout is None else timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own group (start_new_session): stubs left behind
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        return proc.returncode
+
+    def metrics(self) -> str:
+        """The Prometheus text of the metrics endpoint."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
+            return resp.read().decode()
+
+    def _log_tail(self, lines: int = 40) -> str:
+        if self.log_file is None or not self.log_file.exists():
+            return " (see its output above)"
+        text = self.log_file.read_text(errors="replace").splitlines()[-lines:]
+        return f"; last lines of {self.log_file}:\n" + "\n".join(text)
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop(timeout=5)
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"TritonServer(pid={self.pid}, http={self.http_address}, grpc={self.grpc_address})"

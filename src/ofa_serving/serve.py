@@ -1,0 +1,132 @@
+"""``python -m ofa_serving.serve`` (what ``make serve`` runs): prepare a checkpoint, run tritonserver.
+
+1. The checkpoint: ``OFA_MODEL_DIR`` if set; else the published one (``checkpoints/ofa-distilled-en``), downloaded
+   through ModelScope where the hub answers (skipped once complete, and with ``OFA_DOWNLOAD=0``); else the demo
+   checkpoint (``DEMO_CHECKPOINT``, default ``checkpoints/ofa-tiny-demo``) with a loud notice that its captions
+   are meaningless.
+2. tritonserver in the foreground on ``HOST`` (127.0.0.1) and ``HTTP_PORT``/``GRPC_PORT``/``METRICS_PORT``
+   (8000/8001/8002); once ready it prints how to call it. SIGINT/SIGTERM are forwarded to the server (graceful
+   stop, in-flight requests finish); a second signal kills it.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .launcher import ServerStartError, TritonServer
+from .settings import ServerSettings, SettingsError, load_settings
+
+__all__ = ["prepare_checkpoint", "usage_text", "main"]
+
+REAL_DIR = Path("checkpoints/ofa-distilled-en")
+_COMPLETE = ".download-complete"
+
+_DEMO_NOTICE = """
+###########################################################################################################
+#  DEMO CHECKPOINT: random weights. Its captions are MEANINGLESS; it exists to run the whole stack offline. #
+#  For real captions: run where the ModelScope hub answers (make serve downloads the checkpoint), or set    #
+#  OFA_MODEL_DIR to a downloaded iic/ofa_image-caption_coco_distilled_en directory.                        #
+###########################################################################################################
+"""
+
+
+def _log(message: str) -> None:
+    print(f"[serve] {message}", file=sys.stderr, flush=True)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        (path / "pytorch_model.bin").is_file() or (path / "model.safetensors").is_file()
+    )
+
+
+def prepare_checkpoint(settings: ServerSettings, real_dir: Path = REAL_DIR) -> tuple[Path, str]:
+    """The checkpoint to serve and its kind (``"configured"``, ``"real"`` or ``"demo"``), preparing it if needed."""
+    if settings.model_dir is not None:
+        path = settings.model_dir
+        if not _is_checkpoint(path):
+            raise SettingsError(f"environment variable OFA_MODEL_DIR: {path} is not a checkpoint directory")
+        return path.resolve(), "configured"
+    if (real_dir / _COMPLETE).is_file() and _is_checkpoint(real_dir):
+        return real_dir.resolve(), "real"
+    if settings.download:
+        _log(f"downloading the published checkpoint into {real_dir} (fails fast when the hub is unreachable)")
+        # A subprocess: a timed-out download thread must not live on beside the server.
+        proc = subprocess.run([sys.executable, "-m", "ofa_captioning.download", str(real_dir)], check=False)
+        if proc.returncode == 0 and _is_checkpoint(real_dir):
+            (real_dir / _COMPLETE).touch()
+            return real_dir.resolve(), "real"
+        _log("the published checkpoint is not available; falling back to the demo checkpoint")
+    from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
+
+    path = Path(ensure_demo_checkpoint(settings.demo_checkpoint))
+    print(_DEMO_NOTICE, file=sys.stderr, flush=True)
+    return path.resolve(), "demo"
+
+
+def usage_text(server: TritonServer, kind: str) -> str:
+    """How to call the running server (CLI, curl, health), printed once it is ready."""
+    http, grpc = server.http_url, server.grpc_address
+    warn = "\n  NOTE: demo checkpoint, captions are meaningless.\n" if kind == "demo" else ""
+    return f"""
+=== OFA captioning is ready: HTTP {http}  gRPC {grpc}  metrics {server.metrics_url} ===
+{warn}
+  python -m client caption path/to/image.jpg --url {grpc}
+  python -m client caption photos/ --protocol http --url {server.http_address} --json
+  python -m client health --url {grpc}
+
+  {{ printf '{{"inputs":[{{"name":"image","shape":[1,1],"datatype":"BYTES","data":["'; base64 -w0 image.jpg; \\
+     printf '"]}}]}}'; }} | curl -s --data-binary @- {http}/v2/models/caption/infer
+
+  Stop with Ctrl-C (in-flight requests finish first; a second Ctrl-C kills).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prepare the checkpoint, run tritonserver in the foreground, forward SIGINT/SIGTERM; its exit code."""
+    try:
+        settings = load_settings(ServerSettings)
+        model_dir, kind = prepare_checkpoint(settings)
+        server = TritonServer.from_settings(settings, model_dir=model_dir)
+    except (SettingsError, ServerStartError) as exc:
+        _log(f"error: {exc}")
+        return 2
+    signals = {"count": 0}
+
+    def forward(signum, _frame):
+        signals["count"] += 1
+        if signals["count"] == 1:
+            _log(f"{signal.Signals(signum).name}: stopping tritonserver (pid {server.pid}) gracefully")
+            server.terminate()
+        elif server.process is not None and server.process.poll() is None:
+            _log("second signal: killing tritonserver")
+            server.process.kill()
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    _log(f"starting tritonserver with {model_dir} ({kind}); models load and warm up before ready")
+    try:
+        server.start()
+        while server.process.poll() is None and not signals["count"]:
+            try:
+                server.wait_ready(timeout=1)
+                print(usage_text(server, kind), file=sys.stderr, flush=True)
+                break
+            except ServerStartError:
+                if server.process.poll() is not None:
+                    raise
+        return server.wait()
+    except ServerStartError as exc:
+        _log(f"error: {exc}")
+        server.stop(timeout=5)
+        return 1
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Typed settings from config.pbtxt ``parameters`` and environment variables: the one way to read settings.
+
+Every setting is a field of a frozen dataclass declared with :func:`setting`, naming its environment variable
+and/or its config.pbtxt parameter. :func:`load_settings` fills such a dataclass. Precedence, highest first:
+
+1. the environment variable (deployment-time override, no file to edit: ``OFA_DEVICE=cpu make serve``),
+2. the config.pbtxt parameter (``parameters { key: "device" value { string_value: "cpu" } }``),
+3. the field's default.
+
+An empty string (the environment variable set to ``""`` or a parameter with ``string_value: ""``) means unset.
+Booleans accept ``true/1/yes/on`` and ``false/0/no/off`` (any case). Values are checked when the settings are
+loaded (the model's ``initialize``, the launcher's start): a bad value raises :class:`SettingsError` naming the
+setting, its source and what was expected, e.g.
+``environment variable OFA_TORCH_THREADS: expected an integer, got 'abc'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "SettingsError",
+    "setting",
+    "load_settings",
+    "describe_settings",
+    "model_parameters",
+    "OFASettings",
+    "PreprocessSettings",
+    "ServerSettings",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+T = TypeVar("T")
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the setting and where it came from."""
+
+
+def setting(
+    default: Any = None,
+    *,
+    env: str | None = None,
+    param: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    minimum: int | float | None = None,
+    maximum: int | float | None = None,
+    required: bool = False,
+    help: str = "",
+) -> Any:
+    """Declare a settings dataclass field read from environment variable ``env`` and/or parameter ``param``.
+
+    ``choices`` restricts a string (compared lower-case); ``minimum``/``maximum`` bound a number; ``required``
+    makes :func:`load_settings` fail when neither source gives a value and the default is ``None``.
+    """
+    if env is None and param is None:
+        raise TypeError("a setting needs an environment variable or a config parameter")
+    meta = {
+        "env": env,
+        "param": param,
+        "choices": choices,
+        "minimum": minimum,
+        "maximum": maximum,
+        "required": required,
+        "help": help,
+    }
+    return field(default=default, metadata=meta)
+
+
+def model_parameters(model_config: str | Mapping[str, Any] | None) -> dict[str, str]:
+    """``{key: string_value}`` of a Triton model config (``args["model_config"]``: JSON text or a dict)."""
+    if model_config is None:
+        return {}
+    if isinstance(model_config, str | bytes):
+        model_config = json.loads(model_config)
+    params = model_config.get("parameters") or {}
+    out = {}
+    for key, value in params.items():
+        out[key] = value.get("string_value", "") if isinstance(value, Mapping) else str(value)
+    return out
+
+
+def load_settings(
+    cls: type[T],
+    model_config: str | Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """Fill the settings dataclass ``cls`` (environment > config.pbtxt parameter > default).
+
+    ``model_config`` is ``args["model_config"]`` of a Python backend model (JSON text or dict), or ``None`` for
+    settings that only come from the environment. ``environ`` defaults to ``os.environ``.
+    Raises :class:`SettingsError` naming the bad setting.
+    """
+    environ = os.environ if environ is None else environ
+    params = model_parameters(model_config)
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        env, param = meta.get("env"), meta.get("param")
+        raw = source = None
+        if env and environ.get(env, "").strip():
+            raw, source = environ[env].strip(), f"environment variable {env}"
+        elif param and params.get(param, "").strip():
+            raw, source = params[param].strip(), f"config.pbtxt parameter {param!r}"
+        if raw is None:
+            if meta.get("required") and f.default is None:
+                raise SettingsError(f"{_names(meta)} is required but not set")
+            continue
+        values[f.name] = _convert(raw, hints[f.name], meta, source)
+    return cls(**values)
+
+
+def describe_settings(cls: type) -> list[dict[str, Any]]:
+    """One row per setting of ``cls`` (env, param, default, choices, help): the source of the docs' table."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        rows.append(
+            {
+                "name": f.name,
+                "env": meta.get("env"),
+                "param": meta.get("param"),
+                "default": f.default,
+                "choices": meta.get("choices"),
+                "help": meta.get("help", ""),
+            }
+        )
+    return rows
+
+
+def _names(meta: Mapping[str, Any]) -> str:
+    parts = []
+    if meta.get("env"):
+        parts.append(f"environment variable {meta['env']}")
+    if meta.get("param"):
+        parts.append(f"config.pbtxt parameter {meta['param']!r}")
+    return " / ".join(parts)
+
+
+def _convert(raw: str, hint: Any, meta: Mapping[str, Any], source: str) -> Any:
+    target = _base_type(hint)
+    if target is bool:
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise SettingsError(f"{source}: expected a boolean (true/false, 1/0, yes/no), got {raw!r}")
+    if target is int:
+        try:
+            value: Any = int(raw)
+        except ValueError:
+            raise SettingsError(f"{source}: expected an integer, got {raw!r}") from None
+    elif target is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{source}: expected a number, got {raw!r}") from None
+    elif target is Path:
+        value = Path(raw).expanduser()
+    else:
+        value = raw
+    choices = meta.get("choices")
+    if choices:
+        value = value.lower()
+        if value not in choices:
+            raise SettingsError(f"{source}: expected one of {', '.join(choices)}, got {raw!r}")
+    if meta.get("minimum") is not None and value < meta["minimum"]:
+        raise SettingsError(f"{source}: expected at least {meta['minimum']}, got {raw!r}")
+    if meta.get("maximum") is not None and value > meta["maximum"]:
+        raise SettingsError(f"{source}: expected at most {meta['maximum']}, got {raw!r}")
+    return value
+
+
+def _base_type(hint: Any) -> Any:
+    """``int`` for ``int``, ``int | None`` and ``Optional[int]``."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The settings of this repository (docs/serving.md lists them; tests/serving checks that it does).
+
+_MODEL_DIR_HELP = "checkpoint directory (ModelScope layout); set by `make serve` / the launcher"
+
+
+@dataclass(frozen=True)
+class OFASettings:
+    """Settings of the ``ofa`` model (the captioning engine)."""
+
+    model_dir: Path | None = setting(
+        env="OFA_MODEL_DIR", param="model_dir", required=True, help=_MODEL_DIR_HELP
+    )
+    device: str = setting(
+        "auto",
+        env="OFA_DEVICE",
+        param="device",
+        choices=("auto", "cpu", "cuda"),
+        help="auto = CUDA when torch sees a GPU, else CPU",
+    )
+    dtype: str = setting(
+        "auto",
+        env="OFA_DTYPE",
+        param="dtype",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="auto = float16 on CUDA, float32 on CPU",
+    )
+    torch_threads: int = setting(
+        0,
+        env="OFA_TORCH_THREADS",
+        param="torch_threads",
+        minimum=0,
+        help="torch intra-op threads per model instance; 0 = torch's default",
+    )
+    warmup: bool = setting(
+        True,
+        env="OFA_WARMUP",
+        param="warmup",
+        help="caption a blank image in initialize, so that ready means warm",
+    )
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Settings of the ``preprocess`` model (image decoding and pixels)."""
+
+    model_dir: Path | None = setting(
+        env="OFA_MODEL_DIR", param="model_dir", required=True, help=_MODEL_DIR_HELP
+    )
+    max_image_bytes: int = setting(
+        20 * 1024 * 1024,
+        env="OFA_MAX_IMAGE_BYTES",
+        param="max_image_bytes",
+        minimum=1,
+        help="larger encoded images are refused with INVALID_ARG",
+    )
+    max_image_pixels: int = setting(
+        40_000_000,
+        env="OFA_MAX_IMAGE_PIXELS",
+        param="max_image_pixels",
+        minimum=1,
+        help="images with more pixels (width x height) are refused before decoding (decompression bombs)",
+    )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Settings of the launcher (``make serve`` / ``python -m ofa_serving.serve``); environment only."""
+
+    host: str = setting("127.0.0.1", env="HOST", help="address the HTTP, gRPC and metrics endpoints bind to")
+    http_port: int = setting(8000, env="HTTP_PORT", minimum=0, maximum=65535, help="KServe v2 HTTP/REST port")
+    grpc_port: int = setting(8001, env="GRPC_PORT", minimum=0, maximum=65535, help="KServe v2 gRPC port")
+    metrics_port: int = setting(
+        8002, env="METRICS_PORT", minimum=0, maximum=65535, help="Prometheus metrics port"
+    )
+    model_dir: Path | None = setting(
+        env="OFA_MODEL_DIR",
+        help="checkpoint to serve; unset = the real one if the hub answers, else the demo one",
+    )
+    download: bool = setting(
+        True, env="OFA_DOWNLOAD", help="without OFA_MODEL_DIR, try the hub for the real checkpoint first"
+    )
+    demo_checkpoint: Path = setting(
+        Path("checkpoints/ofa-tiny-demo"),
+        env="DEMO_CHECKPOINT",
+        help="where the demo checkpoint is built when the real one is unavailable",
+    )
+    model_repository: Path | None = setting(
+        env="OFA_MODEL_REPOSITORY",
+        help="Triton model repository; default: model_repository/ of this checkout",
+    )
+    response_cache_bytes: int = setting(
+        64 * 1024 * 1024,
+        env="OFA_RESPONSE_CACHE_BYTES",
+        minimum=0,
+        help="size of Triton's local response cache (the `caption` ensemble uses it); 0 = no cache",
+    )
+    exit_timeout_secs: int = setting(
+        30, env="OFA_EXIT_TIMEOUT_SECS", minimum=0, help="on SIGTERM, how long in-flight requests may finish"
+    )
+    log_verbose: int = setting(
+        0, env="TRITON_LOG_VERBOSE", minimum=0, help="tritonserver --log-verbose level"
+    )
+
+
+def resolve_device(device: str, cuda_available: bool) -> str:
+    """``"cuda"`` or ``"cpu"`` for a ``device`` setting (auto|cpu|cuda)."""
+    if device == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if device == "cuda" and not cuda_available:
+        raise SettingsError("OFA_DEVICE / parameter 'device' is 'cuda' but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``"float16"`` on CUDA and ``"float32"`` on CPU for ``auto``; any explicit dtype as given."""
+    if dtype == "auto":
+        return "float16" if device.startswith("cuda") else "float32"
+    return dtype
