@@ -1,0 +1,182 @@
+"""Batched beam search with the semantics of ModelScope's (fairseq-style) ``SequenceGenerator``.
+
+Per step, for every live sentence (image), exactly as the reference:
+
+1. log-softmax (float32) of the newest position's logits; EOS banned while ``step < min_len``; NaN -> -inf;
+   pad banned; at ``step == max_len`` everything but EOS is banned; no-repeat-ngram blocking over the whole
+   prefix including its leading BOS;
+2. candidates: at step 0 only beam 0, later cumulative score + log-prob over beam x vocabulary, top ``2*beam``;
+3. finite EOS candidates among ranks ``0..beam-1`` are finalised with score ``cum / (step+1) ** len_penalty``
+   (while the sentence has fewer than ``beam`` finished hypotheses); EOS in lower ranks is dropped;
+4. a sentence is done when it has ``beam`` finished hypotheses or when ``step == max_len``; done sentences leave
+   the batch, so their images stop costing compute;
+5. the first ``beam`` non-EOS candidates in rank order continue.
+
+The decoder runs incrementally (see :class:`ofa_captioning.model.DecoderState`); the reference recomputes the
+whole prefix every step, which is the same maths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .model import EncoderOutput, OFAModel
+
+__all__ = ["BeamSearchSettings", "Hypothesis", "beam_search", "block_repeated_ngrams"]
+
+
+@dataclass(frozen=True)
+class BeamSearchSettings:
+    """Generation settings; defaults are the reference's (configuration.json normally overrides them).
+
+    ``max_len_b`` is the most tokens a hypothesis may have before its EOS (the reference's ``max_len_a`` is 0).
+    """
+
+    beam_size: int = 5
+    max_len_b: int = 16
+    min_len: int = 1
+    no_repeat_ngram_size: int = 3
+    len_penalty: float = 1.0
+    bos_id: int = 0
+    pad_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
+        if self.max_len_b < 1:
+            raise ValueError(f"max_len_b must be at least 1, got {self.max_len_b}")
+        if self.min_len > self.max_len_b:
+            raise ValueError(f"min_len ({self.min_len}) cannot be larger than max_len_b ({self.max_len_b})")
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A finished hypothesis: ``tokens`` without the leading BOS, ending with EOS; its normalised ``score``."""
+
+    tokens: tuple[int, ...]
+    score: float
+
+
+def block_repeated_ngrams(lprobs: Tensor, history: Tensor, n: int, pad_id: int) -> None:
+    """Ban (set to -inf, in place) every token that would repeat an ``n``-gram of ``history``.
+
+    ``history`` [R, step+1] holds each row's tokens so far (BOS first). For the last ``n-1`` tokens, every earlier
+    occurrence of that (n-1)-gram bans the token that followed it. Rows without a match scatter onto ``pad_id``,
+    which is always banned already.
+    """
+    length = history.shape[1]
+    if n <= 0 or length < n:
+        return
+    if n == 1:
+        lprobs.scatter_(1, history, -math.inf)
+        return
+    windows = history.unfold(1, n - 1, 1)  # [R, length-n+2, n-1]
+    match = (windows[:, :-1] == windows[:, -1:]).all(dim=-1)  # earlier windows equal to the last one
+    banned = history[:, n - 1 :].masked_fill(~match, pad_id)
+    lprobs.scatter_(1, banned, -math.inf)
+
+
+@torch.inference_mode()
+def beam_search(
+    model: OFAModel, encoder_out: EncoderOutput, settings: BeamSearchSettings
+) -> list[list[Hypothesis]]:
+    """Beam search for every image of ``encoder_out``.
+
+    Returns, per image, its finished hypotheses sorted by score (best first): ``beam_size`` of them in the
+    reference's normal course. Where the reference would fail its ``step < max_len`` assertion (all of a
+    sentence's beams at -inf, e.g. after non-finite logits) this returns what was finished, possibly nothing.
+    """
+    beam, max_len = settings.beam_size, settings.max_len_b
+    eos, pad = settings.eos_id, settings.pad_id
+    bsz = encoder_out.last_hidden_state.shape[0]
+    device = encoder_out.last_hidden_state.device
+    state = model.init_decoder_state(encoder_out, beam, max_positions=max_len + 1)
+
+    tokens = torch.full((bsz, beam, max_len + 2), pad, dtype=torch.long, device=device)
+    tokens[:, :, 0] = settings.bos_id
+    cum_scores = torch.zeros(bsz, beam, dtype=torch.float32, device=device)
+    finalized: list[list[Hypothesis]] = [[] for _ in range(bsz)]
+    active = list(range(bsz))  # original image index of each live sentence
+    neg_inf = -math.inf
+
+    for step in range(max_len + 1):
+        n_live = len(active)
+        logits = model.decode_step(tokens[:, :, step].reshape(-1), state)
+        lprobs = torch.log_softmax(logits.float(), dim=-1)
+        vocab = lprobs.shape[-1]
+        if step < settings.min_len:
+            lprobs[:, eos] = neg_inf
+        lprobs.masked_fill_(torch.isnan(lprobs), neg_inf)
+        lprobs[:, pad] = neg_inf
+        if step >= max_len:
+            lprobs[:, :eos] = neg_inf
+            lprobs[:, eos + 1 :] = neg_inf
+        if settings.no_repeat_ngram_size > 0:
+            history = tokens[:, :, : step + 1].reshape(n_live * beam, step + 1)
+            block_repeated_ngrams(lprobs, history, settings.no_repeat_ngram_size, pad)
+
+        lprobs = lprobs.view(n_live, beam, vocab)
+        if step == 0:
+            cand = lprobs[:, 0, :]
+        else:
+            cand = (lprobs + cum_scores.unsqueeze(-1)).view(n_live, beam * vocab)
+        k = min(2 * beam, cand.shape[1] - 1)
+        cand_scores, cand_idx = torch.topk(cand, k)
+        cand_beams = torch.div(cand_idx, vocab, rounding_mode="floor")
+        cand_tokens = cand_idx.fmod(vocab)
+        eos_mask = cand_tokens.eq(eos) & cand_scores.ne(neg_inf)
+
+        done_rows: list[int] = []
+        final_mask = eos_mask[:, :beam]
+        if bool(final_mask.any()):
+            rows_ranks = final_mask.nonzero().tolist()  # sentence-major, then rank: the reference's order
+            norm = (cand_scores[:, :beam] / float(step + 1) ** settings.len_penalty).tolist()
+            parents = cand_beams[:, :beam].tolist()
+            prefixes = tokens[:, :, 1 : step + 1].tolist()
+            touched: list[int] = []
+            for row, rank in rows_ranks:
+                sent = active[row]
+                if len(finalized[sent]) < beam:
+                    hyp = tuple(prefixes[row][parents[row][rank]]) + (eos,)
+                    finalized[sent].append(Hypothesis(hyp, norm[row][rank]))
+                if not touched or touched[-1] != row:
+                    touched.append(row)
+            done_rows = [r for r in touched if len(finalized[active[r]]) == beam or step == max_len]
+
+        if len(done_rows) == n_live or step == max_len:
+            break
+
+        if done_rows:
+            done = set(done_rows)
+            keep_rows = [r for r in range(n_live) if r not in done]
+            keep = torch.tensor(keep_rows, dtype=torch.long, device=device)
+            active = [active[r] for r in keep_rows]
+            eos_mask, cand_beams = eos_mask[keep], cand_beams[keep]
+            cand_scores, cand_tokens = cand_scores[keep], cand_tokens[keep]
+            tokens = tokens[keep]
+            n_live = len(active)
+        else:
+            keep = None
+
+        # The first `beam` candidates in rank order that are not (finite) EOS continue.
+        order = eos_mask.long() * k + torch.arange(k, device=device)
+        survivors = torch.topk(order, beam, dim=1, largest=False).indices
+        parent = torch.gather(cand_beams, 1, survivors)
+        tokens = torch.gather(tokens, 1, parent.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])).clone()
+        tokens[:, :, step + 1] = torch.gather(cand_tokens, 1, survivors)
+        cum_scores = torch.gather(cand_scores, 1, survivors)
+
+        # Rows of the decoder state: each survivor's parent row (in the pre-pruning layout).
+        old_sent = keep if keep is not None else torch.arange(n_live, device=device)
+        rows = (old_sent.unsqueeze(1) * beam + parent).reshape(-1)
+        state.reorder(rows, keep)
+
+    for hyps in finalized:
+        # Stable sort, best first; the reference's torch.sort leaves the order of equal scores unspecified.
+        hyps.sort(key=lambda h: h.score, reverse=True)
+    return finalized

@@ -1,0 +1,768 @@
+"""The OFA network (ResNet stages 1-3, encoder, decoder), written for inference.
+
+Parameter and buffer names are those of ModelScope's ``OFAModel`` so that a published ``pytorch_model.bin`` loads
+with ``strict=True``; the maths follow ModelScope's OFA (see docs in ``/work/shared/notes/ofa-architecture.md``):
+pre-LN transformer layers with NormFormer extras, per-head output scales ``c_attn``, attention scaled by
+``(head_dim * attn_scale_factor) ** -0.5``, an absolute position bias shared by all layers and per-layer relative
+position biases (1-D for text, 2-D for image patches).
+
+What differs from the reference is how the work is organised, never the result:
+
+* every position-only quantity (the encoder's per-layer attention bias, the decoder's self-attention bias and
+  the cross-attention position bias) is computed once and cached on the module, not per image or per step;
+* ``BatchNorm`` is folded into the preceding convolution by :meth:`OFAModel.prepare_for_inference`;
+* the decoder is incremental: a self-attention KV cache, and the cross-attention keys/values of each image are
+  computed once and shared by all of its beams (queries of the beams are stacked against one copy of the
+  image's memory).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+__all__ = [
+    "DecoderState",
+    "EncoderOutput",
+    "OFAModel",
+    "make_image_bucket_position",
+    "make_token_bucket_position",
+]
+
+# ModelScope builds the text bucket table for this many positions regardless of max_position_embeddings.
+TOKEN_BUCKET_MAX_POSITION = 1024
+LN_EPS = 1e-5
+BN_EPS = 1e-5
+
+
+def make_token_bucket_position(bucket_size: int, max_position: int = TOKEN_BUCKET_MAX_POSITION) -> Tensor:
+    """Text relative-position bucket indices [max_position, max_position] (OFA's log-bucketing beyond ``mid``)."""
+    pos = torch.arange(max_position, dtype=torch.float64)
+    rel = pos[:, None] - pos[None, :]
+    mid = bucket_size // 2
+    sign = torch.sign(rel)
+    abs_pos = torch.where((rel < mid) & (rel > -mid), torch.full_like(rel, mid - 1), rel.abs())
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / math.log((max_position - 1) / mid) * (mid - 1)) + mid
+    bucket = torch.where(abs_pos <= mid, rel, log_pos * sign)
+    return bucket.long() + bucket_size - 1
+
+
+def make_image_bucket_position(bucket_size: int, num_relative_distance: int) -> Tensor:
+    """Image relative-position bucket indices [bucket_size**2 + 1, same]; index 0 is the reserved position."""
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(bucket_size), torch.arange(bucket_size), indexing="ij")
+    ).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (bucket_size - 1)
+    n = bucket_size * bucket_size + 1
+    table = torch.zeros((n, n), dtype=torch.long)
+    table[1:, 1:] = rel[:, :, 0] * (2 * bucket_size - 1) + rel[:, :, 1]
+    table[0, :] = num_relative_distance - 3
+    table[:, 0] = num_relative_distance - 2
+    table[0, 0] = num_relative_distance - 1
+    return table
+
+
+def _layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=LN_EPS)
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name in ("silu", "swish"):
+        return F.silu
+    if name == "tanh":
+        return torch.tanh
+    raise NotImplementedError(f"activation_function {name!r} is not supported")
+
+
+# --------------------------------------------------------------------------------------------------- ResNet
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet v1.5 bottleneck (stride on the 3x3 conv), bias-free convs, BatchNorm."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        width = planes
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.downsample = downsample
+        self.stride = stride
+        self._fused: list[tuple[Tensor, Tensor]] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._fused is not None:
+            (w1, b1), (w2, b2), (w3, b3), *ds = self._fused
+            out = F.relu_(F.conv2d(x, w1, b1))
+            out = F.relu_(F.conv2d(out, w2, b2, stride=self.stride, padding=1))
+            out = F.conv2d(out, w3, b3)
+            identity = F.conv2d(x, ds[0][0], ds[0][1], stride=self.stride) if ds else x
+            return F.relu_(out.add_(identity))
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = self.downsample(x) if self.downsample is not None else x
+        return F.relu(identity + out)
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Conv weight and bias with an eval-mode BatchNorm folded in (computed in float64, cast back)."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    weight = conv.weight.double() * scale[:, None, None, None]
+    bias = bn.bias.double() - bn.running_mean.double() * scale
+    dtype = conv.weight.dtype
+    return weight.to(dtype).contiguous(), bias.to(dtype)
+
+
+class ResNet(nn.Module):
+    """Stem and the first three stages of a bottleneck ResNet: [B,3,S,S] -> [B,1024,S/16,S/16]."""
+
+    def __init__(self, layers: tuple[int, int, int]):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(64, layers[0])
+        self.layer2 = self._make_layer(128, layers[1], stride=2)
+        self.layer3 = self._make_layer(256, layers[2], stride=2)
+        self._fused_stem: tuple[Tensor, Tensor] | None = None
+
+    def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * Bottleneck.expansion),
+            )
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * Bottleneck.expansion
+        layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def fuse_batchnorm(self) -> None:
+        """Fold every eval-mode BatchNorm into its convolution (used by ``forward`` from then on)."""
+        self._fused_stem = _fold_bn(self.conv1, self.bn1)
+        for stage in (self.layer1, self.layer2, self.layer3):
+            for block in stage:
+                fused = [
+                    _fold_bn(block.conv1, block.bn1),
+                    _fold_bn(block.conv2, block.bn2),
+                    _fold_bn(block.conv3, block.bn3),
+                ]
+                if block.downsample is not None:
+                    fused.append(_fold_bn(block.downsample[0], block.downsample[1]))
+                block._fused = fused
+
+    def unfuse_batchnorm(self) -> None:
+        """Drop the folded weights (the modules' own parameters are used again)."""
+        self._fused_stem = None
+        for stage in (self.layer1, self.layer2, self.layer3):
+            for block in stage:
+                block._fused = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._fused_stem is not None:
+            x = F.relu_(F.conv2d(x, *self._fused_stem, stride=2, padding=3))
+        else:
+            x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        return self.layer3(self.layer2(self.layer1(x)))
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+class OFAAttention(nn.Module):
+    """Multi-head attention with OFA's scaling and NormFormer's per-head output scales ``c_attn``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, scale_factor: float):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"d_model {embed_dim} is not divisible by {num_heads} heads")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scaling = float(self.head_dim * scale_factor) ** -0.5
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_attn = nn.Parameter(torch.ones(num_heads))
+
+    def heads(self, x: Tensor) -> Tensor:
+        """[..., T, D] -> [..., H, T, hd]."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
+
+    def output(self, attn: Tensor) -> Tensor:
+        """[..., H, T, hd] (softmax(.)V) -> per-head scale -> concat -> out_proj: [..., T, D]."""
+        attn = attn * self.c_attn[:, None, None].to(attn.dtype)
+        return self.out_proj(attn.transpose(-3, -2).flatten(-2))
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+    """softmax(q k^T + bias) v for pre-scaled q; the softmax runs in float32 like the reference's."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+# -------------------------------------------------------------------------------------------------- encoder
+
+
+class OFAEncoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.d_model
+        self.self_attn = OFAAttention(d, config.encoder_attention_heads, config.attn_scale_factor)
+        self.self_attn_layer_norm = _layer_norm(d)
+        self.self_attn_mid_layer_norm = _layer_norm(d) if config.normformer else None
+        self.fc1 = nn.Linear(d, config.encoder_ffn_dim)
+        self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
+        self.ffn_layer_norm = _layer_norm(config.encoder_ffn_dim) if config.normformer else None
+        self.final_layer_norm = _layer_norm(d)
+        self.normalize_before = config.encoder_normalize_before
+        self.activation = _activation(config.activation_function)
+        if config.use_gamma_feature:
+            self.weight_self_attn = nn.Parameter(torch.ones(d) * config.gamma)
+            self.weight_ffn = nn.Parameter(torch.ones(d) * config.gamma)
+        self.use_gamma = config.use_gamma_feature
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        """x [B,N,D]; bias [B or 1,H,N,N] (position bias plus padding mask)."""
+        attn = self.self_attn
+        residual = x
+        h = self.self_attn_layer_norm(x) if self.normalize_before else x
+        q = attn.heads(attn.q_proj(h) * attn.scaling)
+        k = attn.heads(attn.k_proj(h))
+        v = attn.heads(attn.v_proj(h))
+        if q.device.type == "cpu" and q.dtype == torch.float32:
+            # Same maths as _attend; the fused kernel avoids materialising [B,H,N,N] probabilities.
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        else:
+            o = _attend(q, k, v, bias)
+        h = attn.output(o)
+        if self.self_attn_mid_layer_norm is not None:
+            h = self.self_attn_mid_layer_norm(h)
+        if self.use_gamma:
+            h = self.weight_self_attn * h
+        x = residual + h
+        if not self.normalize_before:
+            x = self.self_attn_layer_norm(x)
+        return _ffn(self, x)
+
+
+def _ffn(layer: nn.Module, x: Tensor) -> Tensor:
+    residual = x
+    h = layer.final_layer_norm(x) if layer.normalize_before else x
+    h = layer.activation(layer.fc1(h))
+    if layer.ffn_layer_norm is not None:
+        h = layer.ffn_layer_norm(h)
+    h = layer.fc2(h)
+    if layer.use_gamma:
+        h = layer.weight_ffn * h
+    x = residual + h
+    if not layer.normalize_before:
+        x = layer.final_layer_norm(x)
+    return x
+
+
+@dataclass
+class EncoderOutput:
+    """What the decoder needs from the encoder.
+
+    ``last_hidden_state`` [B,N,D] (image patches first, then text), ``padding_mask`` [B,N] bool (True = padded),
+    ``position_embedding`` [1,N,D] (the LN'd image+text positions; identical for every image of a batch, so
+    stored once), ``has_pads`` whether any position is padded, ``key`` identifies the position layout for caches.
+    """
+
+    last_hidden_state: Tensor
+    padding_mask: Tensor
+    position_embedding: Tensor
+    has_pads: bool
+    key: tuple
+
+    def select(self, index: Tensor) -> EncoderOutput:
+        """The outputs of the images at ``index`` (a new, smaller batch)."""
+        return EncoderOutput(
+            self.last_hidden_state.index_select(0, index),
+            self.padding_mask.index_select(0, index),
+            self.position_embedding,
+            self.has_pads,
+            self.key,
+        )
+
+
+class OFAEncoder(nn.Module):
+    def __init__(self, config: ModelConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        d = config.d_model
+        self.config = config
+        self.padding_idx = config.pad_token_id
+        self.embed_scale = math.sqrt(d) if config.scale_embedding else 1.0
+        self.num_heads = config.encoder_attention_heads
+        self.embed_tokens = embed_tokens
+        self.type_embedding = nn.Embedding(2, d) if config.add_type_embedding else None
+        self.embed_images = ResNet(config.resnet_layers)
+        self.image_proj = nn.Linear(1024, d)
+        self.patch_layernorm_embedding = _layer_norm(d) if config.patch_layernorm_embedding else None
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, d)
+        self.embed_image_positions = nn.Embedding(config.image_bucket_size**2 + 1, d)
+        self.pos_ln = _layer_norm(d)
+        self.image_pos_ln = _layer_norm(d)
+        self.pos_scaling = float(d / self.num_heads * config.attn_scale_factor) ** -0.5
+        self.pos_q_linear = nn.Linear(d, d)
+        self.pos_k_linear = nn.Linear(d, d)
+        self.layers = nn.ModuleList([OFAEncoderLayer(config) for _ in range(config.encoder_layers)])
+        self.layer_norm = _layer_norm(d) if config.encoder_normalize_before else None
+        n_tables = 1 if config.share_attn_bias else config.encoder_layers
+        self.token_rel_pos_table_list = nn.ModuleList(
+            [nn.Embedding(2 * config.token_bucket_size - 1, self.num_heads) for _ in range(n_tables)]
+        )
+        image_num_rel_dis = (2 * config.image_bucket_size - 1) ** 2 + 3
+        self.image_rel_pos_table_list = nn.ModuleList(
+            [nn.Embedding(image_num_rel_dis, self.num_heads) for _ in range(n_tables)]
+        )
+        self.register_buffer(
+            "image_rp_bucket", make_image_bucket_position(config.image_bucket_size, image_num_rel_dis)
+        )
+        self.layernorm_embedding = _layer_norm(d) if config.layernorm_embedding else None
+        self.register_buffer("token_rp_bucket", make_token_bucket_position(config.token_bucket_size))
+        self._bias_cache: dict[tuple, list[Tensor]] = {}
+
+    # -- position-only quantities (cached) --
+
+    def image_position_ids(self, h: int, w: int, device) -> Tensor:
+        """2-D position ids r*image_bucket_size + c + 1 of an h x w patch grid, row-major."""
+        rows = torch.arange(h, device=device)[:, None] * self.config.image_bucket_size
+        return (rows + torch.arange(w, device=device)[None, :] + 1).flatten()
+
+    def position_embedding(self, h: int, w: int, text_len: int, device, dtype) -> Tensor:
+        """[N,D]: image_pos_ln(image positions) then pos_ln(text positions 0..L-1)."""
+        image_pos = self.image_pos_ln(self.embed_image_positions(self.image_position_ids(h, w, device)))
+        text_pos = self.pos_ln(self.embed_positions(torch.arange(text_len, device=device)))
+        return torch.cat([image_pos, text_pos], dim=0).to(dtype)
+
+    def layer_biases(self, h: int, w: int, text_len: int, device, dtype) -> list[Tensor]:
+        """Per-layer self-attention bias [1,H,N,N]: shared absolute bias + text/image relative biases."""
+        key = (h, w, text_len, str(device), dtype)
+        cached = self._bias_cache.get(key)
+        if cached is not None and not torch.is_grad_enabled():
+            return cached
+        pos = self.position_embedding(h, w, text_len, device, dtype)
+        n, p = pos.shape[0], h * w
+        pos_q = (self.pos_q_linear(pos) * self.pos_scaling).view(n, self.num_heads, -1).transpose(0, 1)
+        pos_k = self.pos_k_linear(pos).view(n, self.num_heads, -1).transpose(0, 1)
+        abs_bias = torch.matmul(pos_q, pos_k.transpose(1, 2))  # [H,N,N]
+        ids = self.image_position_ids(h, w, device)
+        image_bucket = self.image_rp_bucket[ids][:, ids]
+        text_bucket = self.token_rp_bucket[:text_len, :text_len]
+        biases = []
+        for layer_idx in range(len(self.layers)):
+            t = 0 if self.config.share_attn_bias else layer_idx
+            bias = abs_bias.clone()
+            bias[:, p:, p:] += F.embedding(text_bucket, self.token_rel_pos_table_list[t].weight).permute(
+                2, 0, 1
+            )
+            bias[:, :p, :p] += F.embedding(image_bucket, self.image_rel_pos_table_list[t].weight).permute(
+                2, 0, 1
+            )
+            biases.append(bias.unsqueeze(0).to(dtype))
+        if not torch.is_grad_enabled():
+            self._bias_cache = {key: biases}  # one layout at a time is all a captioner needs
+        return biases
+
+    def clear_cache(self) -> None:
+        self._bias_cache = {}
+
+    # -- forward --
+
+    def forward(
+        self, input_ids: Tensor, patch_images: Tensor, patch_masks: Tensor | None = None
+    ) -> EncoderOutput:
+        """Encode images [B,3,S,S] and prompt ids [B,L] (right-padded with pad_token_id)."""
+        bsz, text_len = input_ids.shape
+        image = self.embed_images(patch_images)  # [B,1024,h,w]
+        h, w = image.shape[-2:]
+        image = image.flatten(2).transpose(1, 2)  # [B,P,1024], patch p = r*w + c
+        dtype = image.dtype
+
+        image_x = self.image_proj(image) * self.embed_scale
+        text_x = self.embed_tokens(input_ids) * self.embed_scale
+        if self.type_embedding is not None:
+            text_x = text_x + self.type_embedding.weight[0]
+            image_x = image_x + self.type_embedding.weight[1]
+        if self.patch_layernorm_embedding is not None:
+            image_x = self.patch_layernorm_embedding(image_x)
+        if self.layernorm_embedding is not None:
+            text_x = self.layernorm_embedding(text_x)
+        x = torch.cat([image_x, text_x], dim=1)
+
+        image_pad = torch.zeros(bsz, h * w, dtype=torch.bool, device=x.device)
+        if patch_masks is not None:
+            image_pad[~patch_masks.to(torch.bool)] = True
+        padding_mask = torch.cat([image_pad, input_ids.eq(self.padding_idx)], dim=1)
+        has_pads = bool(padding_mask.any())
+
+        biases = self.layer_biases(h, w, text_len, x.device, dtype)
+        mask = None
+        if has_pads:
+            x = x * (1 - padding_mask.unsqueeze(-1).to(dtype))
+            mask = torch.zeros(padding_mask.shape, dtype=dtype, device=x.device)
+            mask.masked_fill_(padding_mask, torch.finfo(dtype).min)
+            mask = mask[:, None, None, :]
+        for layer, bias in zip(self.layers, biases, strict=True):
+            x = layer(x, bias if mask is None else bias + mask)
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        pos = self.position_embedding(h, w, text_len, x.device, dtype).unsqueeze(0)
+        return EncoderOutput(x, padding_mask, pos, has_pads, (h, w, text_len))
+
+
+# -------------------------------------------------------------------------------------------------- decoder
+
+
+class OFADecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.d_model
+        heads = config.decoder_attention_heads
+        self.self_attn = OFAAttention(d, heads, config.attn_scale_factor)
+        self.self_attn_layer_norm = _layer_norm(d)
+        self.self_attn_mid_layer_norm = _layer_norm(d) if config.normformer else None
+        self.cross_attn = OFAAttention(d, heads, config.attn_scale_factor)
+        self.cross_attn_layer_norm = _layer_norm(d)
+        self.cross_attn_mid_layer_norm = _layer_norm(d) if config.normformer else None
+        self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
+        self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
+        self.ffn_layer_norm = _layer_norm(config.decoder_ffn_dim) if config.normformer else None
+        self.final_layer_norm = _layer_norm(d)
+        self.normalize_before = config.decoder_normalize_before
+        self.activation = _activation(config.activation_function)
+        if config.use_gamma_feature:
+            self.weight_self_attn = nn.Parameter(torch.ones(d) * config.gamma)
+            self.weight_cross_attn = nn.Parameter(torch.ones(d) * config.gamma)
+            self.weight_ffn = nn.Parameter(torch.ones(d) * config.gamma)
+        self.use_gamma = config.use_gamma_feature
+
+    def _sublayer(
+        self, x: Tensor, h: Tensor, mid_ln: nn.Module | None, gamma_name: str, ln: nn.Module
+    ) -> Tensor:
+        if mid_ln is not None:
+            h = mid_ln(h)
+        if self.use_gamma:
+            h = getattr(self, gamma_name) * h
+        x = x + h
+        return x if self.normalize_before else ln(x)
+
+    def forward(
+        self,
+        x: Tensor,
+        self_k: Tensor,
+        self_v: Tensor,
+        start: int,
+        self_bias: Tensor,
+        cross_k: Tensor,
+        cross_v: Tensor,
+        cross_bias: Tensor,
+    ) -> Tensor:
+        """One layer over ``T`` new positions.
+
+        x [R,T,D] with R = images x beams (beam-major within an image); ``self_k/self_v`` [R,H,Tmax,hd] caches,
+        written at ``start:start+T``; ``self_bias`` [H,T,start+T] (positions and causal mask);
+        ``cross_k/cross_v`` [B,H,N,hd] per image; ``cross_bias`` [B or 1,H,beam*T,N] for the stacked beam queries.
+        """
+        rows, t_new, _ = x.shape
+        sa = self.self_attn
+        h = self.self_attn_layer_norm(x) if self.normalize_before else x
+        q = sa.heads(sa.q_proj(h) * sa.scaling)  # [R,H,T,hd]
+        self_k[:, :, start : start + t_new] = sa.heads(sa.k_proj(h))
+        self_v[:, :, start : start + t_new] = sa.heads(sa.v_proj(h))
+        end = start + t_new
+        o = _attend(q, self_k[:, :, :end], self_v[:, :, :end], self_bias)
+        x = self._sublayer(
+            x, sa.output(o), self.self_attn_mid_layer_norm, "weight_self_attn", self.self_attn_layer_norm
+        )
+
+        ca = self.cross_attn
+        h = self.cross_attn_layer_norm(x) if self.normalize_before else x
+        q = ca.heads(ca.q_proj(h) * ca.scaling)  # [R,H,T,hd]
+        bsz = cross_k.shape[0]
+        beam = rows // bsz
+        # Stack the beams of an image as extra query rows: [B,H,beam*T,hd] against the image's single K/V.
+        q = (
+            q.view(bsz, beam, sa.num_heads, t_new, sa.head_dim)
+            .transpose(1, 2)
+            .reshape(bsz, sa.num_heads, beam * t_new, -1)
+        )
+        o = _attend(q, cross_k, cross_v, cross_bias)
+        o = o.view(bsz, sa.num_heads, beam, t_new, -1).transpose(1, 2).reshape(rows, sa.num_heads, t_new, -1)
+        x = self._sublayer(
+            x, ca.output(o), self.cross_attn_mid_layer_norm, "weight_cross_attn", self.cross_attn_layer_norm
+        )
+        return _ffn(self, x)
+
+
+@dataclass
+class DecoderState:
+    """Incremental decoding state of a batch of images x beams (see :meth:`OFAModel.init_decoder_state`)."""
+
+    cross_k: list[Tensor]  # per layer [B,H,N,hd]
+    cross_v: list[Tensor]
+    cross_pos_bias: Tensor  # [H,Tmax,N] for decoder positions 0..Tmax-1
+    cross_mask: Tensor | None  # [B,1,1,N] additive padding mask, None without padding
+    self_k: list[Tensor]  # per layer [R,H,Tmax,hd]
+    self_v: list[Tensor]
+    beam: int
+    length: int = 0  # positions already in the self-attention cache
+
+    def reorder(self, rows: Tensor, images: Tensor | None = None) -> None:
+        """Keep/reorder beam rows (index into R) and, when given, the images (index into B) they belong to."""
+        n = self.length
+        self.self_k = [_take_rows(k, rows, n) for k in self.self_k]
+        self.self_v = [_take_rows(v, rows, n) for v in self.self_v]
+        if images is not None:
+            self.cross_k = [k.index_select(0, images) for k in self.cross_k]
+            self.cross_v = [v.index_select(0, images) for v in self.cross_v]
+            if self.cross_mask is not None:
+                self.cross_mask = self.cross_mask.index_select(0, images)
+
+
+def _take_rows(cache: Tensor, rows: Tensor, n: int) -> Tensor:
+    out = cache.new_empty((rows.numel(), *cache.shape[1:]))
+    out[:, :, :n] = cache[:, :, :n].index_select(0, rows)
+    return out
+
+
+class OFADecoder(nn.Module):
+    def __init__(self, config: ModelConfig, embed_tokens: nn.Embedding):
+        super().__init__()
+        d = config.d_model
+        self.config = config
+        self.padding_idx = config.pad_token_id
+        self.embed_scale = math.sqrt(d) if config.scale_embedding else 1.0
+        self.num_heads = config.decoder_attention_heads
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleList([OFADecoderLayer(config) for _ in range(config.decoder_layers)])
+        self.layernorm_embedding = _layer_norm(d) if config.layernorm_embedding else None
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + 2, d)
+        self.embed_image_positions = nn.Embedding(config.image_bucket_size**2 + 1, d)
+        self.pos_ln = _layer_norm(d)
+        self.image_pos_ln = _layer_norm(d)
+        self.pos_scaling = float(d / self.num_heads * config.attn_scale_factor) ** -0.5
+        self.self_pos_q_linear = nn.Linear(d, d)
+        self.self_pos_k_linear = nn.Linear(d, d)
+        self.cross_pos_q_linear = nn.Linear(d, d)
+        self.cross_pos_k_linear = nn.Linear(d, d)
+        self.code_layernorm_embedding = _layer_norm(d) if config.code_layernorm_embedding else None
+        self.layer_norm = _layer_norm(d) if config.decoder_normalize_before else None
+        self.output_projection = nn.Linear(d, config.vocab_size, bias=False)
+        if config.share_decoder_input_output_embed:
+            self.output_projection.weight = self.embed_tokens.weight
+        n_tables = 1 if config.share_attn_bias else config.decoder_layers
+        self.token_rel_pos_table_list = nn.ModuleList(
+            [nn.Embedding(2 * config.token_bucket_size - 1, self.num_heads) for _ in range(n_tables)]
+        )
+        # Image-code generation only (unused for captions), kept so that checkpoints load strictly.
+        window = config.code_image_size // 8
+        rows = torch.arange(window)[:, None] * config.image_bucket_size
+        idx = (rows + torch.arange(window)[None, :] + 1).flatten()
+        image_position_idx = torch.cat([torch.tensor([0]), idx, torch.full((768,), 1024)])
+        self.register_buffer("image_position_idx", image_position_idx)
+        image_num_rel_dis = (2 * config.image_bucket_size - 1) ** 2 + 3
+        self.image_rel_pos_table_list = nn.ModuleList(
+            [nn.Embedding(image_num_rel_dis, self.num_heads) for _ in range(n_tables)]
+        )
+        self.register_buffer(
+            "image_rp_bucket", make_image_bucket_position(config.image_bucket_size, image_num_rel_dis)
+        )
+        self.register_buffer("token_rp_bucket", make_token_bucket_position(config.token_bucket_size))
+        self._self_bias_cache: dict[tuple, list[Tensor]] = {}
+
+    def clear_cache(self) -> None:
+        self._self_bias_cache = {}
+
+    def target_positions(self, length: int, device, dtype) -> Tensor:
+        """pos_ln(embed_positions[0..length-1]) [length,D]."""
+        return self.pos_ln(self.embed_positions(torch.arange(length, device=device))).to(dtype)
+
+    def self_biases(self, length: int, device, dtype) -> list[Tensor]:
+        """Per-layer self-attention bias [H,T,T] for positions 0..T-1, causal mask included (cached)."""
+        key = (length, str(device), dtype)
+        cached = self._self_bias_cache.get(key)
+        if cached is not None and not torch.is_grad_enabled():
+            return cached
+        tp = self.target_positions(length, device, dtype)
+        pos_q = (
+            (self.self_pos_q_linear(tp) * self.pos_scaling).view(length, self.num_heads, -1).transpose(0, 1)
+        )
+        pos_k = self.self_pos_k_linear(tp).view(length, self.num_heads, -1).transpose(0, 1)
+        abs_bias = torch.matmul(pos_q, pos_k.transpose(1, 2))
+        causal = torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu(1)
+        bucket = self.token_rp_bucket[:length, :length]
+        biases = []
+        for layer_idx in range(len(self.layers)):
+            t = 0 if self.config.share_attn_bias else layer_idx
+            rel = F.embedding(bucket, self.token_rel_pos_table_list[t].weight).permute(2, 0, 1)
+            biases.append((abs_bias + rel).to(dtype) + causal)
+        if not torch.is_grad_enabled():
+            self._self_bias_cache = {key: biases}
+        return biases
+
+    def cross_position_bias(self, src_pos: Tensor, length: int) -> Tensor:
+        """Cross-attention position bias [H,T,N] of decoder positions 0..T-1 against encoder positions [N,D]."""
+        tp = self.target_positions(length, src_pos.device, src_pos.dtype)
+        pos_q = (
+            (self.cross_pos_q_linear(tp) * self.pos_scaling).view(length, self.num_heads, -1).transpose(0, 1)
+        )
+        pos_k = self.cross_pos_k_linear(src_pos).view(src_pos.shape[0], self.num_heads, -1).transpose(0, 1)
+        return torch.matmul(pos_q, pos_k.transpose(1, 2))
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        x = self.embed_tokens(tokens) * self.embed_scale
+        if self.layernorm_embedding is not None:
+            x = self.layernorm_embedding(x)
+        return x
+
+    def project(self, x: Tensor) -> Tensor:
+        if self.layer_norm is not None:
+            x = self.layer_norm(x)
+        return self.output_projection(x)
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+class OFAModel(nn.Module):
+    """ModelScope-compatible OFA (state-dict keys identical to ``modelscope...ofa.OFAModel``), inference only."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.check_supported()
+        self.config = config
+        shared = nn.Embedding(config.vocab_size, config.d_model, config.pad_token_id)
+        self.encoder = OFAEncoder(config, shared)
+        self.decoder = OFADecoder(config, shared)
+        if not config.exclude_mlp:
+            self.mlp_head = nn.Linear(config.d_model, config.mlp_dim)
+        if config.temperature_init_value:
+            self.temp = nn.Parameter(config.temperature_init_value * torch.ones([]))
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.clear_caches())
+
+    # -- housekeeping --
+
+    def clear_caches(self) -> None:
+        """Forget cached position biases and folded BatchNorm weights (call after changing weights)."""
+        self.encoder.clear_cache()
+        self.decoder.clear_cache()
+        self.encoder.embed_images.unfuse_batchnorm()
+
+    @torch.no_grad()
+    def prepare_for_inference(self, fuse_batchnorm: bool = True) -> OFAModel:
+        """eval() and fold BatchNorm into the convolutions (call after loading weights and moving the model)."""
+        self.eval()
+        self.clear_caches()
+        if fuse_batchnorm:
+            self.encoder.embed_images.fuse_batchnorm()
+        return self
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting the model invalidates every derived tensor.
+        self.clear_caches()
+        return super()._apply(fn, recurse)
+
+    # -- encoder --
+
+    def encode(
+        self, input_ids: Tensor, patch_images: Tensor, patch_masks: Tensor | None = None
+    ) -> EncoderOutput:
+        """Run the encoder once per image: ids [B,L], images [B,3,S,S] -> :class:`EncoderOutput`."""
+        return self.encoder(input_ids, patch_images, patch_masks)
+
+    # -- decoder --
+
+    def init_decoder_state(self, encoder_out: EncoderOutput, beam: int, max_positions: int) -> DecoderState:
+        """Per-image cross-attention K/V, the cross position bias, and empty self-attention caches.
+
+        ``max_positions`` is the number of decoder positions the search may run (max_len + 1).
+        """
+        enc = encoder_out.last_hidden_state
+        bsz = enc.shape[0]
+        cross_k, cross_v = [], []
+        for layer in self.decoder.layers:
+            ca = layer.cross_attn
+            cross_k.append(ca.heads(ca.k_proj(enc)).contiguous())
+            cross_v.append(ca.heads(ca.v_proj(enc)).contiguous())
+        cross_pos_bias = self.decoder.cross_position_bias(encoder_out.position_embedding[0], max_positions)
+        cross_mask = None
+        if encoder_out.has_pads:
+            mask = torch.zeros(encoder_out.padding_mask.shape, dtype=enc.dtype, device=enc.device)
+            cross_mask = mask.masked_fill_(encoder_out.padding_mask, torch.finfo(enc.dtype).min)[
+                :, None, None, :
+            ]
+        heads, hd = self.decoder.num_heads, self.config.d_model // self.decoder.num_heads
+        rows = bsz * beam
+        self_k = [enc.new_empty((rows, heads, max_positions, hd)) for _ in self.decoder.layers]
+        self_v = [enc.new_empty((rows, heads, max_positions, hd)) for _ in self.decoder.layers]
+        return DecoderState(cross_k, cross_v, cross_pos_bias, cross_mask, self_k, self_v, beam)
+
+    def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        """Feed the next token of every row (images x beams, beam-major) and return logits [R,V].
+
+        The row order must match ``state`` (use :meth:`DecoderState.reorder` between steps).
+        """
+        return self.decode_tokens(tokens[:, None], state)[:, -1]
+
+    def decode_tokens(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        """Feed ``T`` new positions per row (tokens [R,T]); returns logits [R,T,V] and advances the cache."""
+        start, t_new = state.length, tokens.shape[1]
+        end = start + t_new
+        dec = self.decoder
+        x = dec.embed(tokens)
+        self_biases = dec.self_biases(state.self_k[0].shape[2], x.device, x.dtype)
+        cross_bias = state.cross_pos_bias[:, start:end]  # [H,T,N]
+        if state.beam > 1 and t_new > 1:
+            cross_bias = (
+                cross_bias.unsqueeze(1)
+                .expand(-1, state.beam, -1, -1)
+                .reshape(cross_bias.shape[0], -1, cross_bias.shape[-1])
+            )
+        cross_bias = cross_bias.unsqueeze(0)
+        if state.cross_mask is not None:
+            cross_bias = cross_bias + state.cross_mask
+        for i, layer in enumerate(dec.layers):
+            x = layer(
+                x,
+                state.self_k[i],
+                state.self_v[i],
+                start,
+                self_biases[i][:, start:end, :end],
+                state.cross_k[i],
+                state.cross_v[i],
+                cross_bias,
+            )
+        state.length = end
+        return dec.project(x)
+
+    def decoder_logits(self, decoder_input_ids: Tensor, encoder_out: EncoderOutput) -> Tensor:
+        """Full (non-incremental) decoder pass, one row per image: ids [B,T] -> logits [B,T,V]."""
+        state = self.init_decoder_state(encoder_out, beam=1, max_positions=decoder_input_ids.shape[1])
+        return self.decode_tokens(decoder_input_ids, state)
