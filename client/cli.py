@@ -1,0 +1,163 @@
+"""Command line: ``python -m client caption PATH...`` and ``python -m client health``.
+
+``caption`` takes files, directories (searched recursively for image extensions), ``-`` (the image on stdin)
+and http(s) URLs (downloaded by the client). It prints ``path<TAB>caption`` lines, or JSON lines with
+``--json`` (``{"image", "caption", "score"}``, or ``{"image", "error", "error_type"}`` for a failure), in input
+order. Every failure is also reported on stderr and makes the exit status 1. A progress bar goes to stderr
+when there are many images and stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from .api import CaptionClient, CaptionError, ImageSourceError
+
+__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main"]
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+PROGRESS_MIN_IMAGES = 8
+
+
+def expand_inputs(args: list[str]) -> Iterator[tuple[str, object]]:
+    """``(name, source)`` per image: files, directories (recursive, sorted, by extension), ``-``, URLs.
+
+    A path that does not exist yields an :class:`ImageSourceError` as its source.
+    """
+    for arg in args:
+        if arg == "-":
+            yield "-", sys.stdin.buffer.read()
+        elif arg.lower().startswith(("http://", "https://")):
+            yield arg, arg
+        else:
+            path = Path(arg)
+            if path.is_dir():
+                for p in sorted(path.rglob("*")):
+                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                        yield str(p), p
+            elif path.exists():
+                yield arg, path
+            else:
+                yield arg, ImageSourceError("no such file or directory")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client", description="Caption images with the OFA Triton server."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def connection(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--url",
+            default=os.environ.get("CAPTION_URL"),
+            help="server address host:port or URL (default: $CAPTION_URL, else 127.0.0.1:8001 for gRPC, :8000 for HTTP)",
+        )
+        p.add_argument(
+            "--protocol", choices=["grpc", "http"], default=None, help="default: from --url, else grpc"
+        )
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+
+    cap = sub.add_parser("caption", help="caption images (files, directories, - for stdin, http(s) URLs)")
+    cap.add_argument("paths", nargs="+", metavar="PATH")
+    connection(cap)
+    cap.add_argument(
+        "--beam-size", type=int, default=None, help="beam size 1..16 (default: the checkpoint's)"
+    )
+    cap.add_argument(
+        "--max-length", type=int, default=None, help="max caption tokens 1..64 (default: the checkpoint's)"
+    )
+    cap.add_argument("--json", action="store_true", help="print JSON lines instead of path<TAB>caption")
+    cap.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    cap.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    health = sub.add_parser("health", help="print server and model readiness; exit 1 unless all are ready")
+    connection(health)
+    return parser
+
+
+def _caption(args: argparse.Namespace) -> int:
+    if args.concurrency < 1:
+        print("error: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    items = list(expand_inputs(args.paths))
+    if not items:
+        print("error: no images found", file=sys.stderr)
+        return 1
+    bar = None
+    if not args.no_progress and len(items) >= PROGRESS_MIN_IMAGES:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(items), file=sys.stderr, unit="img", disable=None)
+        except ImportError:
+            bar = None
+
+    def emit(line: str) -> None:
+        if bar is not None:
+            bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    failures = 0
+    sources = [src for _, src in items]
+    with CaptionClient(args.url, args.protocol, timeout=args.timeout) as client:
+        results = client.imap(
+            sources,
+            concurrency=args.concurrency,
+            beam_size=args.beam_size,
+            max_length=args.max_length,
+        )
+        for (name, _), result in zip(items, results, strict=True):
+            if isinstance(result, CaptionError):
+                failures += 1
+                print(f"error: {name}: {result}", file=sys.stderr, flush=True)
+                if args.json:
+                    emit(
+                        json.dumps({"image": name, "error": str(result), "error_type": type(result).__name__})
+                    )
+            elif args.json:
+                emit(
+                    json.dumps(
+                        {"image": name, "caption": result.text, "score": result.score}, ensure_ascii=False
+                    )
+                )
+            else:
+                emit(f"{name}\t{' '.join(result.text.split())}")
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    if failures:
+        print(f"{failures} of {len(items)} image(s) failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    with CaptionClient(args.url, args.protocol, timeout=args.timeout, retries=0) as client:
+        report = client.health()
+    where = f"{client.protocol}://{client.address}"
+    for key, ok in report.items():
+        label = f"server {key}" if key in ("live", "ready") else key.replace("model:", "model ")
+        print(f"{label:<18} {'yes' if ok else 'NO'}")
+    all_ok = all(report.values())
+    print(f"{where}: {'all ready' if all_ok else 'not ready'}", file=sys.stderr)
+    return 0 if all_ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m client`` / ``ofa-caption``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return _caption(args) if args.command == "caption" else _health(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ValueError as exc:  # bad --url / --protocol
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
