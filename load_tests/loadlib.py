@@ -1,0 +1,324 @@
+"""Shared helpers of the load test, the benchmark and their tests (standard library + numpy only).
+
+Nothing here imports ``tritonclient``: the locustfile must patch gRPC for gevent *before* ``tritonclient.grpc``
+is imported, and it imports this module.
+
+* image corpus: :func:`find_images`, :func:`load_images`, and :class:`UniqueImages`, which makes every request's
+  bytes distinct (a few trailing bytes after the encoded image) so that Triton's response cache on the
+  ``caption`` ensemble cannot answer a load test or a benchmark from memory;
+* latency statistics: :func:`latency_summary`;
+* the server: :func:`server_ready`, :func:`ensure_server` (use the server answering on the ports, or start one
+  with ``ofa_serving``'s launcher and stop it afterwards);
+* Triton's Prometheus metrics: :func:`scrape_metrics`, :func:`model_metrics_delta`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGE_DIR = REPO_ROOT / "samples"
+DEFAULT_DEMO_CHECKPOINT = REPO_ROOT / "checkpoints" / "ofa-tiny-demo"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Appended after the encoded image. Every decoder the engine uses (Pillow's JPEG, PNG, WebP, BMP, GIF and TIFF
+# readers) stops at the end of the image data and ignores trailing bytes; UniqueImages checks that per image.
+_NONCE_MARKER = b"\x00ofa-load-test-nonce:"
+
+
+def ensure_import_paths() -> None:
+    """Make ``ofa_captioning``, ``ofa_serving``, ``client`` and ``tests`` importable from a plain checkout."""
+    for path in (REPO_ROOT / "src", REPO_ROOT):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` (recursive, by extension, sorted by path)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_images(folder: str | os.PathLike, limit: int | None = None) -> list[tuple[str, bytes]]:
+    """``(name, encoded bytes)`` of the images under ``folder``; raises if there is none."""
+    paths = find_images(folder)
+    if not paths:
+        raise FileNotFoundError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    if limit is not None:
+        paths = paths[:limit]
+    return [(str(p.relative_to(folder)), p.read_bytes()) for p in paths]
+
+
+def decodes(data: bytes) -> bool:
+    """Whether Pillow decodes ``data`` completely (the check behind :class:`UniqueImages`)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        return True
+    except Exception:
+        return False
+
+
+class UniqueImages:
+    """Thread-safe round robin over an image corpus that returns distinct bytes on every call.
+
+    With ``unique=True`` each image gets ``_NONCE_MARKER + <process id>-<counter>`` appended, so no two requests
+    carry the same tensor and Triton's response cache (keyed by the input tensors) never hits. Images whose
+    decoder would not accept the trailing bytes (checked once, with Pillow) are sent unchanged and named in
+    :attr:`not_unique`. ``unique=False`` sends the corpus as is (repeats are then cache hits on the server).
+    """
+
+    def __init__(self, images: Sequence[tuple[str, bytes]], *, unique: bool = True, check: bool = True):
+        if not images:
+            raise ValueError("UniqueImages needs at least one image")
+        self.images = list(images)
+        self.unique = unique
+        self.not_unique: list[str] = []
+        self._suffixable = [True] * len(self.images)
+        if unique and check:
+            for index, (name, data) in enumerate(self.images):
+                if not decodes(data + _NONCE_MARKER + b"0-0"):
+                    self._suffixable[index] = False
+                    self.not_unique.append(name)
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+        self._tag = f"{os.getpid()}-{id(self):x}".encode()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def next(self) -> tuple[str, bytes]:
+        """The next ``(name, bytes)``; the bytes differ from every earlier call's when ``unique``."""
+        with self._lock:
+            n = next(self._counter)
+        index = n % len(self.images)
+        name, data = self.images[index]
+        if self.unique and self._suffixable[index]:
+            data = data + _NONCE_MARKER + self._tag + b"-" + str(n).encode()
+        return name, data
+
+
+def latency_summary(latencies_s: Sequence[float]) -> dict[str, float | int | None]:
+    """count, mean and p50/p95/p99/max of latencies given in seconds, reported in milliseconds."""
+    import numpy as np
+
+    if len(latencies_s) == 0:
+        return {"count": 0, "mean_ms": None, "p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    ms = np.asarray(latencies_s, dtype=np.float64) * 1000.0
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return {
+        "count": int(ms.size),
+        "mean_ms": round(float(ms.mean()), 2),
+        "p50_ms": round(float(p50), 2),
+        "p95_ms": round(float(p95), 2),
+        "p99_ms": round(float(p99), 2),
+        "max_ms": round(float(ms.max()), 2),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- server
+
+
+def server_ready(host: str, http_port: int, timeout: float = 2.0) -> bool:
+    """Whether a Triton server answers ``GET /v2/health/ready`` with 200 on ``host:http_port``."""
+    try:
+        with urllib.request.urlopen(
+            f"http://{host}:{http_port}/v2/health/ready", timeout=timeout
+        ) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@dataclass
+class ServerHandle:
+    """Where the server of a run answers, and whether this run started it."""
+
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    started: bool
+    model_dir: str | None = None
+    log_file: str | None = None
+    pid: int | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+
+@contextlib.contextmanager
+def ensure_server(
+    host: str = "127.0.0.1",
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    *,
+    start: bool = True,
+    model_dir: str | os.PathLike | None = None,
+    log_file: str | os.PathLike | None = None,
+    ready_timeout: float = 600.0,
+    env: Mapping[str, str] | None = None,
+    response_cache_bytes: int | None = None,
+) -> Iterator[ServerHandle]:
+    """Yield a :class:`ServerHandle` for a ready server on the given ports.
+
+    If a server already answers on ``host:http_port`` it is used as is (and left running). Otherwise, with
+    ``start=True``, ``ofa_serving.launcher.TritonServer`` starts one with ``model_dir`` (default:
+    ``OFA_MODEL_DIR``, else the demo checkpoint, built if missing), waits until it is ready (warm) and stops
+    it by its PID when the block ends.
+    """
+    if server_ready(host, http_port):
+        yield ServerHandle(host, http_port, grpc_port, metrics_port, started=False)
+        return
+    if not start:
+        raise RuntimeError(
+            f"no Triton server answers on http://{host}:{http_port} and starting one was not asked"
+        )
+    ensure_import_paths()
+    from ofa_serving.launcher import TritonServer
+
+    model_dir = resolve_model_dir(model_dir)
+    kwargs = {} if response_cache_bytes is None else {"response_cache_bytes": response_cache_bytes}
+    server = TritonServer(
+        model_dir=model_dir,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        log_file=log_file,
+        env=env,
+        **kwargs,
+    )
+    print(f"starting tritonserver (checkpoint {model_dir}, log {log_file or 'inherited'}) ...", flush=True)
+    server.start()
+    try:
+        server.wait_ready(timeout=ready_timeout)
+        yield ServerHandle(
+            host,
+            http_port,
+            grpc_port,
+            metrics_port,
+            started=True,
+            model_dir=str(model_dir),
+            log_file=str(log_file) if log_file else None,
+            pid=server.pid,
+        )
+    finally:
+        server.stop()
+
+
+def resolve_model_dir(model_dir: str | os.PathLike | None = None) -> Path:
+    """``model_dir``, else ``OFA_MODEL_DIR``, else the demo checkpoint (``DEMO_CHECKPOINT``, built if missing)."""
+    if model_dir:
+        return Path(model_dir)
+    if os.environ.get("OFA_MODEL_DIR"):
+        return Path(os.environ["OFA_MODEL_DIR"])
+    ensure_import_paths()
+    from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
+
+    demo = Path(os.environ.get("DEMO_CHECKPOINT") or DEFAULT_DEMO_CHECKPOINT)
+    return Path(ensure_demo_checkpoint(demo if demo.is_absolute() else REPO_ROOT / demo))
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+_METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+MetricKey = tuple[str, frozenset[tuple[str, str]]]
+
+
+def parse_metrics(text: str) -> dict[MetricKey, float]:
+    """Prometheus text exposition -> ``{(name, frozenset(labels)): value}`` (comments skipped)."""
+    values: dict[MetricKey, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _METRIC_LINE.match(line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        values[(name, frozenset(_LABEL.findall(labels or "")))] = number
+    return values
+
+
+def scrape_metrics(host: str, metrics_port: int, timeout: float = 5.0) -> dict[MetricKey, float]:
+    """Triton's metrics from ``http://host:metrics_port/metrics``."""
+    with urllib.request.urlopen(f"http://{host}:{metrics_port}/metrics", timeout=timeout) as response:
+        return parse_metrics(response.read().decode())
+
+
+def model_metric(metrics: Mapping[MetricKey, float], name: str, model: str) -> float:
+    """Sum of metric ``name`` over the series labelled ``model=<model>`` (all versions); 0 if absent."""
+    return sum(v for (n, labels), v in metrics.items() if n == name and ("model", model) in labels)
+
+
+MODEL_COUNTERS = (
+    "nv_inference_request_success",
+    "nv_inference_request_failure",
+    "nv_inference_count",
+    "nv_inference_exec_count",
+    "nv_inference_request_duration_us",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_input_duration_us",
+    "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_output_duration_us",
+    "nv_cache_num_hits_per_model",
+    "nv_cache_num_misses_per_model",
+)
+
+
+def model_metrics_delta(
+    before: Mapping[MetricKey, float], after: Mapping[MetricKey, float], model: str
+) -> dict[str, float | None]:
+    """What ``model`` did between two scrapes: counter deltas and the derived per-request figures.
+
+    ``avg_batch`` is ``nv_inference_count / nv_inference_exec_count`` (images per execution: how well dynamic
+    batching merged requests); ``queue_ms`` and ``compute_ms`` are the queue and compute-infer durations per
+    request (Triton adds an execution's compute time to each request of its batch).
+    """
+    delta = {
+        name: model_metric(after, name, model) - model_metric(before, name, model) for name in MODEL_COUNTERS
+    }
+    requests = delta["nv_inference_request_success"]
+    execs = delta["nv_inference_exec_count"]
+    out: dict[str, float | None] = {k: round(v, 3) for k, v in delta.items()}
+    out["avg_batch"] = round(delta["nv_inference_count"] / execs, 2) if execs else None
+    out["queue_ms"] = (
+        round(delta["nv_inference_queue_duration_us"] / requests / 1000.0, 2) if requests else None
+    )
+    out["compute_ms"] = (
+        round(delta["nv_inference_compute_infer_duration_us"] / requests / 1000.0, 2) if requests else None
+    )
+    out["request_ms"] = (
+        round(delta["nv_inference_request_duration_us"] / requests / 1000.0, 2) if requests else None
+    )
+    return out

@@ -1,0 +1,400 @@
+#!/usr/bin/env python
+"""``make load-test``: a bounded Locust run against the ``caption`` ensemble, with reports, a plot and a verdict.
+
+1. Uses the Triton server answering on the target ports, or starts one with ``ofa_serving``'s launcher
+   (``OFA_MODEL_DIR``, else the demo checkpoint) and stops it at the end.
+2. Runs Locust headless with ``load_tests/locustfile.py`` and the step shape of ``load_tests/step_shape.py``
+   (default 60 s, users 1 -> 2 -> 4 -> 8 -> 16), writing ``<prefix>_stats.csv``, ``_stats_history.csv``,
+   ``_failures.csv``, ``_exceptions.csv`` and ``<prefix>.html`` under ``load_tests/results/``.
+3. Plots requests/s and p50/p95/p99 latency against the number of users (``<prefix>.png``) and prints a summary
+   (also ``<prefix>_summary.json``), with ``ofa``'s average executed batch size from Triton's metrics.
+4. Exits 1 if any request failed, none succeeded, Locust failed, or the p95 latency went over ``--max-p95-ms``.
+
+Example: ``.venv/bin/python load_tests/run_load_test.py --duration 30 --steps 1,4,8 --protocol http``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadlib import (  # noqa: E402
+    DEFAULT_IMAGE_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    ensure_server,
+    model_metrics_delta,
+    scrape_metrics,
+)
+
+HERE = Path(__file__).resolve().parent
+LOCUSTFILES = f"{HERE / 'locustfile.py'},{HERE / 'step_shape.py'}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=60, help="run time in seconds (60)")
+    parser.add_argument("--steps", default="1,2,4,8,16", help="user counts, each held duration/len(steps) s")
+    parser.add_argument(
+        "--protocol", choices=["grpc", "http", "both"], default=env("OFA_LOAD_PROTOCOL", "grpc")
+    )
+    parser.add_argument("--host", default=env("TRITON_HOST", "127.0.0.1"), help="server address (127.0.0.1)")
+    parser.add_argument("--http-port", type=int, default=int(env("HTTP_PORT", "8000")))
+    parser.add_argument("--grpc-port", type=int, default=int(env("GRPC_PORT", "8001")))
+    parser.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", "8002")))
+    parser.add_argument("--image-dir", default=env("OFA_LOAD_IMAGES", str(DEFAULT_IMAGE_DIR)))
+    parser.add_argument(
+        "--beam-size", type=int, default=int(env("OFA_BEAM_SIZE", "0")), help="0 = server default"
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=int(env("OFA_MAX_LENGTH", "0")), help="0 = server default"
+    )
+    parser.add_argument("--wait-max", type=float, default=0.0, help="think time per user, uniform in [0, s]")
+    parser.add_argument(
+        "--cache-bust", choices=["on", "off"], default="on", help="distinct bytes per request"
+    )
+    parser.add_argument(
+        "--max-p95-ms", type=float, default=float(env("LOAD_P95_MS", "10000")), help="p95 bound"
+    )
+    parser.add_argument("--processes", type=int, default=0, help="Locust --processes (0 = one process)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--prefix", default="load", help="file name prefix under --results-dir")
+    parser.add_argument("--no-start", action="store_true", help="fail instead of starting a server")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    parser.add_argument(
+        "--locust-arg", action="append", default=[], help="extra argument for locust (repeat)"
+    )
+    return parser.parse_args(argv)
+
+
+def locust_command(args: argparse.Namespace, prefix: Path) -> list[str]:
+    """The headless Locust command line of this run."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        LOCUSTFILES,
+        "--headless",
+        "--only-summary",
+        "--run-time",
+        f"{args.duration}s",
+        "--stop-timeout",
+        "30",
+        "--csv",
+        str(prefix),
+        "--html",
+        f"{prefix}.html",
+        "--exit-code-on-error",
+        "1",
+        "--step-users",
+        args.steps,
+        "--triton-host",
+        args.host,
+        "--grpc-port",
+        str(args.grpc_port),
+        "--http-port",
+        str(args.http_port),
+        "--protocol",
+        args.protocol,
+        "--image-dir",
+        str(args.image_dir),
+        "--beam-size",
+        str(args.beam_size),
+        "--max-length",
+        str(args.max_length),
+        "--wait-max",
+        str(args.wait_max),
+        "--cache-bust",
+        args.cache_bust,
+    ]
+    if args.processes:
+        cmd += ["--processes", str(args.processes)]
+    return cmd + list(args.locust_arg)
+
+
+def run_locust(cmd: list[str], timeout: float) -> int:
+    """Run Locust in its own process group; kill the group if it outlives ``timeout`` seconds."""
+    print("+", " ".join(cmd), flush=True)
+    process = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"locust did not finish within {timeout:.0f} s: killing it", file=sys.stderr)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return 124
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "", "N/A") else None
+    except ValueError:
+        return None
+
+
+def read_aggregated(stats_csv: Path) -> dict[str, float | None]:
+    """The ``Aggregated`` row of Locust's ``_stats.csv``: requests, failures, rps and latency percentiles."""
+    with open(stats_csv, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("Name") == "Aggregated"]
+    if not rows:
+        raise ValueError(f"{stats_csv} has no Aggregated row")
+    row = rows[-1]
+    return {
+        "requests": int(row["Request Count"]),
+        "failures": int(row["Failure Count"]),
+        "requests_per_s": _number(row["Requests/s"]),
+        "mean_ms": _number(row["Average Response Time"]),
+        "p50_ms": _number(row["50%"]),
+        "p95_ms": _number(row["95%"]),
+        "p99_ms": _number(row["99%"]),
+        "max_ms": _number(row["Max Response Time"]),
+    }
+
+
+def read_per_type(stats_csv: Path) -> list[dict[str, object]]:
+    """One entry per request type (grpc/http) of ``_stats.csv``."""
+    with open(stats_csv, newline="") as handle:
+        return [
+            {
+                "type": row["Type"],
+                "name": row["Name"],
+                "requests": int(row["Request Count"]),
+                "failures": int(row["Failure Count"]),
+                "requests_per_s": _number(row["Requests/s"]),
+                "p50_ms": _number(row["50%"]),
+                "p95_ms": _number(row["95%"]),
+                "p99_ms": _number(row["99%"]),
+            }
+            for row in csv.DictReader(handle)
+            if row.get("Name") != "Aggregated"
+        ]
+
+
+def history_by_users(history_csv: Path, settle_s: float = 2.0) -> list[dict[str, float]]:
+    """Per user-count step: requests/s and the p50/p95/p99 at the step's end.
+
+    Requests/s comes from the growth of Locust's ``Total Request Count`` over the step, leaving out the first
+    ``settle_s`` seconds (spawning); it is exact, unlike the history's smoothed ``Requests/s`` column. The
+    percentiles are those of the step's last history row, which Locust computes over a sliding 10 s window:
+    with steps of at least 10 s they describe that step alone.
+    """
+    with open(history_csv, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("Name") == "Aggregated"]
+    steps: list[list[dict[str, str]]] = []
+    for row in rows:
+        users = int(float(row["User Count"] or 0))
+        if users <= 0:
+            continue
+        if steps and int(float(steps[-1][0]["User Count"])) == users:
+            steps[-1].append(row)
+        else:
+            steps.append([row])
+    out = []
+    for step in steps:
+        start = float(step[0]["Timestamp"])
+        settled = [r for r in step if float(r["Timestamp"]) - start >= settle_s]
+        if len(settled) < 2:
+            settled = step
+        last = step[-1]
+        rps = 0.0
+        if len(settled) >= 2:
+            span = float(settled[-1]["Timestamp"]) - float(settled[0]["Timestamp"])
+            done = float(settled[-1]["Total Request Count"]) - float(settled[0]["Total Request Count"])
+            rps = done / span if span > 0 else 0.0
+        out.append(
+            {
+                "users": int(float(last["User Count"])),
+                "seconds": float(last["Timestamp"]) - start + 1,
+                "requests_per_s": round(rps, 2),
+                "p50_ms": _number(last["50%"]),
+                "p95_ms": _number(last["95%"]),
+                "p99_ms": _number(last["99%"]),
+            }
+        )
+    return out
+
+
+def time_series(history_csv: Path) -> list[dict[str, float | None]]:
+    """Seconds since start, users, requests/s and p95 of every ``Aggregated`` history row."""
+    with open(history_csv, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("Name") == "Aggregated"]
+    if not rows:
+        return []
+    t0 = float(rows[0]["Timestamp"])
+    return [
+        {
+            "t": float(r["Timestamp"]) - t0,
+            "users": _number(r["User Count"]),
+            "requests_per_s": _number(r["Requests/s"]),
+            "p95_ms": _number(r["95%"]),
+        }
+        for r in rows
+    ]
+
+
+def plot(history_csv: Path, png: Path, title: str) -> None:
+    """Requests/s and p50/p95/p99 latency against users (top), and the run over time (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = history_by_users(history_csv)
+    series = time_series(history_csv)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    users = [s["users"] for s in steps]
+    axes[0][0].plot(users, [s["requests_per_s"] for s in steps], "o-", color="tab:blue")
+    axes[0][0].set(title="Throughput", xlabel="users", ylabel="requests/s")
+    for key, style in (("p50_ms", "o-"), ("p95_ms", "s-"), ("p99_ms", "^-")):
+        axes[0][1].plot(users, [s[key] for s in steps], style, label=key.split("_")[0])
+    axes[0][1].set(title="Latency (last 10 s of each step)", xlabel="users", ylabel="ms")
+    axes[0][1].legend()
+    for ax in axes[0]:
+        if users and min(users) > 0:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(set(users)), [str(u) for u in sorted(set(users))])
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+    t = [s["t"] for s in series]
+    axes[1][0].plot(t, [s["requests_per_s"] for s in series], color="tab:blue", label="requests/s")
+    twin = axes[1][0].twinx()
+    twin.step(t, [s["users"] for s in series], where="post", color="tab:gray", label="users")
+    axes[1][0].set(title="Over time", xlabel="seconds", ylabel="requests/s")
+    twin.set_ylabel("users")
+    axes[1][1].plot(t, [s["p95_ms"] for s in series], color="tab:red")
+    axes[1][1].set(title="p95 latency over time", xlabel="seconds", ylabel="ms")
+    for ax in axes[1]:
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def verdict(summary: dict, max_p95_ms: float, locust_rc: int) -> list[str]:
+    """Reasons for a non-zero exit (empty: passed)."""
+    total = summary["total"]
+    reasons = []
+    if locust_rc != 0:
+        reasons.append(f"locust exited with {locust_rc}")
+    if total["requests"] == 0:
+        reasons.append("no request was sent")
+    if total["failures"]:
+        reasons.append(f"{total['failures']} of {total['requests']} requests failed")
+    if total["p95_ms"] is not None and total["p95_ms"] > max_p95_ms:
+        reasons.append(f"p95 {total['p95_ms']:.0f} ms is over the bound of {max_p95_ms:.0f} ms")
+    return reasons
+
+
+def print_summary(summary: dict) -> None:
+    total = summary["total"]
+    print("\n== load test summary ==")
+    print(
+        f"requests {total['requests']}, failures {total['failures']}, {total['requests_per_s'] or 0:.2f} req/s; "
+        f"latency p50 {total['p50_ms']} ms, p95 {total['p95_ms']} ms, p99 {total['p99_ms']} ms, max {total['max_ms']} ms"
+    )
+    print(f"{'users':>5} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    for step in summary["steps"]:
+        print(
+            f"{step['users']:>5} {step['requests_per_s']:>8.2f} {step['p50_ms'] or 0:>8.0f} "
+            f"{step['p95_ms'] or 0:>8.0f} {step['p99_ms'] or 0:>8.0f}"
+        )
+    ofa = summary.get("ofa_metrics") or {}
+    if ofa.get("avg_batch"):
+        print(
+            f"ofa: {ofa['nv_inference_count']:.0f} images in {ofa['nv_inference_exec_count']:.0f} executions "
+            f"(average batch {ofa['avg_batch']}), queue {ofa['queue_ms']} ms vs compute {ofa['compute_ms']} ms "
+            "per request"
+        )
+    for name, path in summary["files"].items():
+        print(f"{name}: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    prefix = args.results_dir / args.prefix
+    for stale in args.results_dir.glob(f"{args.prefix}_*.csv"):
+        stale.unlink()
+    with ensure_server(
+        args.host,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        start=not args.no_start,
+        log_file=args.results_dir / f"{args.prefix}_tritonserver.log",
+    ) as server:
+        print(
+            f"server: {'started by this run' if server.started else 'already running'} on {args.host} "
+            f"(http {args.http_port}, grpc {args.grpc_port}, metrics {args.metrics_port})",
+            flush=True,
+        )
+        try:
+            before = scrape_metrics(args.host, args.metrics_port)
+        except OSError:
+            before = None
+        started = time.time()
+        rc = run_locust(locust_command(args, prefix), timeout=args.duration + 120)
+        wall = time.time() - started
+        ofa = None
+        if before is not None:
+            try:
+                ofa = model_metrics_delta(before, scrape_metrics(args.host, args.metrics_port), "ofa")
+            except OSError:
+                ofa = None
+    stats_csv = Path(f"{prefix}_stats.csv")
+    history_csv = Path(f"{prefix}_stats_history.csv")
+    if not stats_csv.exists():
+        print(f"FAIL: locust wrote no {stats_csv} (exit code {rc})", file=sys.stderr)
+        return 1
+    summary = {
+        "command": " ".join(sys.argv),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "wall_s": round(wall, 1),
+        "locust_exit_code": rc,
+        "total": read_aggregated(stats_csv),
+        "per_type": read_per_type(stats_csv),
+        "steps": history_by_users(history_csv) if history_csv.exists() else [],
+        "ofa_metrics": ofa,
+        "files": {
+            "stats": str(stats_csv),
+            "history": str(history_csv),
+            "html": f"{prefix}.html",
+        },
+    }
+    if not args.no_plot and history_csv.exists():
+        png = Path(f"{prefix}.png")
+        plot(
+            history_csv, png, f"caption ensemble over {args.protocol}, {args.duration} s, users {args.steps}"
+        )
+        summary["files"]["plot"] = str(png)
+    summary_path = Path(f"{prefix}_summary.json")
+    summary["files"]["summary"] = str(summary_path)
+    reasons = verdict(summary, args.max_p95_ms, rc)
+    summary["passed"] = not reasons
+    summary["reasons"] = reasons
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary)
+    if reasons:
+        print("FAIL: " + "; ".join(reasons), file=sys.stderr)
+        return 1
+    print(f"PASS: no failed request, p95 within {args.max_p95_ms:.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

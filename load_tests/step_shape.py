@@ -1,0 +1,44 @@
+"""A Locust load shape that steps the number of users, e.g. 1 -> 2 -> 4 -> 8 -> 16, in equal time slices.
+
+Use it beside the locustfile: ``locust -f load_tests/locustfile.py,load_tests/step_shape.py -t 60s ...``.
+``--step-users`` (environment ``OFA_LOAD_STEPS``, default ``1,2,4,8,16``) lists the user counts; the run time
+(``-t``, default 60 s) is split evenly between them, so each level lasts long enough for Locust's 10-second
+window of current percentiles to describe that level alone (keep ``run time / steps`` >= 10 s for a clean plot).
+"""
+
+from __future__ import annotations
+
+from locust import LoadTestShape, events
+
+
+def parse_steps(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; every count must be a positive integer."""
+    steps = [int(part) for part in str(text).replace(" ", "").split(",") if part]
+    if not steps or any(n < 1 for n in steps):
+        raise ValueError(f"--step-users needs positive integers separated by commas, got {text!r}")
+    return steps
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser) -> None:
+    parser.add_argument(
+        "--step-users",
+        env_var="OFA_LOAD_STEPS",
+        default="1,2,4,8,16",
+        help="user counts of the step shape, each held for run-time / len(steps) seconds",
+    )
+
+
+class StepLoadShape(LoadTestShape):
+    """Hold each user count of ``--step-users`` for an equal share of ``--run-time`` (default 60 s)."""
+
+    def tick(self) -> tuple[int, float] | None:
+        options = self.runner.environment.parsed_options
+        steps = parse_steps(getattr(options, "step_users", "1,2,4,8,16"))
+        total = float(getattr(options, "run_time", None) or 60)
+        elapsed = self.get_run_time()
+        if elapsed >= total:
+            return None
+        index = min(int(elapsed // (total / len(steps))), len(steps) - 1)
+        users = steps[index]
+        return users, float(users)  # spawn the whole step at once
