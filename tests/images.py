@@ -34,8 +34,10 @@ def synthetic_rgb(width: int, height: int, seed: int, text: str | None = None) -
     # A little texture so that JPEG/WebP encoders and bicubic filtering have something to work on.
     xs = np.arange(width, dtype=np.float32)[None, :, None]
     ys = np.arange(height, dtype=np.float32)[:, None, None]
-    bg += 12 * np.sin(xs / np.float32(3 + 7 * rng.random()) + np.arange(3, dtype=np.float32)) * np.cos(
-        ys / np.float32(5 + 9 * rng.random())
+    bg += (
+        12
+        * np.sin(xs / np.float32(3 + 7 * rng.random()) + np.arange(3, dtype=np.float32))
+        * np.cos(ys / np.float32(5 + 9 * rng.random()))
     )
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
@@ -56,7 +58,14 @@ def synthetic_rgb(width: int, height: int, seed: int, text: str | None = None) -
     if text:
         fs = max(8, min(width, height) // 8)
         try:
-            draw.text((width * 0.05, height * 0.4), text, fill=(255, 255, 255), font_size=fs, stroke_width=1, stroke_fill=(0, 0, 0))
+            draw.text(
+                (width * 0.05, height * 0.4),
+                text,
+                fill=(255, 255, 255),
+                font_size=fs,
+                stroke_width=1,
+                stroke_fill=(0, 0, 0),
+            )
         except (OSError, TypeError):  # no FreeType: fall back to the bitmap font
             draw.text((width * 0.05, height * 0.4), text, fill=(255, 255, 255))
     return img
@@ -148,10 +157,16 @@ def image_corpus() -> list[tuple[str, bytes]]:
     c.append(("rgba.png", rgba_png(7)))
     c.append(("palette_transparent.png", palette_with_transparency(8)))
     c.append(
-        ("exif_orient6.jpg", encode(synthetic_rgb(640, 360, 9, "rot6"), "JPEG", quality=90, exif=exif_with_orientation(6)))
+        (
+            "exif_orient6.jpg",
+            encode(synthetic_rgb(640, 360, 9, "rot6"), "JPEG", quality=90, exif=exif_with_orientation(6)),
+        )
     )
     c.append(
-        ("exif_orient8.jpg", encode(synthetic_rgb(300, 500, 10, "rot8"), "JPEG", quality=90, exif=exif_with_orientation(8)))
+        (
+            "exif_orient8.jpg",
+            encode(synthetic_rgb(300, 500, 10, "rot8"), "JPEG", quality=90, exif=exif_with_orientation(8)),
+        )
     )
     c.append(("lossy.webp", encode(synthetic_rgb(512, 384, 11, "webp"), "WEBP", quality=80)))
     c.append(("lossless_rgba.webp", encode(_with_alpha(synthetic_rgb(300, 300, 12)), "WEBP", lossless=True)))
@@ -175,7 +190,12 @@ def write_samples(out_dir: str | Path) -> list[Path]:
         ("portrait.jpg", synthetic_rgb(360, 640, 104, "tall"), "JPEG", {"quality": 85}),
         ("square.webp", synthetic_rgb(480, 480, 105, "480"), "WEBP", {"quality": 80}),
         ("small_icon.png", synthetic_rgb(64, 64, 106), "PNG", {"optimize": True}),
-        ("rotated_exif6.jpg", synthetic_rgb(480, 320, 107, "EXIF 6"), "JPEG", {"quality": 85, "exif": exif_with_orientation(6)}),
+        (
+            "rotated_exif6.jpg",
+            synthetic_rgb(480, 320, 107, "EXIF 6"),
+            "JPEG",
+            {"quality": 85, "exif": exif_with_orientation(6)},
+        ),
         ("grayscale.png", synthetic_rgb(400, 300, 108, "gray").convert("L"), "PNG", {"optimize": True}),
     ]
     paths = []

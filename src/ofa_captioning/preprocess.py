@@ -56,7 +56,9 @@ def _open(data: ImageInput, max_pixels: int | None) -> Image.Image:
         raise TypeError(f"expected encoded image bytes or a PIL.Image.Image, got {type(data).__name__}")
     raw = bytes(data)
     if not raw:
-        raise ImageDecodeError("empty input: expected the bytes of an encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+        raise ImageDecodeError(
+            "empty input: expected the bytes of an encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF)"
+        )
     try:
         img = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as e:

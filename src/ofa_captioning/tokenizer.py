@@ -43,7 +43,11 @@ BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's ``bytes_to_unicode`` table (byte-level BPE's printable byte alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -73,7 +77,9 @@ class OFATokenizer:
         """Create the tokenizer from a BART vocabulary and its merges (see :meth:`from_pretrained`)."""
         for tok in (BOS, PAD, EOS, UNK, MASK):
             if tok not in vocab:
-                raise ValueError(f"vocab.json has no {tok!r} entry; is this a BART byte-level BPE vocabulary?")
+                raise ValueError(
+                    f"vocab.json has no {tok!r} entry; is this a BART byte-level BPE vocabulary?"
+                )
         self._vocab = dict(vocab)
         self.bos_id = vocab[BOS]
         self.pad_id = vocab[PAD]
@@ -87,14 +93,22 @@ class OFATokenizer:
         # The flags of transformers' BartTokenizer: <mask> swallows the whitespace before it; the others
         # match literally. Special tokens in the input text are recognised (the slow tokenizer does too).
         tk.add_special_tokens(
-            [AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=True) for t in (BOS, PAD, EOS, UNK)]
+            [
+                AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=True)
+                for t in (BOS, PAD, EOS, UNK)
+            ]
             + [AddedToken(MASK, lstrip=True, rstrip=False, normalized=False, special=True)]
         )
         self._added: list[str] = []
         if add_ofa_tokens:
             self._added = [f"<code_{i}>" for i in range(NUM_CODES)] + [f"<bin_{i}>" for i in range(NUM_BINS)]
             # Added one by one in ModelScope's order: ids are len(vocab), len(vocab)+1, ...
-            tk.add_tokens([AddedToken(t, lstrip=False, rstrip=False, normalized=True, special=False) for t in self._added])
+            tk.add_tokens(
+                [
+                    AddedToken(t, lstrip=False, rstrip=False, normalized=True, special=False)
+                    for t in self._added
+                ]
+            )
         self._tk = tk
 
         self._id_to_token: dict[int, str] = {i: t for t, i in self._vocab.items()}
@@ -177,26 +191,222 @@ class OFATokenizer:
 # --------------------------------------------------------------------------------------------------------
 # Demo vocabulary
 
-_ADJECTIVES = (
-    "small large big little red blue green yellow white black brown orange purple pink gray young old "
-    "tall short wooden metal plastic glass empty full open closed bright dark sunny cloudy snowy wet dry "
-    "busy quiet crowded clean dirty colorful striped spotted happy sleepy hungry shiny broken new vintage"
-).split()
-_NOUNS = (
-    "man woman person child boy girl people dog cat horse cow sheep bird elephant giraffe zebra bear "
-    "car bus truck train bicycle motorcycle boat airplane street road sidewalk field grass beach ocean "
-    "water river lake mountain hill tree forest building house kitchen table chair bed couch room window "
-    "door wall floor plate bowl cup glass pizza sandwich cake banana apple orange broccoli food laptop "
-    "phone computer keyboard television clock vase book umbrella bag kite surfboard skateboard frisbee "
-    "ball bat racket sign light pole fence bench park city sky snow wave player team game shape circle "
-    "square triangle star gradient pattern image picture photo text letter word line stripe"
-).split()
-_VERBS = (
-    "sitting standing walking running riding holding eating playing flying lying parked looking "
-    "carrying throwing catching driving crossing waiting swimming jumping sleeping smiling talking "
-    "cutting cooking reading watching surfing skiing skating grazing drawing showing"
-).split()
-_PREPS = "on in at near next to under over beside behind with by across along through into from of".split()
+_ADJECTIVES = [
+    "small",
+    "large",
+    "big",
+    "little",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "white",
+    "black",
+    "brown",
+    "orange",
+    "purple",
+    "pink",
+    "gray",
+    "young",
+    "old",
+    "tall",
+    "short",
+    "wooden",
+    "metal",
+    "plastic",
+    "glass",
+    "empty",
+    "full",
+    "open",
+    "closed",
+    "bright",
+    "dark",
+    "sunny",
+    "cloudy",
+    "snowy",
+    "wet",
+    "dry",
+    "busy",
+    "quiet",
+    "crowded",
+    "clean",
+    "dirty",
+    "colorful",
+    "striped",
+    "spotted",
+    "happy",
+    "sleepy",
+    "hungry",
+    "shiny",
+    "broken",
+    "new",
+    "vintage",
+]
+_NOUNS = [
+    "man",
+    "woman",
+    "person",
+    "child",
+    "boy",
+    "girl",
+    "people",
+    "dog",
+    "cat",
+    "horse",
+    "cow",
+    "sheep",
+    "bird",
+    "elephant",
+    "giraffe",
+    "zebra",
+    "bear",
+    "car",
+    "bus",
+    "truck",
+    "train",
+    "bicycle",
+    "motorcycle",
+    "boat",
+    "airplane",
+    "street",
+    "road",
+    "sidewalk",
+    "field",
+    "grass",
+    "beach",
+    "ocean",
+    "water",
+    "river",
+    "lake",
+    "mountain",
+    "hill",
+    "tree",
+    "forest",
+    "building",
+    "house",
+    "kitchen",
+    "table",
+    "chair",
+    "bed",
+    "couch",
+    "room",
+    "window",
+    "door",
+    "wall",
+    "floor",
+    "plate",
+    "bowl",
+    "cup",
+    "glass",
+    "pizza",
+    "sandwich",
+    "cake",
+    "banana",
+    "apple",
+    "orange",
+    "broccoli",
+    "food",
+    "laptop",
+    "phone",
+    "computer",
+    "keyboard",
+    "television",
+    "clock",
+    "vase",
+    "book",
+    "umbrella",
+    "bag",
+    "kite",
+    "surfboard",
+    "skateboard",
+    "frisbee",
+    "ball",
+    "bat",
+    "racket",
+    "sign",
+    "light",
+    "pole",
+    "fence",
+    "bench",
+    "park",
+    "city",
+    "sky",
+    "snow",
+    "wave",
+    "player",
+    "team",
+    "game",
+    "shape",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "gradient",
+    "pattern",
+    "image",
+    "picture",
+    "photo",
+    "text",
+    "letter",
+    "word",
+    "line",
+    "stripe",
+]
+_VERBS = [
+    "sitting",
+    "standing",
+    "walking",
+    "running",
+    "riding",
+    "holding",
+    "eating",
+    "playing",
+    "flying",
+    "lying",
+    "parked",
+    "looking",
+    "carrying",
+    "throwing",
+    "catching",
+    "driving",
+    "crossing",
+    "waiting",
+    "swimming",
+    "jumping",
+    "sleeping",
+    "smiling",
+    "talking",
+    "cutting",
+    "cooking",
+    "reading",
+    "watching",
+    "surfing",
+    "skiing",
+    "skating",
+    "grazing",
+    "drawing",
+    "showing",
+]
+_PREPS = [
+    "on",
+    "in",
+    "at",
+    "near",
+    "next",
+    "to",
+    "under",
+    "over",
+    "beside",
+    "behind",
+    "with",
+    "by",
+    "across",
+    "along",
+    "through",
+    "into",
+    "from",
+    "of",
+]
 _PROMPTS = (
     " what does the image describe?",
     " what is in the image?",
@@ -232,7 +442,12 @@ def _demo_corpus(seed: int) -> Iterator[str]:
     consonants, vowels = "bcdfghjklmnprstvwxyz", "aeiou"
     for i in range(90000):
         n = rng.randint(2, 5)
-        w = "".join(rng.choice(consonants) + rng.choice(vowels) + (rng.choice(consonants) if rng.random() < 0.3 else "") for _ in range(n))
+        w = "".join(
+            rng.choice(consonants)
+            + rng.choice(vowels)
+            + (rng.choice(consonants) if rng.random() < 0.3 else "")
+            for _ in range(n)
+        )
         if i % 7 == 0:
             w = w.capitalize()
         yield f" {w} {w} {rng.randint(0, 99999)}"
@@ -248,7 +463,9 @@ def train_demo_bpe(out_dir: str | os.PathLike, vocab_size: int = 50265, seed: in
     from tokenizers import ByteLevelBPETokenizer
 
     if vocab_size < 4 + 256 + 1:
-        raise ValueError(f"vocab_size must be at least 261 (specials + byte alphabet + <mask>), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least 261 (specials + byte alphabet + <mask>), got {vocab_size}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
@@ -263,7 +480,9 @@ def train_demo_bpe(out_dir: str | os.PathLike, vocab_size: int = 50265, seed: in
     vocab: dict[str, int] = model["vocab"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     if len(vocab) != vocab_size - 1:
-        raise RuntimeError(f"BPE training produced {len(vocab)} entries, expected {vocab_size - 1}; corpus too small")
+        raise RuntimeError(
+            f"BPE training produced {len(vocab)} entries, expected {vocab_size - 1}; corpus too small"
+        )
     if [vocab[t] for t in (BOS, PAD, EOS, UNK)] != [0, 1, 2, 3]:
         raise RuntimeError("special tokens did not get ids 0-3")
     vocab[MASK] = vocab_size - 1
