@@ -1,0 +1,146 @@
+"""Fixtures for the adapter unit tests: a stand-in ``triton_python_backend_utils``, a stand-in engine, the
+real config.pbtxt files parsed the way Triton hands them to ``initialize(args)``. No server is started."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from ofa_serving import settings as settings_module
+
+from . import fake_pb_utils
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_REPOSITORY = REPO / "model_repository"
+ENV_NAMES = sorted(
+    {
+        row["env"]
+        for cls in (
+            settings_module.OFASettings,
+            settings_module.PreprocessSettings,
+            settings_module.ServerSettings,
+        )
+        for row in settings_module.describe_settings(cls)
+        if row["env"]
+    }
+)
+
+
+def model_config(name: str) -> dict:
+    """model_repository/<name>/config.pbtxt as the JSON dict Triton passes in ``args["model_config"]``."""
+    message = text_format.Parse(
+        (MODEL_REPOSITORY / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    config = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    config["name"] = name
+    return config
+
+
+def init_args(name: str, config: dict | None = None) -> dict:
+    """``initialize(args)`` of a Python backend model (the keys tritonserver 2.51 passes)."""
+    return {
+        "model_config": json.dumps(config or model_config(name)),
+        "model_instance_kind": "CPU",
+        "model_instance_name": f"{name}_0_0",
+        "model_instance_device_id": "0",
+        "model_repository": str(MODEL_REPOSITORY / name),
+        "model_version": "1",
+        "model_name": name,
+    }
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """No setting leaks in from the developer's shell."""
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def pb(monkeypatch):
+    """The stand-in ``triton_python_backend_utils``, importable by the adapters."""
+    fake_pb_utils.Logger.records = []
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils)
+    return fake_pb_utils
+
+
+@dataclass(frozen=True)
+class StandInCaption:
+    text: str
+    score: float
+
+
+class StandInCaptioner:
+    """The engine's public API (docs/CONTRACTS.md) with predictable answers: the caption names the image id
+    (pixel [0, 0, 0]) and the settings it was generated with; a negative id makes the batch fail."""
+
+    instances: list[StandInCaptioner] = []
+    patch_image_size = 480
+    default_beam_size, default_max_length = 5, 16
+
+    def __init__(self, path, device, dtype):
+        self.path, self.device, self.dtype = path, device, dtype
+        self.calls: list[tuple[tuple[int, ...], int | None, int | None]] = []
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None):
+        instance = cls(path, device, dtype)
+        cls.instances.append(instance)
+        return instance
+
+    def validate_settings(self, beam_size, max_length):
+        beam = self.default_beam_size if beam_size is None else int(beam_size)
+        length = self.default_max_length if max_length is None else int(max_length)
+        if not 1 <= beam <= 16:
+            raise ValueError(f"beam_size must be between 1 and 16, got {beam}")
+        if not 1 <= length <= 64:
+            raise ValueError(f"max_length must be between 1 and 64, got {length}")
+        return beam, length
+
+    def generate(self, pixel_values, beam_size=None, max_length=None):
+        self.calls.append((tuple(pixel_values.shape), beam_size, max_length))
+        ids = [float(v) for v in pixel_values[:, 0, 0, 0]]
+        if any(i < 0 for i in ids):
+            raise RuntimeError("stand-in engine failure")
+        return [StandInCaption(f"image {i:g} beam {beam_size} len {max_length}", -i / 10) for i in ids]
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """Installs the stand-in engine as ``ofa_captioning.captioner.Captioner``; yields its class."""
+    StandInCaptioner.instances = []
+    module = types.ModuleType("ofa_captioning.captioner")
+    module.Captioner = StandInCaptioner
+    module.Caption = StandInCaption
+    monkeypatch.setitem(sys.modules, "ofa_captioning.captioner", module)
+    return StandInCaptioner
+
+
+def load_adapter(name: str):
+    """A fresh import of model_repository/<name>/1/model.py (needs the ``pb`` fixture)."""
+    path = MODEL_REPOSITORY / name / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location(f"triton_adapter_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pixels(image_id: float, rows: int = 1, size: int = 480) -> np.ndarray:
+    """``pixel_values`` of ``rows`` images whose id (pixel [0, 0, 0]) is ``image_id``, ``image_id + 1``, ..."""
+    out = np.zeros((rows, 3, size, size), dtype=np.float32)
+    out[:, 0, 0, 0] = image_id + np.arange(rows)
+    return out
+
+
+def int_input(*values: int) -> np.ndarray:
+    """An INT32 [batch, 1] input."""
+    return np.array([[v] for v in values], dtype=np.int32)

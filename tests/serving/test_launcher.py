@@ -1,0 +1,91 @@
+"""The launcher's pieces that need no running server: locating the wheel, the backend directory, ports,
+the command line and the environment (the integration tests start the real server with it)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from ofa_serving.launcher import (
+    ServerStartError,
+    TritonServer,
+    default_model_repository,
+    find_triton,
+    free_ports,
+    prepare_backend_dir,
+)
+from ofa_serving.settings import ServerSettings, load_settings
+
+
+def test_find_triton_locates_every_part_of_the_wheel():
+    t = find_triton()
+    assert t.binary.name == "tritonserver" and t.binary.stat().st_mode & 0o111
+    assert (t.python_backend / "libtriton_python.so").is_file()
+    assert t.stub.parent.name == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert (t.caches / "local").is_dir() and t.libs.name == "nvidia_pytriton.libs"
+
+
+def test_backend_dir_is_built_once(tmp_path):
+    first = prepare_backend_dir(directory=tmp_path / "b")
+    files = {p.name: p.stat().st_ino for p in (first / "python").iterdir()}
+    assert {
+        "libtriton_python.so",
+        "triton_python_backend_utils.py",
+        "triton_python_backend_stub",
+    } <= files.keys()
+    assert (first / "python" / "triton_python_backend_stub").stat().st_mode & 0o111
+    second = prepare_backend_dir(directory=tmp_path / "b")
+    assert {p.name: p.stat().st_ino for p in (second / "python").iterdir()} == files  # nothing rewritten
+
+
+def test_free_ports_are_distinct():
+    ports = free_ports(3)
+    assert len(set(ports)) == 3 and all(1024 <= p < 65536 for p in ports)
+
+
+def test_command_line_and_environment(tmp_path):
+    server = TritonServer(
+        model_dir=tmp_path, host="0.0.0.0", http_port=1, grpc_port=2, metrics_port=3, exit_timeout_secs=7
+    )
+    cmd = server.command()
+    assert cmd[0].endswith("tritonserver")
+    for flag in (
+        f"--model-repository={default_model_repository()}",
+        "--model-control-mode=none",
+        "--strict-readiness=true",
+        "--exit-timeout-secs=7",
+        "--http-address=0.0.0.0",
+        "--http-port=1",
+        "--grpc-port=2",
+        "--metrics-port=3",
+        f"--cache-config=local,size={64 * 1024 * 1024}",
+    ):
+        assert flag in cmd
+    assert any(a.startswith("--cache-directory=") and a.endswith("caches") for a in cmd)
+    env = server.environment()
+    assert env["LD_LIBRARY_PATH"].split(":")[0] == str(find_triton().libs)
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)  # the stub embeds this venv's Python
+    assert env["OFA_MODEL_DIR"] == str(tmp_path.resolve())
+    assert server.http_url == "http://127.0.0.1:1" and server.grpc_address == "127.0.0.1:2"
+    assert server.metrics_url == "http://127.0.0.1:3/metrics"
+    assert not any(a.startswith("--cache-config") for a in TritonServer(response_cache_bytes=0).command())
+
+
+def test_from_settings_uses_the_environment_names(tmp_path):
+    settings = load_settings(
+        ServerSettings, environ={"HTTP_PORT": "18000", "GRPC_PORT": "18001", "HOST": "::"}
+    )
+    server = TritonServer.from_settings(settings, model_dir=tmp_path)
+    assert (server.http_port, server.grpc_port, server.metrics_port) == (18000, 18001, 8002)
+    assert server.http_url == "http://[::1]:18000"
+
+
+def test_start_refuses_a_missing_checkpoint(tmp_path):
+    with pytest.raises(ServerStartError, match="does not exist"):
+        TritonServer.on_free_ports(model_dir=tmp_path / "missing").start()
+
+
+def test_stop_before_start_is_harmless():
+    assert TritonServer().stop() is None
