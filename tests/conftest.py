@@ -1,0 +1,50 @@
+"""Session fixtures shared by the engine and serving tests.
+
+* ``demo_checkpoint``: the deterministic random-weight OFA-tiny demo checkpoint, built once under
+  ``checkpoints/ofa-tiny-demo`` (or ``$DEMO_CHECKPOINT``, relative to the repository root) and reused.
+* ``image_corpus``: ``[(name, encoded bytes), ...]``, 18 synthetic images covering formats, modes, sizes,
+  aspect ratios and EXIF orientations (see ``tests/images.py``).
+* ``reference``: ModelScope's OFA (``tests/reference.py``) on the demo checkpoint. ``make test`` always
+  installs it, so a failing import is an error of every test that uses it, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.images import image_corpus as _build_corpus
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_checkpoint_dir() -> Path:
+    """Where the demo checkpoint lives: ``$DEMO_CHECKPOINT`` or ``checkpoints/ofa-tiny-demo``, under the repo root."""
+    p = Path(os.environ.get("DEMO_CHECKPOINT") or "checkpoints/ofa-tiny-demo")
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint() -> Path:
+    """Path of the demo checkpoint (built on first use, then reused across sessions)."""
+    from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
+
+    return Path(ensure_demo_checkpoint(demo_checkpoint_dir()))
+
+
+@pytest.fixture(scope="session")
+def image_corpus() -> list[tuple[str, bytes]]:
+    """At least 12 varied, deterministic encoded images as ``(name, bytes)``."""
+    corpus = _build_corpus()
+    assert len(corpus) >= 12
+    return corpus
+
+
+@pytest.fixture(scope="session")
+def reference(demo_checkpoint: Path):
+    """ModelScope's OFA captioning reference (tests.reference.Reference) on the demo checkpoint."""
+    from tests.reference import Reference
+
+    return Reference(demo_checkpoint)
