@@ -50,5 +50,19 @@ lint: setup-dev
 bench-engine: setup-dev
 	$(PY) load_tests/bench_engine.py
 
+## load-test: Locust against the caption ensemble (starts a server if none answers); CSV, HTML, PNG under load_tests/results/
+LOAD_DURATION ?= 60
+LOAD_STEPS ?= 1,2,4,8,16
+LOAD_PROTOCOL ?= grpc
+LOAD_P95_MS ?= 15000
+LOAD_ARGS ?=
+load-test: setup-dev
+	$(PY) load_tests/run_load_test.py --duration $(LOAD_DURATION) --steps $(LOAD_STEPS) --protocol $(LOAD_PROTOCOL) --max-p95-ms $(LOAD_P95_MS) $(LOAD_ARGS)
+
+## bench: reference vs engine in-process vs served ensemble (gRPC); load_tests/results/bench.{json,md}
+BENCH_ARGS ?=
+bench: setup-dev
+	$(PY) load_tests/bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache .ruff_cache
