@@ -3,7 +3,9 @@
 The ``image`` input of the ``caption`` ensemble is a BYTES tensor. tritonclient and the binary-data extension
 of the HTTP protocol carry the encoded file as is. A plain KServe v2 JSON request cannot carry arbitrary
 bytes in a JSON string, so base64 text (optionally as a ``data:image/...;base64,`` URL) is accepted too.
-Binary image formats always contain bytes outside the base64 alphabet, so the two cannot be confused.
+Base64 is recognised as standard-alphabet text with padding (line breaks allowed, as ``base64`` wraps it) or a
+data URL (standard or URL-safe alphabet). Binary image files always contain bytes outside that alphabet, so
+the two cannot be confused; anything else is handed to the image decoder as is, which names what it got.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 
 __all__ = ["PayloadError", "decode_image_payload"]
 
-_BASE64 = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
+_BASE64 = re.compile(rb"[A-Za-z0-9+/\r\n]+={0,2}[\r\n]*")
 _DATA_URL = re.compile(rb"data:[\w.+-]*/?[\w.+-]*(?:;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
 
@@ -38,7 +40,7 @@ def decode_image_payload(payload: bytes, *, max_bytes: int | None = None) -> byt
     match = _DATA_URL.match(payload)
     if match:
         data = _b64decode(payload[match.end() :])
-    elif _BASE64.fullmatch(payload):
+    elif _BASE64.fullmatch(payload) and len(re.sub(rb"[\r\n]", b"", payload)) % 4 == 0:
         data = _b64decode(payload)
     if max_bytes is not None and len(data) > max_bytes:
         raise PayloadError(f"image too large: {len(data)} bytes, the limit is {max_bytes} bytes")

@@ -106,6 +106,9 @@ class StandInCaptioner:
             raise ValueError(f"max_length must be between 1 and 64, got {length}")
         return beam, length
 
+    def warmup(self, batch_sizes=(1,), beam_size=None, max_length=None):
+        self.calls.append(("warmup", tuple(batch_sizes)))
+
     def generate(self, pixel_values, beam_size=None, max_length=None):
         self.calls.append((tuple(pixel_values.shape), beam_size, max_length))
         ids = [float(v) for v in pixel_values[:, 0, 0, 0]]

@@ -27,8 +27,13 @@ def test_base64_text_and_data_urls_are_decoded(png):
     assert decode_image_payload(text) == png
     assert decode_image_payload(text.decode()) == png
     assert decode_image_payload(b"data:image/png;base64," + text) == png
-    assert decode_image_payload(base64.urlsafe_b64encode(png).rstrip(b"=")) == png
+    assert decode_image_payload(b"data:image/png;base64," + base64.urlsafe_b64encode(png).rstrip(b"=")) == png
     assert decode_image_payload(text[:40] + b"\n" + text[40:]) == png  # wrapped base64 (base64 without -w0)
+
+
+def test_text_that_is_not_padded_base64_goes_to_the_decoder_as_is():
+    assert decode_image_payload(b"not an image") == b"not an image"
+    assert decode_image_payload(b"hello") == b"hello"
 
 
 def test_errors_say_what_is_wrong(png):

@@ -113,7 +113,7 @@ def test_initialize_loads_on_cpu_in_float32_and_warms_up(pb, engine, tmp_path, m
     assert (
         captioner.path == tmp_path and captioner.device == "cpu" and str(captioner.dtype) == "torch.float32"
     )
-    assert captioner.calls == [((2, 3, 480, 480), None, None)]
+    assert captioner.calls == [("warmup", (1,))]
     m.finalize()
     assert m.captioner is None
 

@@ -13,8 +13,8 @@ import gc
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-from ofa_captioning.captioner import Captioner
 
+from ofa_captioning.captioner import Captioner
 from ofa_serving.adapter import (
     check_tensor_dims,
     error_response,
@@ -47,7 +47,7 @@ class TritonPythonModel:
             f"the checkpoint {settings.model_dir} (patch_image_size {size})",
         )
         if settings.warmup:
-            self.captioner.generate(torch.zeros(2, 3, size, size))
+            self.captioner.warmup(batch_sizes=(1,))
         pb_utils.Logger.log_info(
             f"{self.model_name}: {settings.model_dir} on {device} ({dtype}), {torch.get_num_threads()} torch "
             f"threads, warm-up {'done' if settings.warmup else 'off'}"
