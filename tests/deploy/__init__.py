@@ -1,0 +1,1 @@
+"""Offline validation of docker/: the images, compose, Grafana/Prometheus and the Kubernetes manifests."""

