@@ -32,7 +32,7 @@ $(DEV_STAMP): requirements/dev.txt $(RUNTIME_STAMP)
 
 ## serve: set up, prepare the checkpoint and run tritonserver in the foreground
 serve: setup
-	$(PY) -m ofa_captioning.serve
+	$(PY) -m ofa_serving.serve
 
 ## test: set up, then the whole test suite (unit, parity with ModelScope, integration against tritonserver)
 test: setup-dev
