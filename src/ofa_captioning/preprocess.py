@@ -16,11 +16,13 @@ It also refuses undecodable input and decompression bombs with :class:`ImageDeco
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -37,12 +39,45 @@ DEFAULT_MAX_PIXELS = 40_000_000
 
 ImageInput = bytes | bytearray | memoryview | Image.Image
 
+_FORMATS = "JPEG, PNG, WebP, BMP, GIF, TIFF"
 _ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset(range(2, 9))
 
 
 class ImageDecodeError(ValueError):
     """The input is not a decodable image (or is larger than the configured pixel limit)."""
+
+
+_strict_lock = threading.Lock()
+_strict_depth = 0
+_strict_saved = False
+
+
+@contextlib.contextmanager
+def _refuse_truncated() -> Iterator[None]:
+    """Decode with ``ImageFile.LOAD_TRUNCATED_IMAGES`` off, whatever other code in the process set it to.
+
+    Pillow reads that process-wide flag while decoding, and some libraries switch it on at import time
+    (ModelScope's OFA preprocessors do, which makes the reference pad truncated files with grey instead of
+    failing). A truncated upload is an error here. The override is reference-counted, so concurrent decodes
+    neither serialise nor restore the flag under each other's feet; when nobody changed the flag it is a no-op.
+    """
+    global _strict_depth, _strict_saved
+    with _strict_lock:
+        active = _strict_depth > 0 or ImageFile.LOAD_TRUNCATED_IMAGES
+        if active:
+            if _strict_depth == 0:
+                _strict_saved = ImageFile.LOAD_TRUNCATED_IMAGES
+            _strict_depth += 1
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        if active:
+            with _strict_lock:
+                _strict_depth -= 1
+                if _strict_depth == 0:
+                    ImageFile.LOAD_TRUNCATED_IMAGES = _strict_saved
 
 
 def _open(data: ImageInput, max_pixels: int | None) -> Image.Image:
@@ -56,17 +91,19 @@ def _open(data: ImageInput, max_pixels: int | None) -> Image.Image:
         raise TypeError(f"expected encoded image bytes or a PIL.Image.Image, got {type(data).__name__}")
     raw = bytes(data)
     if not raw:
-        raise ImageDecodeError(
-            "empty input: expected the bytes of an encoded image (JPEG, PNG, WebP, BMP, GIF, TIFF)"
-        )
+        raise ImageDecodeError(f"empty input: expected the bytes of an encoded image ({_FORMATS})")
     try:
         img = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image is too large to decode safely: {e}") from e
-    except Exception as e:  # UnidentifiedImageError, and whatever a format plugin raises on a broken header
+    except UnidentifiedImageError as e:
         raise ImageDecodeError(
-            f"cannot decode image ({len(raw)} bytes, starts with {raw[:8]!r}): {e}; "
-            "expected JPEG, PNG, WebP, BMP, GIF or TIFF"
+            f"not a decodable image: {len(raw)} bytes starting with {raw[:8]!r} are not a supported image "
+            f"({_FORMATS}) or are corrupt"
+        ) from e
+    except Exception as e:  # whatever a format plugin raises on a broken header
+        raise ImageDecodeError(
+            f"corrupt image header ({len(raw)} bytes, starts with {raw[:8]!r}): {e}"
         ) from e
     # Only the header has been read so far: refuse bombs before allocating their pixels.
     w, h = img.size
@@ -82,23 +119,24 @@ def load_image(data: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
 
     ``data`` is the encoded file (JPEG, PNG, WebP, BMP, GIF, TIFF, ... whatever Pillow opens) or a
     ``PIL.Image.Image``. A PIL image is used at its current frame and is not modified (it is returned as is
-    when it is already RGB and upright). Images with more than
-    ``max_pixels`` pixels (``None``: no limit of ours; Pillow's own bomb limit still applies) are refused from
-    their header, before decoding. Raises :class:`ImageDecodeError` for anything that cannot be decoded.
+    when it is already RGB and upright). Images with more than ``max_pixels`` pixels (``None``: no limit of
+    ours; Pillow's own decompression-bomb limit still applies) are refused from their header, before any pixel
+    is decoded. Raises :class:`ImageDecodeError` for anything that cannot be decoded, and ``TypeError`` for
+    inputs that are neither bytes nor PIL images.
     """
-    img = _open(data, max_pixels)
-    try:
-        img.load()
-        # ImageOps.exif_transpose returns a copy when there is nothing to do; skipping that copy keeps
-        # the pixels identical and saves a full-size allocation.
-        if img.getexif().get(_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS:
-            img = ImageOps.exif_transpose(img)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-    except ImageDecodeError:
-        raise
-    except Exception as e:  # truncated files, corrupt data streams, broken EXIF, ...
-        raise ImageDecodeError(f"cannot decode image: {e}") from e
+    with _refuse_truncated():
+        img = _open(data, max_pixels)
+        fmt = img.format or "image"
+        try:
+            img.load()
+            # ImageOps.exif_transpose returns a copy when there is nothing to do; skipping that copy keeps
+            # the pixels identical and saves a full-size allocation.
+            if img.getexif().get(_ORIENTATION, 1) in _TRANSPOSING_ORIENTATIONS:
+                img = ImageOps.exif_transpose(img)
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+        except Exception as e:  # truncated files, corrupt data streams, broken EXIF, ...
+            raise ImageDecodeError(f"corrupt or truncated {fmt} data ({img.width}x{img.height}): {e}") from e
     return img
 
 
