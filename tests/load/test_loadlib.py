@@ -1,0 +1,169 @@
+"""Unit tests of the load-test and benchmark helpers (no server): corpus, statistics, metrics, reports."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import bench
+import numpy as np
+import pytest
+import run_load_test
+from loadlib import UniqueImages, latency_summary, model_metrics_delta, parse_metrics
+from PIL import Image
+
+
+def _encoded(fmt: str, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_unique_images_are_distinct_and_decode_to_the_same_pixels(fmt):
+    images = [("a", _encoded(fmt, 0)), ("b", _encoded(fmt, 1))]
+    corpus = UniqueImages(images)
+
+    sent = [corpus.next() for _ in range(6)]
+
+    assert corpus.not_unique == []
+    assert len({data for _, data in sent}) == 6  # never the same bytes twice: no response-cache hit
+    assert [name for name, _ in sent] == ["a", "b"] * 3  # round robin
+    for name, data in sent:
+        original = dict(images)[name]
+        assert data.startswith(original)
+        np.testing.assert_array_equal(_pixels(data), _pixels(original))
+
+
+def test_unique_images_off_and_undecodable_images_are_sent_unchanged():
+    good, bad = _encoded("PNG", 2), b"not an image"
+
+    assert {UniqueImages([("g", good)], unique=False).next()[1] for _ in range(3)} == {good}
+    corpus = UniqueImages([("bad", bad), ("g", good)])
+    assert corpus.not_unique == ["bad"]
+    assert corpus.next() == ("bad", bad)
+    assert corpus.next()[1] != good
+
+
+def test_latency_summary_reports_milliseconds_and_linear_percentiles():
+    latencies_s = [ms / 1000 for ms in range(1, 101)]  # 1 .. 100 ms
+
+    summary = latency_summary(latencies_s)
+
+    expected = np.percentile(np.arange(1, 101, dtype=float), [50, 95, 99])
+    assert summary["count"] == 100
+    assert summary["mean_ms"] == pytest.approx(50.5)
+    assert [summary["p50_ms"], summary["p95_ms"], summary["p99_ms"]] == pytest.approx(expected.tolist())
+    assert summary["max_ms"] == pytest.approx(100)
+    assert latency_summary([])["p50_ms"] is None
+
+
+def _scrape(count: int, execs: int, queue_us: int, compute_us: int, success: int, hits: int = 0) -> str:
+    return f"""# HELP nv_inference_count Number of inferences performed
+# TYPE nv_inference_count counter
+nv_inference_count{{model="ofa",version="1"}} {count}
+nv_inference_count{{model="preprocess",version="1"}} 999
+nv_inference_exec_count{{model="ofa",version="1"}} {execs}
+nv_inference_request_success{{model="ofa",version="1"}} {success}
+nv_inference_queue_duration_us{{model="ofa",version="1"}} {queue_us}
+nv_inference_compute_infer_duration_us{{model="ofa",version="1"}} {compute_us}
+nv_cache_num_hits_per_model{{model="caption",version="1"}} {hits}
+nv_gpu_utilization{{gpu_uuid="x"}} 0.5
+"""
+
+
+def test_model_metrics_delta_derives_batch_size_and_per_request_times():
+    before = parse_metrics(_scrape(count=10, execs=10, queue_us=1_000, compute_us=50_000, success=10))
+    after = parse_metrics(
+        _scrape(count=42, execs=14, queue_us=65_000, compute_us=370_000, success=42, hits=3)
+    )
+
+    ofa = model_metrics_delta(before, after, "ofa")
+
+    assert ofa["nv_inference_count"] == 32 and ofa["nv_inference_exec_count"] == 4
+    assert ofa["avg_batch"] == pytest.approx(32 / 4)
+    assert ofa["queue_ms"] == pytest.approx(64_000 / 32 / 1000, abs=0.01)
+    assert ofa["compute_ms"] == pytest.approx(320_000 / 32 / 1000, abs=0.01)
+    assert model_metrics_delta(before, after, "caption")["nv_cache_num_hits_per_model"] == 3
+    idle = model_metrics_delta(before, before, "ofa")
+    assert idle["avg_batch"] is None and idle["queue_ms"] is None
+
+
+def _history(path, rows):
+    columns = ["Timestamp", "User Count", "Type", "Name", "Requests/s", "Failures/s", "50%", "95%", "99%"]
+    columns += ["Total Request Count", "Total Failure Count"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for t, users, total, p50 in rows:
+            writer.writerow([t, users, "", "Aggregated", "N/A", 0, p50, p50 * 2, p50 * 3, total, 0])
+
+
+def test_history_by_users_takes_throughput_from_request_totals(tmp_path):
+    path = tmp_path / "h.csv"
+    # 1 user for 6 s at 2 requests/s, then 4 users for 6 s at 5 requests/s; the spawning seconds are left out.
+    rows = [(t, 1, 2 * t, 100) for t in range(6)] + [(t, 4, 10 + 5 * (t - 6), 400 + t) for t in range(6, 12)]
+    rows.append((12, 0, 40, 0))  # Locust's last row after the users stopped
+    _history(path, rows)
+
+    steps = run_load_test.history_by_users(path, settle_s=2)
+
+    assert [s["users"] for s in steps] == [1, 4]
+    assert steps[0]["requests_per_s"] == pytest.approx(2.0)
+    assert steps[1]["requests_per_s"] == pytest.approx(5.0)
+    assert steps[1]["p50_ms"] == 411 and steps[1]["p95_ms"] == 822 and steps[1]["p99_ms"] == 1233
+    png = tmp_path / "plot.png"
+    run_load_test.plot(path, png, "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verdict_fails_on_errors_on_no_traffic_and_on_slow_p95():
+    def summary(requests, failures, p95):
+        return {"total": {"requests": requests, "failures": failures, "p95_ms": p95}}
+
+    assert run_load_test.verdict(summary(100, 0, 900.0), max_p95_ms=1000, locust_rc=0) == []
+    assert run_load_test.verdict(summary(100, 1, 900.0), 1000, 0) == ["1 of 100 requests failed"]
+    assert run_load_test.verdict(summary(0, 0, None), 1000, 0) == ["no request was sent"]
+    assert "over the bound" in run_load_test.verdict(summary(100, 0, 1500.0), 1000, 0)[0]
+    assert "locust exited with 2" in run_load_test.verdict(summary(100, 0, 900.0), 1000, 2)
+
+
+def _row(path, setting, images_per_s, p50, **extra):
+    return {
+        "path": path,
+        "setting": setting,
+        "images": 10,
+        "images_per_s": images_per_s,
+        "p50_ms": p50,
+        **extra,
+    }
+
+
+def test_bench_summary_computes_ratios_and_targets():
+    rows = [
+        _row("reference", "ref", 1.0, 1000.0),
+        _row("engine", "b1", 4.0, 250.0, batch=1),
+        _row("engine", "b8", 10.0, 800.0, batch=8),
+        _row("served", "c1", 3.8, 280.0, concurrency=1, failures=0, cache_hits=0),
+        _row("served", "c8", 9.5, 840.0, concurrency=8, failures=0, cache_hits=0),
+    ]
+
+    summary = bench.summarize(rows)
+
+    assert summary["engine_best"] == "b8"
+    assert summary["engine_best_vs_reference"] == pytest.approx(10.0)
+    assert summary["served_c8_vs_engine_best"] == pytest.approx(0.95)
+    assert summary["served_c1_p50_vs_engine_batch1_p50"] == pytest.approx(280 / 250, abs=1e-3)
+    assert all(summary["targets"].values())
+    assert rows[3]["vs_reference"] == pytest.approx(3.8)
+
+    rows[4].update(images_per_s=8.0, cache_hits=2)
+    missed = {name for name, ok in bench.summarize(rows)["targets"].items() if not ok}
+    assert missed == {"served c8 images/s >= 90% of engine best", "no response-cache hit in served phases"}
