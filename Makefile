@@ -64,5 +64,11 @@ BENCH_ARGS ?=
 bench: setup-dev
 	$(PY) load_tests/bench.py $(BENCH_ARGS)
 
+## lint-docker: hadolint on the Dockerfiles, then the offline checks of docker/ (compose, dashboard, Kubernetes)
+.PHONY: lint-docker
+lint-docker: setup-dev
+	$(VENV)/bin/hadolint --failure-threshold style docker/Dockerfile docker/locust/Dockerfile
+	$(PY) -m pytest tests/deploy -m "not integration"
+
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache .ruff_cache

@@ -26,7 +26,7 @@ MODEL_ID = "iic/ofa_image-caption_coco_distilled_en"
 REVISION = "v1.0.1"
 DEFAULT_DIR = "checkpoints/ofa-distilled-en"
 #: Seconds allowed for reaching the hub (listing the repository) before giving up.
-DEFAULT_CONNECT_TIMEOUT = 20.0
+DEFAULT_CONNECT_TIMEOUT = 15.0
 
 
 class HubUnreachableError(ConnectionError):
