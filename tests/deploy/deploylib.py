@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import promql_parser
+import pytest
 import yaml
 
 try:
@@ -354,16 +354,25 @@ class QueryFacts:
     grouping_labels: set[str] = field(default_factory=set)
 
 
+def require(module: str, distribution: str):
+    """Import a test-only dependency; a clear failure (not a collection error) when it is not installed."""
+    try:
+        return __import__(module)
+    except ImportError:
+        pytest.fail(f"{distribution} is not installed: run `make setup-dev` (requirements/dev.txt)")
+
+
 def promql_facts(expr: str) -> QueryFacts:
     """Parse a PromQL expression (promql-parser) and collect its series selectors and grouping labels."""
     for macro, value in GRAFANA_MACROS.items():
         expr = expr.replace(macro, value)
     facts = QueryFacts()
-    _walk(promql_parser.parse(expr), facts)
+    _walk(require("promql_parser", "promql-parser").parse(expr), facts)
     return facts
 
 
 def _walk(node, facts: QueryFacts) -> None:
+    promql_parser = require("promql_parser", "promql-parser")
     if isinstance(node, promql_parser.VectorSelector):
         matchers = tuple((m.name, str(m.op).rsplit(".", 1)[-1], m.value) for m in node.matchers.matchers)
         name = node.name or next((v for k, _, v in matchers if k == "__name__"), None)

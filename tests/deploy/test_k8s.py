@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -21,6 +20,7 @@ from .deploylib import (
     parse_dockerfile,
     promql_facts,
     pyproject,
+    require,
     served_models,
 )
 
@@ -80,6 +80,7 @@ def adapter_rules():
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_manifests_are_schema_valid(version):
+    kubernetes_validate = require("kubernetes_validate", "kubernetes-validate")
     # strict: unknown fields (typos such as `readinesProbe`) are errors, not silently ignored.
     checked = 0
     for obj in objects():
@@ -94,6 +95,7 @@ def test_manifests_are_schema_valid(version):
 
 
 def test_validation_catches_typos():
+    kubernetes_validate = require("kubernetes_validate", "kubernetes-validate")
     bad = one("Deployment", "ofa-triton")
     bad = yaml.safe_load(yaml.safe_dump(bad))
     container = bad["spec"]["template"]["spec"]["containers"][0]
