@@ -311,8 +311,17 @@ def bench_served(model_dir: Path, corpus: UniqueImages, args: argparse.Namespace
         start=not args.no_start,
         model_dir=model_dir,
         log_file=args.results_dir / f"{args.name}_tritonserver.log",
+        model_repository=args.model_repository,
+        env=dict(item.split("=", 1) for item in args.server_env),
     ) as server:
-        info = {"started_by_bench": server.started, "ports": ports, "configs": model_configs()}
+        repository = Path(args.model_repository) if args.model_repository else REPO_ROOT / "model_repository"
+        info = {
+            "started_by_bench": server.started,
+            "ports": ports,
+            "model_repository": _display_path(repository),
+            "server_env": args.server_env,
+            "configs": model_configs(repository),
+        }
         _log(f"served: server {'started' if server.started else 'found'} on {server.grpc_url}")
         for concurrency in _ints(args.concurrency):
             row = served_phase(server, corpus, concurrency, args)
@@ -325,11 +334,11 @@ def bench_served(model_dir: Path, corpus: UniqueImages, args: argparse.Namespace
     return rows, info
 
 
-def model_configs() -> dict[str, str]:
+def model_configs(repository: Path) -> dict[str, str]:
     """The batching-related lines of each config.pbtxt, for the record."""
     keys = ("max_batch_size", "max_queue_delay", "preferred_batch_size", "count", "kind", "torch_threads")
     out = {}
-    for config in sorted((REPO_ROOT / "model_repository").glob("*/config.pbtxt")):
+    for config in sorted(repository.glob("*/config.pbtxt")):
         lines, in_threads = [], False
         for line in config.read_text().splitlines():
             text = line.strip()

@@ -183,6 +183,7 @@ def ensure_server(
     ready_timeout: float = 600.0,
     env: Mapping[str, str] | None = None,
     response_cache_bytes: int | None = None,
+    model_repository: str | os.PathLike | None = None,
 ) -> Iterator[ServerHandle]:
     """Yield a :class:`ServerHandle` for a ready server on the given ports.
 
@@ -204,6 +205,7 @@ def ensure_server(
     model_dir = resolve_model_dir(model_dir)
     kwargs = {} if response_cache_bytes is None else {"response_cache_bytes": response_cache_bytes}
     server = TritonServer(
+        model_repository=model_repository,
         model_dir=model_dir,
         host=host,
         http_port=http_port,

@@ -1,9 +1,8 @@
 """Fixtures of the load-test tests: the load_tests/ modules on sys.path and a real server for the smoke run.
 
-``load_server`` starts the real tritonserver (``ofa_serving``'s launcher, demo checkpoint, free ports) once per
-session for the Locust smoke test. The integration tests' own server fixture lives in tests/integration/ and is
-not visible here; a separate server keeps the smoke test independent of their traffic, which matters because
-it compares Locust's request count with the server's metrics.
+``load_server`` is the session's ``triton_server`` fixture where one is visible from here (tests/integration's
+fixture is not, by pytest's conftest scoping, unless it moves to tests/conftest.py); otherwise it starts its own
+real tritonserver (``ofa_serving``'s launcher, demo checkpoint, free 127.0.0.1 ports) once per session.
 """
 
 from __future__ import annotations
@@ -19,12 +18,22 @@ if str(LOAD_TESTS) not in sys.path:
 
 
 @pytest.fixture(scope="session")
-def load_server(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A ready tritonserver on free 127.0.0.1 ports serving the demo checkpoint; stopped after the session."""
-    from loadlib import ensure_server
+def load_server(
+    request: pytest.FixtureRequest, demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+):
+    """A ready tritonserver serving the demo checkpoint, as a ``loadlib.ServerHandle``."""
+    from loadlib import ServerHandle, ensure_server
 
     from ofa_serving.launcher import free_ports
 
+    try:
+        shared = request.getfixturevalue("triton_server")
+    except pytest.FixtureLookupError:
+        shared = None
+    if shared is not None:
+        host = "127.0.0.1" if shared.host in ("", "0.0.0.0") else shared.host
+        yield ServerHandle(host, shared.http_port, shared.grpc_port, shared.metrics_port, started=False)
+        return
     http_port, grpc_port, metrics_port = free_ports(3)
     log_file = tmp_path_factory.mktemp("load-server") / "tritonserver.log"
     with ensure_server(
