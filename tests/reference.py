@@ -410,7 +410,12 @@ class Reference:
         finally:
             self.task_model.generator = saved
         ret = self.task_model.postprocess(ret)
-        texts = [c[0] for c in ret[self._caption_key]]
+        caps = ret[self._caption_key]  # per image: [text] (num_return_sequences = 1)
+        if pixel_values.shape[0] == 1:
+            # postprocess unwraps one-element lists: a batch of one comes back as [text], not [[text]].
+            caps = [caps]
+        texts = [c[0] for c in caps]
+        assert all(isinstance(t, str) for t in texts), caps
         scores = [float(hyps[0]["score"]) for hyps in captured[0]]
         return list(zip(texts, scores, strict=True))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import string
 import subprocess
 import sys
 
@@ -233,3 +234,22 @@ def test_decode_rejects_ids_outside_vocabulary(tok: OFATokenizer) -> None:
 def test_encode_prompt_rejects_negative_length(tok: OFATokenizer) -> None:
     with pytest.raises(ValueError):
         tok.encode_prompt("x", -1)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("batch", [1, 2])
+def test_reference_caption_is_decode_of_top_hypothesis(
+    tok: OFATokenizer, reference, image_corpus, batch
+) -> None:
+    # The caption the reference pipeline returns == our decode of its best hypothesis, English punctuation
+    # stripped. Also guards the harness against OfaForAllTasks.postprocess unwrapping one-element batches.
+    pixels = reference.pixels([b for _, b in image_corpus[:batch]])
+    captions = reference.caption(pixels, beam_size=2, max_length=4)
+    hyps = reference.generate(pixels, beam_size=2, max_length=4)
+    assert len(captions) == batch
+    for (text, score), h in zip(captions, hyps, strict=True):
+        expected = (
+            tok.decode(h[0]["tokens"].tolist()).translate(str.maketrans("", "", string.punctuation)).strip()
+        )
+        assert text == expected
+        assert score == pytest.approx(float(h[0]["score"]), abs=0)
