@@ -107,6 +107,9 @@ SCRAPE_LABELS = frozenset({"job", "instance", "namespace", "pod", "service"})
 #: NGC container release -> Triton version inside it (NGC release notes; pytriton 0.5.13-0.7.0 changelogs name
 #: 2.51.0 as the embedded server, built from the 24.10 release).
 NGC_TRITON_VERSION = {"24.10": "2.51.0"}
+#: NGC container release -> its system Python, which the Python backend stub runs (Triton release compatibility
+#: matrix: 24.10 containers ship Python 3.10.12, Ubuntu 22.04; 24.12 moved to 3.12).
+NGC_PYTHON_VERSION = {"24.10": "3.10.12"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 
 from .deploylib import (
     DOCKER,
+    NGC_PYTHON_VERSION,
     NGC_TRITON_VERSION,
     REPO,
     dockerignore_patterns,
@@ -17,6 +18,8 @@ from .deploylib import (
     flag_map,
     parse_dockerfile,
     project_packages,
+    pyproject,
+    require,
     requirement_pins,
     run,
     third_party_imports_of,
@@ -97,6 +100,18 @@ def test_base_image_is_a_pinned_ngc_triton_release(server):
     assert m.group(1) in NGC_TRITON_VERSION, f"unknown NGC release {m.group(1)}: record its Triton version"
     assert NGC_TRITON_VERSION[m.group(1)] == "2.51.0"
     assert server.base_images[server.stages[0]] == "${BASE_IMAGE}"
+
+
+def test_project_supports_the_image_python(server):
+    # The image installs the packages into the NGC image's system Python (the stub's Python), not the 3.11 of the
+    # development environment: the project must declare and lint for it.
+    release = re.search(r":(\d\d\.\d\d)-py3$", server.args()["BASE_IMAGE"]).group(1)
+    python = NGC_PYTHON_VERSION[release]
+    specifiers = require("packaging.specifiers", "packaging").specifiers
+    requires = pyproject()["project"]["requires-python"]
+    assert specifiers.SpecifierSet(requires).contains(python), f"requires-python {requires} excludes {python}"
+    major, minor = python.split(".")[:2]
+    assert pyproject()["tool"]["ruff"]["target-version"] == f"py{major}{minor}", "ruff must flag newer syntax"
 
 
 def test_runtime_stage_is_non_root(server):
