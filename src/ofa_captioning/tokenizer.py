@@ -90,8 +90,9 @@ class OFATokenizer:
         tk = Tokenizer(models.BPE(vocab=self._vocab, merges=merges, unk_token=None, fuse_unk=False))
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tk.decoder = decoders.ByteLevel()
-        # The flags of transformers' BartTokenizer: <mask> swallows the whitespace before it; the others
-        # match literally. Special tokens in the input text are recognised (the slow tokenizer does too).
+        # As transformers' BartTokenizer: <mask> swallows the whitespace before it (lstrip), the others match
+        # literally, and special/added tokens written in the input text are kept whole. ("normalized" makes no
+        # difference: there is no normalizer.)
         tk.add_special_tokens(
             [
                 AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=True)
