@@ -183,16 +183,22 @@ def read_per_type(stats_csv: Path) -> list[dict[str, object]]:
         ]
 
 
-def history_by_users(history_csv: Path, settle_s: float = 2.0) -> list[dict[str, float]]:
+def history_by_users(
+    history_csv: Path, settle_s: float = 2.0, until_s: float | None = None
+) -> list[dict[str, float]]:
     """Per user-count step: requests/s and the p50/p95/p99 at the step's end.
 
     Requests/s comes from the growth of Locust's ``Total Request Count`` over the step, leaving out the first
     ``settle_s`` seconds (spawning); it is exact, unlike the history's smoothed ``Requests/s`` column. The
     percentiles are those of the step's last history row, which Locust computes over a sliding 10 s window:
-    with steps of at least 10 s they describe that step alone.
+    with steps of at least 10 s they describe that step alone. Rows later than ``until_s`` seconds after the
+    first one (users stopping while their last requests finish) are left out.
     """
     with open(history_csv, newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("Name") == "Aggregated"]
+    if rows and until_s is not None:
+        t0 = float(rows[0]["Timestamp"])
+        rows = [row for row in rows if float(row["Timestamp"]) - t0 <= until_s]
     steps: list[list[dict[str, str]]] = []
     for row in rows:
         users = int(float(row["User Count"] or 0))
@@ -245,14 +251,14 @@ def time_series(history_csv: Path) -> list[dict[str, float | None]]:
     ]
 
 
-def plot(history_csv: Path, png: Path, title: str) -> None:
+def plot(history_csv: Path, png: Path, title: str, until_s: float | None = None) -> None:
     """Requests/s and p50/p95/p99 latency against users (top), and the run over time (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = history_by_users(history_csv)
+    steps = history_by_users(history_csv, until_s=until_s)
     series = time_series(history_csv)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     users = [s["users"] for s in steps]
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "locust_exit_code": rc,
         "total": read_aggregated(stats_csv),
         "per_type": read_per_type(stats_csv),
-        "steps": history_by_users(history_csv) if history_csv.exists() else [],
+        "steps": history_by_users(history_csv, until_s=args.duration + 1) if history_csv.exists() else [],
         "ofa_metrics": ofa,
         "files": {
             "stats": str(stats_csv),
@@ -378,9 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.no_plot and history_csv.exists():
         png = Path(f"{prefix}.png")
-        plot(
-            history_csv, png, f"caption ensemble over {args.protocol}, {args.duration} s, users {args.steps}"
-        )
+        title = f"caption ensemble over {args.protocol}, {args.duration} s, users {args.steps}"
+        plot(history_csv, png, title, until_s=args.duration + 1)
         summary["files"]["plot"] = str(png)
     summary_path = Path(f"{prefix}_summary.json")
     summary["files"]["summary"] = str(summary_path)
