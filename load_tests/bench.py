@@ -87,6 +87,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-start", action="store_true", help="use the server on the given ports, never start one"
     )
+    p.add_argument(
+        "--model-repository", default=None, help="for the started server (default: model_repository/)"
+    )
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the started server, e.g. OFA_TORCH_THREADS=1 (repeat)",
+    )
     p.add_argument("--skip-served", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -162,10 +172,15 @@ def bench_reference(model_dir: Path, images: list[bytes], args: argparse.Namespa
 
 def bench_engine(model_dir: Path, images: list[bytes], args: argparse.Namespace) -> list[dict]:
     """(b) The engine in-process on encoded bytes, batch 1 then each of ``--batches``."""
-    from ofa_captioning.captioner import Captioner
+    import torch
 
-    _log("engine: loading")
-    captioner = Captioner.from_pretrained(model_dir)
+    from ofa_captioning.captioner import Captioner
+    from ofa_serving.settings import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device, torch.cuda.is_available())
+    dtype = resolve_dtype(args.dtype, device)
+    _log(f"engine: loading on {device} ({dtype})")
+    captioner = Captioner.from_pretrained(model_dir, device=device, dtype=dtype)
     kwargs = {"beam_size": args.beam_size, "max_length": args.max_length}
     rows = []
     captioner.caption(images[:1], **kwargs)  # warm-up

@@ -167,3 +167,15 @@ def test_bench_summary_computes_ratios_and_targets():
     rows[4].update(images_per_s=8.0, cache_hits=2)
     missed = {name for name, ok in bench.summarize(rows)["targets"].items() if not ok}
     assert missed == {"served c8 images/s >= 90% of engine best", "no response-cache hit in served phases"}
+
+
+def test_bench_options_and_recorded_configs():
+    args = bench.parse_args(
+        ["--model-repository", "/tmp/x", "--server-env", "OFA_TORCH_THREADS=1", "--check"]
+    )
+    assert args.model_repository == "/tmp/x" and args.server_env == ["OFA_TORCH_THREADS=1"] and args.check
+
+    configs = bench.model_configs(bench.REPO_ROOT / "model_repository")
+
+    assert {"caption", "preprocess", "ofa"} <= set(configs)
+    assert "max_batch_size" in configs["ofa"] and "count" in configs["ofa"]

@@ -126,3 +126,44 @@ def test_locust_reports_server_errors_and_fails_the_run(load_server, tmp_path):
     summary = json.loads((results / "load_summary.json").read_text())
     assert summary["passed"] is False and any("failed" in reason for reason in summary["reasons"])
     assert "FAIL" in run.stderr
+
+
+def test_bench_runs_every_path_and_writes_its_tables(load_server, image_corpus, tmp_path):
+    """``make bench`` in miniature: every path, tiny counts, against the session's server."""
+    images = _images(tmp_path / "images", image_corpus, count=3)
+    results = tmp_path / "bench"
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "load_tests" / "bench.py"),
+        "--no-start",
+        *("--http-port", str(load_server.http_port), "--grpc-port", str(load_server.grpc_port)),
+        *("--metrics-port", str(load_server.metrics_port), "--image-dir", str(images)),
+        *("--results-dir", str(results), "--beam-size", "2", "--max-length", "4"),
+        *("--reference-images", "1", "--engine-images", "1", "--batches", "2", "--batch-images", "2"),
+        *("--concurrency", "1,2", "--served-requests", "4", "--min-served-requests", "2", "--warmup", "1"),
+    ]
+
+    run = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((results / "bench.json").read_text())
+    phases = {(p["path"], p.get("batch"), p.get("concurrency")): p for p in result["phases"]}
+    assert set(phases) == {
+        ("reference", None, None),
+        ("engine", 1, None),
+        ("engine", 2, None),
+        ("served", None, 1),
+        ("served", None, 2),
+    }
+    for phase in phases.values():
+        assert phase["images"] > 0 and phase["images_per_s"] > 0 and phase["p50_ms"] > 0
+    for concurrency in (1, 2):
+        served = phases[("served", None, concurrency)]
+        assert served["failures"] == 0 and served["cache_hits"] == 0
+        # Triton saw exactly the timed requests (warm-up is outside the metrics delta).
+        assert served["metrics"]["caption"]["nv_inference_request_success"] == served["images"]
+        assert served["ofa_avg_batch"] >= 1 and served["ofa_compute_ms"] > 0
+    summary = result["summary"]
+    assert summary["engine_best_vs_reference"] > 0 and summary["served_c1_p50_vs_engine_batch1_p50"] > 0
+    table = (results / "bench.md").read_text()
+    assert table.count("\n| reference |") == 1 and table.count("\n| served |") == 2
