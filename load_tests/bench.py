@@ -31,6 +31,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -523,6 +524,8 @@ def environment_info(args: argparse.Namespace, model_dir: Path, n_images: int) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so a server this run started is stopped by its PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(args.model_dir).resolve()
     named = load_images(args.image_dir)

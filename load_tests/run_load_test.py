@@ -133,6 +133,10 @@ def run_locust(cmd: list[str], timeout: float) -> int:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         return 124
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): take Locust down with us
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -332,6 +336,8 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so a server this run started is stopped by its PID.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     prefix = args.results_dir / args.prefix
     for stale in args.results_dir.glob(f"{args.prefix}_*.csv"):
