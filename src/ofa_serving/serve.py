@@ -25,11 +25,11 @@ REAL_DIR = Path("checkpoints/ofa-distilled-en")
 _COMPLETE = ".download-complete"
 
 _DEMO_NOTICE = """
-###########################################################################################################
-#  DEMO CHECKPOINT: random weights. Its captions are MEANINGLESS; it exists to run the whole stack offline. #
-#  For real captions: run where the ModelScope hub answers (make serve downloads the checkpoint), or set    #
-#  OFA_MODEL_DIR to a downloaded iic/ofa_image-caption_coco_distilled_en directory.                        #
-###########################################################################################################
+################################################################################################
+#  DEMO CHECKPOINT: random weights. Its captions are MEANINGLESS; it only runs the stack.      #
+#  For real captions run where the ModelScope hub answers (make serve downloads the weights),  #
+#  or set OFA_MODEL_DIR to a downloaded iic/ofa_image-caption_coco_distilled_en directory.     #
+################################################################################################
 """
 
 
