@@ -232,7 +232,7 @@ class OFASettings:
         True,
         env="OFA_WARMUP",
         param="warmup",
-        help="caption a blank image in initialize, so that ready means warm",
+        help="caption a random image in initialize, so that ready means warm",
     )
 
 
