@@ -24,7 +24,7 @@ $(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml
 setup-dev: $(DEV_STAMP)
 
 $(DEV_STAMP): requirements/dev.txt $(RUNTIME_STAMP)
-	$(PY) -m pip install -q -r requirements/dev.txt -c requirements/runtime.txt
+	$(PY) -m pip install -q -r requirements/runtime.txt -r requirements/dev.txt
 	# fairseq is imported by ModelScope's OFA package; --no-deps keeps torchaudio out,
 	# --no-build-isolation keeps pip from putting a CUDA torch into the build environment.
 	$(PY) -c "import fairseq" 2>/dev/null || $(PY) -m pip install -q --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
