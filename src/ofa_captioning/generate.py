@@ -95,7 +95,9 @@ def beam_search(
     eos, pad = settings.eos_id, settings.pad_id
     bsz = encoder_out.last_hidden_state.shape[0]
     device = encoder_out.last_hidden_state.device
-    state = model.init_decoder_state(encoder_out, beam, max_positions=max_len + 1)
+    # All beams of a sentence are identical at step 0, so the state starts with one row per image and the
+    # first reorder fans it out to `beam` rows.
+    state = model.init_decoder_state(encoder_out, 1, max_positions=max_len + 1)
 
     tokens = torch.full((bsz, beam, max_len + 2), pad, dtype=torch.long, device=device)
     tokens[:, :, 0] = settings.bos_id
@@ -106,29 +108,34 @@ def beam_search(
 
     for step in range(max_len + 1):
         n_live = len(active)
-        logits = model.decode_step(tokens[:, :, step].reshape(-1), state)
+        width = 1 if step == 0 else beam  # decoder rows per sentence
+        logits = model.decode_step(tokens[:, :width, step].reshape(-1), state)
         lprobs = torch.log_softmax(logits.float(), dim=-1)
         vocab = lprobs.shape[-1]
         if step < settings.min_len:
             lprobs[:, eos] = neg_inf
-        lprobs.masked_fill_(torch.isnan(lprobs), neg_inf)
         lprobs[:, pad] = neg_inf
         if step >= max_len:
             lprobs[:, :eos] = neg_inf
             lprobs[:, eos + 1 :] = neg_inf
         if settings.no_repeat_ngram_size > 0:
-            history = tokens[:, :, : step + 1].reshape(n_live * beam, step + 1)
+            history = tokens[:, :width, : step + 1].reshape(n_live * width, step + 1)
             block_repeated_ngrams(lprobs, history, settings.no_repeat_ngram_size, pad)
 
-        lprobs = lprobs.view(n_live, beam, vocab)
-        if step == 0:
-            cand = lprobs[:, 0, :]
-        else:
-            cand = (lprobs + cum_scores.unsqueeze(-1)).view(n_live, beam * vocab)
-        k = min(2 * beam, cand.shape[1] - 1)
-        cand_scores, cand_idx = torch.topk(cand, k)
-        cand_beams = torch.div(cand_idx, vocab, rounding_mode="floor")
-        cand_tokens = cand_idx.fmod(vocab)
+        # Top 2*beam of (cumulative score + log-prob) over beam x vocabulary, in two stages: the best k of
+        # each beam row, then the best k of those (same values as one top-k over the flattened scores).
+        k = min(2 * beam, width * vocab - 1)
+        row_scores, row_tokens = torch.topk(lprobs, min(k, vocab), dim=-1)
+        if bool(torch.isnan(row_scores).any()):  # NaN ranks first in topk; the reference makes it -inf
+            lprobs.masked_fill_(torch.isnan(lprobs), neg_inf)
+            row_scores, row_tokens = torch.topk(lprobs, min(k, vocab), dim=-1)
+        row_scores = row_scores.view(n_live, width, -1)
+        if step > 0:
+            row_scores = row_scores + cum_scores.unsqueeze(-1)
+        cand_scores, flat = torch.topk(row_scores.view(n_live, -1), k)
+        per_row = row_tokens.shape[-1]
+        cand_beams = torch.div(flat, per_row, rounding_mode="floor")
+        cand_tokens = torch.gather(row_tokens.view(n_live, -1), 1, flat)
         eos_mask = cand_tokens.eq(eos) & cand_scores.ne(neg_inf)
 
         done_rows: list[int] = []
@@ -173,7 +180,7 @@ def beam_search(
 
         # Rows of the decoder state: each survivor's parent row (in the pre-pruning layout).
         old_sent = keep if keep is not None else torch.arange(n_live, device=device)
-        rows = (old_sent.unsqueeze(1) * beam + parent).reshape(-1)
+        rows = (old_sent.unsqueeze(1) * width + parent).reshape(-1)
         state.reorder(rows, keep)
 
     for hyps in finalized:

@@ -1,0 +1,298 @@
+"""The user-facing captioning engine: checkpoint directory in, captions out.
+
+>>> captioner = Captioner.from_pretrained("checkpoints/ofa-tiny-demo")
+>>> captioner.caption([open("cat.jpg", "rb").read()])
+[Caption(text='...', score=-0.83)]
+
+The split the Triton ensemble uses is :meth:`Captioner.preprocess` (bytes/PIL -> float32 pixels, CPU only) and
+:meth:`Captioner.generate` (pixels -> captions); :meth:`Captioner.caption` chains the two.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_state_dict
+from .config import ModelConfig, TaskConfig, load_configs
+from .generate import BeamSearchSettings, Hypothesis, beam_search
+from .model import OFAModel
+from .preprocess import ImageInput, preprocess_images
+from .tokenizer import OFATokenizer
+
+__all__ = ["MAX_BEAM_SIZE", "MAX_LENGTH", "MIN_BEAM_SIZE", "MIN_LENGTH", "Caption", "Captioner"]
+
+MIN_BEAM_SIZE, MAX_BEAM_SIZE = 1, 16
+MIN_LENGTH, MAX_LENGTH = 1, 64
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A caption and its score: the reference generator's length-normalised log-probability (higher is better)."""
+
+    text: str
+    score: float
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        key = str(dtype).lower().removeprefix("torch.")
+        if key not in _DTYPES:
+            raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype!r}")
+        resolved = _DTYPES[key]
+    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype!r}")
+    return resolved
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            value = int(value)
+        else:
+            raise ValueError(f"{name} must be an integer between {low} and {high}, got {value!r}")
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+class Captioner:
+    """OFA image captioning with the reference's semantics (ModelScope's OFA pipeline), built for throughput.
+
+    Create it with :meth:`from_pretrained`. Methods are not thread-safe; use one instance per worker thread.
+    """
+
+    def __init__(
+        self,
+        model: OFAModel,
+        tokenizer: OFATokenizer,
+        task_config: TaskConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        """Wrap a loaded model (see :meth:`from_pretrained`, which is the normal way in)."""
+        if len(tokenizer) != model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model.config.vocab_size}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.task_config = task_config
+        self._device = device
+        self._dtype = dtype
+        self._prompt_ids = torch.tensor(
+            tokenizer.encode_prompt(task_config.prompt, task_config.max_src_length),
+            dtype=torch.long,
+            device=device,
+        )
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+    ) -> Captioner:
+        """Load a checkpoint directory in ModelScope's layout.
+
+        ``device`` defaults to the CPU and ``dtype`` to float32; on CUDA, float16 and bfloat16 are supported
+        (float16 is refused on the CPU, where it has no fast kernels). Every hyper-parameter and generation
+        default comes from the directory's ``config.json`` and ``configuration.json``.
+        """
+        path = Path(path)
+        device = torch.device(device if device is not None else "cpu")
+        resolved = _resolve_dtype(dtype)
+        if device.type == "cpu" and resolved == torch.float16:
+            raise ValueError("float16 is only supported on CUDA; use float32 or bfloat16 on the CPU")
+        model_config, task_config = load_configs(path)
+        model = cls._load_model(path, model_config)
+        model.to(device=device, dtype=resolved)
+        model.prepare_for_inference()
+        tokenizer = OFATokenizer.from_pretrained(path)
+        return cls(model, tokenizer, task_config, device=device, dtype=resolved)
+
+    @staticmethod
+    def _load_model(path: Path, config: ModelConfig) -> OFAModel:
+        with torch.device("meta"):
+            model = OFAModel(config)
+        state = load_state_dict(path)
+        # assign=True adopts the loaded tensors; the tied embedding is re-tied afterwards.
+        model.load_state_dict(state, strict=True, assign=True)
+        shared = model.encoder.embed_tokens
+        model.decoder.embed_tokens = shared
+        if config.share_decoder_input_output_embed:
+            model.decoder.output_projection.weight = shared.weight
+        # Buffers created on the meta device but absent from old checkpoints would stay meta; strict=True has
+        # already refused those, so every tensor is materialised here.
+        return model
+
+    # -------------------------------------------------------------------------------------- properties
+
+    @property
+    def device(self) -> torch.device:
+        """Device the model runs on."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating-point type of the model's weights and activations."""
+        return self._dtype
+
+    @property
+    def patch_image_size(self) -> int:
+        """Side of the square pixel input (configuration.json ``model.patch_image_size``)."""
+        return self.task_config.patch_image_size
+
+    @property
+    def default_beam_size(self) -> int:
+        """Beam size used when none is given (configuration.json ``model.beam_search.beam_size``)."""
+        return self.task_config.beam_size
+
+    @property
+    def default_max_length(self) -> int:
+        """Max length used when none is given (configuration.json ``model.beam_search.max_len_b``)."""
+        return self.task_config.max_len_b
+
+    # -------------------------------------------------------------------------------------------- API
+
+    def validate_settings(
+        self, beam_size: int | None = None, max_length: int | None = None
+    ) -> tuple[int, int]:
+        """Resolve ``None`` to the checkpoint's defaults and check the bounds.
+
+        ``beam_size`` must be in 1..16 and ``max_length`` (tokens before EOS, the reference's ``max_len_b``) in
+        1..64; otherwise ``ValueError`` names the bound, e.g. "beam_size must be between 1 and 16, got 0".
+        """
+        beam = self.task_config.beam_size if beam_size is None else beam_size
+        length = self.task_config.max_len_b if max_length is None else max_length
+        beam = _check_int("beam_size", beam, MIN_BEAM_SIZE, MAX_BEAM_SIZE)
+        length = _check_int("max_length", length, MIN_LENGTH, MAX_LENGTH)
+        return beam, length
+
+    def preprocess(self, images: Sequence[ImageInput] | ImageInput) -> torch.Tensor:
+        """Encoded images (bytes) or PIL images -> float32 CPU tensor [B,3,S,S], the reference's pixels."""
+        if isinstance(images, (bytes, bytearray, memoryview)) or not isinstance(images, Sequence):
+            images = [images]  # type: ignore[list-item]
+        cfg = self.task_config
+        pixels = preprocess_images(images, size=cfg.patch_image_size, mean=cfg.mean, std=cfg.std)
+        return torch.from_numpy(pixels)
+
+    def generate(
+        self,
+        pixel_values: torch.Tensor | np.ndarray,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+    ) -> list[Caption]:
+        """Captions for a pixel batch [B,3,S,S] (or one image [3,S,S]), numpy or torch, as from :meth:`preprocess`."""
+        return [
+            self._to_caption(hyps) for hyps in self.generate_hypotheses(pixel_values, beam_size, max_length)
+        ]
+
+    def caption(
+        self,
+        images: Sequence[ImageInput] | ImageInput,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+    ) -> list[Caption]:
+        """Captions for encoded images (bytes) or PIL images: :meth:`preprocess` then :meth:`generate`."""
+        beam, length = self.validate_settings(beam_size, max_length)
+        return self.generate(self.preprocess(images), beam, length)
+
+    def generate_hypotheses(
+        self,
+        pixel_values: torch.Tensor | np.ndarray,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+    ) -> list[list[Hypothesis]]:
+        """All finished hypotheses per image (token ids, best first), before decoding to text."""
+        beam, length = self.validate_settings(beam_size, max_length)
+        pixels = self._as_pixels(pixel_values)
+        if pixels.shape[0] == 0:
+            return []
+        cfg = self.task_config
+        settings = BeamSearchSettings(
+            beam_size=beam,
+            max_len_b=length,
+            # The reference asserts min_len <= max_len; a short max_length lowers min_len with it.
+            min_len=min(cfg.min_len, length),
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+            len_penalty=cfg.len_penalty,
+            bos_id=self.tokenizer.bos_id,
+            pad_id=self.tokenizer.pad_id,
+            eos_id=self.tokenizer.eos_id,
+        )
+        with torch.inference_mode():
+            input_ids = self._prompt_ids.unsqueeze(0).expand(pixels.shape[0], -1)
+            encoder_out = self.model.encode(input_ids, pixels)
+            return beam_search(self.model, encoder_out, settings)
+
+    def warmup(
+        self, batch_sizes: Sequence[int] = (1,), beam_size: int | None = None, max_length: int | None = None
+    ):
+        """Run dummy batches once (allocations, kernel selection, cached position biases) before serving."""
+        size = self.patch_image_size
+        gen = torch.Generator().manual_seed(0)
+        for batch in batch_sizes:
+            pixels = torch.rand((batch, 3, size, size), generator=gen) * 2 - 1
+            self.generate(pixels, beam_size, max_length)
+
+    # ---------------------------------------------------------------------------------------- helpers
+
+    def postprocess(self, text: str) -> str:
+        """The reference's caption clean-up: for English, drop every ``string.punctuation`` character, strip."""
+        if self.task_config.language == "en":
+            return text.translate(_PUNCTUATION).strip()
+        return text
+
+    def _to_caption(self, hyps: list[Hypothesis]) -> Caption:
+        if not hyps:  # only after non-finite scores; the reference would have raised instead
+            return Caption("", -math.inf)
+        best = hyps[0]
+        return Caption(self.postprocess(self.tokenizer.decode(best.tokens)), float(best.score))
+
+    def _as_pixels(self, pixel_values: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(pixel_values, np.ndarray):
+            pixel_values = torch.from_numpy(np.ascontiguousarray(pixel_values))
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(
+                f"pixel_values must be a numpy array or torch tensor, got {type(pixel_values).__name__}"
+            )
+        if pixel_values.dim() == 3:
+            pixel_values = pixel_values.unsqueeze(0)
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must have shape [B,3,H,W], got {list(pixel_values.shape)}")
+        limit = 16 * self.model.config.image_bucket_size
+        if not (16 <= pixel_values.shape[2] <= limit and 16 <= pixel_values.shape[3] <= limit):
+            raise ValueError(
+                f"image side must be between 16 and {limit} pixels, got {list(pixel_values.shape[2:])}"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+        return pixel_values.to(device=self._device, dtype=self._dtype, non_blocking=True)
