@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, ServerStartError) as exc:
         _log(f"error: {exc}")
         return 2
+    except KeyboardInterrupt:
+        _log("interrupted while preparing the checkpoint")
+        return 130
     signals = {"count": 0}
 
     def forward(signum, _frame):
