@@ -1,0 +1,367 @@
+"""Helpers of the hardening tests, the burst and the soak (issue 5): processes, memory, raw request bursts.
+
+Standard library + numpy only at import time (``tritonclient`` is imported where a burst is fired), Linux only
+(``/proc``).
+
+* processes: :func:`server_processes` finds tritonserver's Python backend stubs (one per model instance, named by
+  their command line ``.../<model>/1/model.py ... <model>_<group>_<index>``), :func:`rss_bytes`,
+  :func:`listening_addresses`, :func:`stub_liveness_ok` (the liveness check documented in docs/reliability.md);
+* memory over time: :class:`RssSampler`;
+* bursts: :func:`fire` sends many ``caption`` requests at once over gRPC (asynchronous calls from one thread, so
+  a burst really arrives within milliseconds) and returns one :class:`Outcome` per request.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: The liveness check of docs/reliability.md: exit 0 when a stub process runs for every listed model (it reads
+#: /proc, so it needs neither procps nor Python). ``[.]`` keeps grep from matching its own command line.
+STUB_LIVENESS_COMMAND = (
+    'for m in preprocess ofa; do grep -qs "/$m/1/model[.]py" /proc/[0-9]*/cmdline || exit 1; done'
+)
+
+
+# ------------------------------------------------------------------------------------------- processes
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name is in parentheses and may contain spaces: split after the last ')'
+    return text[text.rindex(")") + 2 :].split()
+
+
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (zombies included)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return sorted(out)
+
+
+_STUB_MODEL = re.compile(r"/([^/]+)/\d+/model\.py$")
+
+
+@dataclass(frozen=True)
+class StubProcess:
+    """One Python backend stub: the model it serves, its instance name (``ofa_0_0``) and its PID."""
+
+    model: str
+    instance: str
+    pid: int
+
+
+def stub_processes(server_pid: int) -> list[StubProcess]:
+    """The live Python backend stubs of the tritonserver ``server_pid`` (zombies left out)."""
+    stubs = []
+    for pid in children(server_pid):
+        args = _cmdline(pid)
+        if len(args) < 2 or not args[0].endswith("triton_python_backend_stub") or not is_running(pid):
+            continue
+        match = _STUB_MODEL.search(args[1])
+        if match is None:
+            continue
+        model = match.group(1)
+        instance = next((a for a in args[2:] if a.startswith(f"{model}_")), model)
+        stubs.append(StubProcess(model, instance, pid))
+    return stubs
+
+
+def server_processes(server_pid: int) -> dict[str, int]:
+    """``{"tritonserver": pid, "<instance>": pid, ...}`` for the server and each of its live stubs."""
+    out = {"tritonserver": server_pid}
+    out.update({stub.instance: stub.pid for stub in stub_processes(server_pid)})
+    return out
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of ``pid`` in bytes (``None`` if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def server_pid_on_port(port: int) -> int | None:
+    """PID of the process listening on TCP ``port`` (any address), or ``None``."""
+    inodes = {inode for _addr, p, inode in _listening_sockets() if p == port}
+    if not inodes:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def _listening_sockets() -> list[tuple[str, int, int]]:
+    """``(address, port, inode)`` of every listening TCP socket (IPv4 and IPv6) of this machine."""
+    out = []
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if parts[3] != "0A":  # LISTEN
+                continue
+            hex_addr, hex_port = parts[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            # /proc shows the address as 32-bit words in host byte order (little endian here)
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            out.append((socket.inet_ntop(family, raw), int(hex_port, 16), int(parts[9])))
+    return out
+
+
+def listening_addresses(pid: int) -> list[tuple[str, int]]:
+    """``(address, port)`` of every TCP socket that process ``pid`` listens on."""
+    owned = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owned.add(int(target[8:-1]))
+    except OSError:
+        return []
+    return sorted((addr, port) for addr, port, inode in _listening_sockets() if inode in owned)
+
+
+def stub_liveness_ok() -> bool:
+    """Run :data:`STUB_LIVENESS_COMMAND` (as a Kubernetes exec probe would); True when it exits 0."""
+    return subprocess.run(["sh", "-c", STUB_LIVENESS_COMMAND], check=False).returncode == 0
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class RssSampler:
+    """Samples the RSS of a tritonserver and its stubs every ``interval`` seconds in a background thread.
+
+    ``samples`` holds ``{"t": seconds since start, "<process>": bytes, ...}`` dicts; a stub that restarts under a
+    new PID keeps its instance name. Use as a context manager, or call :meth:`start` / :meth:`stop`.
+    """
+
+    server_pid: int
+    interval: float = 5.0
+    samples: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = time.monotonic()
+
+    def sample(self) -> dict[str, float]:
+        row: dict[str, float] = {"t": round(time.monotonic() - self._t0, 2)}
+        for name, pid in server_processes(self.server_pid).items():
+            rss = rss_bytes(pid)
+            if rss is not None:
+                row[name] = rss
+        self.samples.append(row)
+        return row
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def start(self) -> RssSampler:
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[dict[str, float]]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 5)
+        return self.samples
+
+    def __enter__(self) -> RssSampler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def rss_growth(
+    samples: Sequence[Mapping[str, float]], warmup_s: float, window_s: float = 30.0
+) -> dict[str, dict[str, float]]:
+    """Per process: RSS right after warm-up vs. at the end, and the growth between them.
+
+    ``baseline`` is the median of the samples in ``[warmup_s, warmup_s + window_s)``, ``final`` the median of the
+    samples in the last ``window_s`` seconds, ``peak`` the largest sample after warm-up; growth is
+    ``(final - baseline) / baseline``. Medians keep one sample taken mid-batch from deciding the verdict.
+    Processes missing from either window are left out. The ``total`` row sums the processes per sample.
+    """
+    import statistics
+
+    rows = [dict(s) for s in samples]
+    for row in rows:
+        row["total"] = sum(v for k, v in row.items() if k != "t")
+    if not rows:
+        return {}
+    end = rows[-1]["t"]
+    names = sorted({k for row in rows for k in row if k != "t"})
+    out = {}
+    for name in names:
+        after = [r[name] for r in rows if r["t"] >= warmup_s and name in r]
+        base = [r[name] for r in rows if warmup_s <= r["t"] < warmup_s + window_s and name in r]
+        last = [r[name] for r in rows if r["t"] > end - window_s and name in r]
+        if not base or not last:
+            continue
+        baseline, final = statistics.median(base), statistics.median(last)
+        out[name] = {
+            "baseline_mb": round(baseline / 2**20, 1),
+            "final_mb": round(final / 2**20, 1),
+            "peak_mb": round(max(after) / 2**20, 1),
+            "growth_pct": round(100.0 * (final - baseline) / baseline, 2) if baseline else 0.0,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------- bursts
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one request got: ``status`` is ``"OK"`` or the server's status (``StatusCode.UNAVAILABLE``, ...)."""
+
+    status: str
+    message: str
+    latency_s: float
+    #: ``(caption, score)`` per row of an answered ``caption`` request
+    captions: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+    @property
+    def caption(self) -> str | None:
+        return self.captions[0][0] if self.captions else None
+
+    @property
+    def score(self) -> float | None:
+        return self.captions[0][1] if self.captions else None
+
+
+def caption_inputs(
+    tc,
+    images: Sequence[bytes],
+    beam_size: int | None = None,
+    max_length: int | None = None,
+) -> list:
+    """``caption`` inputs for one request of ``len(images)`` rows (tritonclient module ``tc``)."""
+    import numpy as np
+
+    rows = len(images)
+    tensor = tc.InferInput("image", [rows, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[d] for d in images], dtype=np.object_).reshape(rows, 1))
+    inputs = [tensor]
+    for name, value in (("beam_size", beam_size), ("max_length", max_length)):
+        if value is not None:
+            setting = tc.InferInput(name, [rows, 1], "INT32")
+            setting.set_data_from_numpy(np.full((rows, 1), value, dtype=np.int32))
+            inputs.append(setting)
+    return inputs
+
+
+def fire(
+    grpc_address: str,
+    requests: Iterable[Sequence],
+    *,
+    model: str = "caption",
+    timeout_s: float = 600.0,
+    queue_timeout_us: int | None = None,
+) -> list[Outcome]:
+    """Send every request at once (asynchronous gRPC calls) and wait for all answers, at most ``timeout_s``.
+
+    ``requests`` are lists of tritonclient.grpc ``InferInput`` (see :func:`caption_inputs`). Returns one
+    :class:`Outcome` per request, in order; a request without an answer by then gets status ``"NO_ANSWER"``.
+    ``queue_timeout_us`` sets the request's own queue timeout (the models allow overriding theirs).
+    """
+    import tritonclient.grpc as grpcclient
+
+    requests = list(requests)
+    outcomes: list[Outcome | None] = [None] * len(requests)
+    remaining = threading.Semaphore(0)
+    client = grpcclient.InferenceServerClient(grpc_address)
+    extra = {} if queue_timeout_us is None else {"timeout": queue_timeout_us}
+
+    def callback(index: int, start: float):
+        def done(result, error):
+            latency = time.monotonic() - start
+            if error is None:
+                outcome = Outcome("OK", "", latency, _captions(result, model))
+            else:
+                outcome = Outcome(str(error.status()), error.message() or str(error), latency)
+            outcomes[index] = outcome
+            remaining.release()
+
+        return done
+
+    try:
+        for index, inputs in enumerate(requests):
+            client.async_infer(model, list(inputs), callback(index, time.monotonic()), **extra)
+        deadline = time.monotonic() + timeout_s
+        for _ in requests:
+            if not remaining.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                break
+    finally:
+        client.close()
+    return [
+        o if o is not None else Outcome("NO_ANSWER", f"no answer within {timeout_s} s", timeout_s)
+        for o in outcomes
+    ]
+
+
+def _captions(result, model: str) -> tuple[tuple[str, float], ...]:
+    if model != "caption":
+        return ()
+    texts, scores = result.as_numpy("caption"), result.as_numpy("score")
+    return tuple(
+        (t.decode("utf-8") if isinstance(t, bytes) else str(t), float(s))
+        for t, s in zip(texts[:, 0], scores[:, 0], strict=True)
+    )

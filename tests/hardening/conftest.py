@@ -1,0 +1,163 @@
+"""Fixtures of the hardening tests (issue 5): real tritonservers serving the demo checkpoint on free 127.0.0.1 ports.
+
+* ``hardened_server`` (session): ``model_repository/`` as committed, with the image limits *configured* below the
+  defaults (``OFA_MAX_IMAGE_BYTES`` 2 MiB, ``OFA_MAX_IMAGE_PIXELS`` 16 M) to show that they are settings; bad input
+  and security tests.
+* ``queue_server`` (session): a :class:`RestartableServer` on a copy of the repository whose queue policies keep
+  fewer requests waiting (``ofa`` 4, ``preprocess`` 8; nothing else changed), so that a burst of 64 requests
+  overflows them in seconds on 2 CPU cores; overload and fault tests. The fault tests kill its stub, restart it
+  and SIGTERM it; whoever asks next gets a fresh one.
+
+``tests/integration``'s ``triton_server`` is not visible here (pytest's conftest scoping) and has other settings,
+hence servers of our own (about 15-20 s to start each). Traffic goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ofa_serving.launcher import TritonServer, default_model_repository
+
+LOAD_TESTS = Path(__file__).resolve().parents[2] / "load_tests"
+if str(LOAD_TESTS) not in sys.path:
+    sys.path.insert(0, str(LOAD_TESTS))
+
+from reliabilitylib import stub_processes  # noqa: E402
+
+READY_TIMEOUT_S = 600  # model load + warm-up on a busy 2-core machine
+MAX_IMAGE_BYTES = 2 * 1024 * 1024
+MAX_IMAGE_PIXELS = 16_000_000
+#: Queue sizes of the overload/fault server's repository copy (the committed repository has 64 for both).
+SMALL_QUEUES = {"ofa": 4, "preprocess": 8}
+#: Cheap generation settings: the request path is the same at any size.
+FAST = {"beam_size": 2, "max_length": 3}
+
+
+def _start(server: TritonServer) -> TritonServer:
+    server.start()
+    try:
+        return server.wait_ready(READY_TIMEOUT_S)
+    except BaseException:
+        server.stop(timeout=10)
+        raise
+
+
+@pytest.fixture(scope="session")
+def hardened_server(demo_checkpoint, tmp_path_factory):
+    """A ready server on the committed repository with configured (lowered) image limits."""
+    log = tmp_path_factory.mktemp("hardened") / "triton.log"
+    server = TritonServer.on_free_ports(
+        model_dir=demo_checkpoint,
+        log_file=log,
+        exit_timeout_secs=5,
+        env={"OFA_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES), "OFA_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)},
+    )
+    _start(server)
+    try:
+        yield server
+    finally:
+        server.stop(timeout=15)
+
+
+def small_queue_repository(target: Path, queues: dict[str, int] = SMALL_QUEUES) -> Path:
+    """Copy ``model_repository/`` to ``target`` with ``max_queue_size`` of each model in ``queues`` replaced.
+
+    Fails if a model has no ``max_queue_size`` line, or more than one: then the committed queue policy changed and
+    this copy (and docs/reliability.md) must follow.
+    """
+    shutil.copytree(default_model_repository(), target, ignore=shutil.ignore_patterns("__pycache__"))
+    for model, size in queues.items():
+        config = target / model / "config.pbtxt"
+        text, count = re.subn(r"max_queue_size: \d+", f"max_queue_size: {size}", config.read_text())
+        assert count == 1, f"{model}/config.pbtxt should have exactly one max_queue_size, found {count}"
+        config.write_text(text)
+    return target
+
+
+class RestartableServer:
+    """One tritonserver at a time on a fixed repository; :meth:`get` starts one when none is running."""
+
+    def __init__(self, repository: Path, model_dir: Path, log_dir: Path, exit_timeout_secs: int = 30):
+        self.repository, self.model_dir, self.log_dir = repository, model_dir, log_dir
+        self.exit_timeout_secs = exit_timeout_secs
+        self.server: TritonServer | None = None
+        self.starts = 0
+
+    def get(self) -> TritonServer:
+        """The running server, started (and waited for) if there is none."""
+        if self.server is None or self.server.process is None or self.server.process.poll() is not None:
+            self.starts += 1
+            self.server = _start(
+                TritonServer.on_free_ports(
+                    self.repository,
+                    self.model_dir,
+                    log_file=self.log_dir / f"triton-{self.starts}.log",
+                    exit_timeout_secs=self.exit_timeout_secs,
+                )
+            )
+        return self.server
+
+    def restart(self) -> TritonServer:
+        """Stop the server (SIGTERM, graceful) and start a new one: the documented recovery of a dead stub."""
+        self.close()
+        return self.get()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop(timeout=self.exit_timeout_secs + 10)
+            self.server = None
+
+
+@pytest.fixture(scope="session")
+def queue_server(demo_checkpoint, tmp_path_factory):
+    """A :class:`RestartableServer` on the small-queue copy of the repository (exit timeout 30 s)."""
+    base = tmp_path_factory.mktemp("queue-server")
+    slot = RestartableServer(small_queue_repository(base / "model_repository"), demo_checkpoint, base)
+    try:
+        yield slot
+    finally:
+        slot.close()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def stub_pids(server: TritonServer) -> dict[str, int]:
+    """``{"preprocess": pid, "ofa": pid}``: the live stub of each model (one instance each)."""
+    stubs = stub_processes(server.pid)
+    out = {s.model: s.pid for s in stubs}
+    assert len(out) == len(stubs), f"more than one stub per model: {stubs}"
+    return out
+
+
+def models_ready(server: TritonServer) -> dict[str, bool]:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    try:
+        out = {"server": bool(client.is_server_ready())}
+        out.update({m: bool(client.is_model_ready(m)) for m in ("caption", "preprocess", "ofa")})
+        return out
+    finally:
+        client.close()
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    """A small distinct PNG (different seed = different bytes, so the response cache never answers it)."""
+    from tests.images import synthetic_rgb
+
+    buffer = io.BytesIO()
+    synthetic_rgb(width, height, seed=seed).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fresh_seed() -> int:
+    """A seed that differs between runs against the same server (cache misses)."""
+    return int(time.time() * 1000) % 1_000_000_000
