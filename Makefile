@@ -64,6 +64,19 @@ BENCH_ARGS ?=
 bench: setup-dev
 	$(PY) load_tests/bench.py $(BENCH_ARGS)
 
+## soak: steady load for SOAK_SECONDS (default 600): zero failed requests, RSS of server + stubs flat; load_tests/results/soak.json
+SOAK_SECONDS ?= 600
+SOAK_USERS ?= 4
+SOAK_ARGS ?=
+soak: setup-dev
+	$(PY) load_tests/soak.py --seconds $(SOAK_SECONDS) --users $(SOAK_USERS) $(SOAK_ARGS)
+
+## burst: far more requests at once than the queues hold: fast UNAVAILABLE refusals, the rest captioned; load_tests/results/burst.json
+BURST_REQUESTS ?= 200
+BURST_ARGS ?=
+burst: setup-dev
+	$(PY) load_tests/burst.py --requests $(BURST_REQUESTS) $(BURST_ARGS)
+
 ## lint-docker: hadolint on the Dockerfiles, then the offline checks of docker/ (compose, dashboard, Kubernetes)
 .PHONY: lint-docker
 lint-docker: setup-dev

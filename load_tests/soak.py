@@ -1,0 +1,318 @@
+"""Soak test: steady load on the ``caption`` ensemble for a bounded time; zero failed requests, flat memory.
+
+``make soak`` (default 10 minutes: ``SOAK_SECONDS``) runs this against a tritonserver it starts (the committed
+``model_repository/``, the demo checkpoint unless ``OFA_MODEL_DIR`` is set, free 127.0.0.1 ports), or against one
+already answering on ``--http-port``/``--grpc-port`` (its PID is found by its port). Meanwhile:
+
+* ``--users`` closed-loop users (default 4) caption the sample images through ``client.CaptionClient`` without
+  retries (a failure is a failure), half over gRPC and half over HTTP. Every request's bytes are distinct (the
+  response cache cannot answer), except one in ``--repeat-every`` (default 10), which repeats an earlier image
+  (the cache path); user 0 sends a broken image every ``--bad-every`` requests (default 10), which must be
+  refused with INVALID_ARGUMENT (the error path) and is counted apart;
+* the resident memory (RSS, from /proc) of tritonserver and of each Python backend stub is sampled every
+  ``--interval`` seconds.
+
+Verdict (exit 1 when missed): no failed request, at least one request per user, the same stub processes at the
+end (none died and was replaced), the server still ready, and for every process and the total: RSS at the end
+(median of the last 30 s) at most ``--max-growth-pct`` (10 %) above RSS right after warm-up (median of the 30 s
+after ``--warmup-seconds``, default 20 % of the run, at least 60 s). Prints a table (RSS every minute, the
+verdict) and writes ``load_tests/results/soak.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadlib import (  # noqa: E402
+    DEFAULT_IMAGE_DIR,
+    RESULTS_DIR,
+    UniqueImages,
+    ensure_import_paths,
+    ensure_server,
+    latency_summary,
+    load_images,
+    model_metrics_delta,
+    scrape_metrics,
+    server_ready,
+)
+from reliabilitylib import RssSampler, rss_growth, server_pid_on_port, stub_processes  # noqa: E402
+
+ensure_import_paths()
+
+WINDOW_S = 30.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=float(env("SOAK_SECONDS", "600")), help="load duration")
+    p.add_argument("--users", type=int, default=int(env("SOAK_USERS", "4")), help="closed-loop users")
+    p.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=None,
+        help="memory baseline taken after this (default: 20%% of --seconds, at least 60 s)",
+    )
+    p.add_argument("--interval", type=float, default=5.0, help="RSS sampling interval (s)")
+    p.add_argument("--max-growth-pct", type=float, default=float(env("SOAK_MAX_GROWTH_PCT", "10")))
+    p.add_argument("--beam-size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--max-length", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument(
+        "--repeat-every", type=int, default=10, help="every Nth request repeats an image (0 = never)"
+    )
+    p.add_argument(
+        "--bad-every", type=int, default=10, help="user 0 sends a broken image every Nth (0 = never)"
+    )
+    p.add_argument("--image-dir", default=env("OFA_LOAD_IMAGES", str(DEFAULT_IMAGE_DIR)))
+    p.add_argument("--model-dir", default=None, help="checkpoint (default: OFA_MODEL_DIR, else the demo one)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=0, help="use/start the server here (0 = free ports)")
+    p.add_argument("--grpc-port", type=int, default=0)
+    p.add_argument("--metrics-port", type=int, default=0)
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--name", default="soak", help="output file stem under --results-dir")
+    args = p.parse_args(argv)
+    if args.warmup_seconds is None:
+        args.warmup_seconds = max(60.0, 0.2 * args.seconds)
+    if args.seconds < args.warmup_seconds + 2 * WINDOW_S:
+        p.error(
+            f"--seconds must leave two {WINDOW_S:.0f} s windows after the warm-up ({args.warmup_seconds} s)"
+        )
+    if args.users < 1:
+        p.error("--users must be at least 1")
+    return args
+
+
+def _log(message: str) -> None:
+    print(f"[soak {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Tally:
+    """Thread-safe counts and latencies of the run."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.ok = self.cached = self.refused_as_expected = 0
+        self.per_user: dict[int, int] = {}
+        self.failures: list[str] = []
+
+    def add_ok(self, user: int, latency: float, repeat: bool) -> None:
+        with self.lock:
+            self.ok += 1
+            self.cached += repeat
+            self.latencies.append(latency)
+            self.per_user[user] = self.per_user.get(user, 0) + 1
+
+    def add_failure(self, text: str) -> None:
+        with self.lock:
+            self.failures.append(text)
+
+
+def broken_images() -> list[bytes]:
+    """Undecodable payloads for the error path (each must be refused with INVALID_ARGUMENT)."""
+    rng = random.Random(0)
+    return [rng.randbytes(2048), b"not an image at all", b"\x89PNG\r\n\x1a\n" + rng.randbytes(512)]
+
+
+def user_loop(user: int, args, url: str, protocol: str, corpus: UniqueImages, deadline: float, tally: Tally):
+    """Caption until ``deadline``: one request in flight, no retries; every outcome is tallied."""
+    from client import CaptionClient, CaptionError, InvalidInputError
+
+    broken = broken_images()
+    sent: list[bytes] = []
+    settings = {"beam_size": args.beam_size, "max_length": args.max_length}
+    with CaptionClient(url, protocol=protocol, retries=0, timeout=180) as client:
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            if user == 0 and args.bad_every and n % args.bad_every == 0:
+                data = broken[(n // args.bad_every) % len(broken)]
+                try:
+                    client.caption(data, **settings)
+                    tally.add_failure(f"user {user}: a broken image was captioned")
+                except InvalidInputError:
+                    with tally.lock:
+                        tally.refused_as_expected += 1
+                except CaptionError as exc:
+                    tally.add_failure(f"user {user} ({protocol}), broken image: {type(exc).__name__}: {exc}")
+                continue
+            repeat = bool(args.repeat_every and sent and n % args.repeat_every == 0)
+            data = sent[-1] if repeat else corpus.next()[1]
+            start = time.monotonic()
+            try:
+                client.caption(data, **settings)
+            except CaptionError as exc:
+                tally.add_failure(f"user {user} ({protocol}): {type(exc).__name__}: {exc}")
+                continue
+            tally.add_ok(user, time.monotonic() - start, repeat)
+            if not repeat:
+                sent = [data]
+
+
+def rss_table(samples: list[dict], every_s: float = 60.0) -> list[dict]:
+    """One sample per ``every_s`` seconds (and the last one), in MB."""
+    rows, next_t = [], 0.0
+    for i, s in enumerate(samples):
+        if s["t"] >= next_t or i == len(samples) - 1:
+            row = {"t": s["t"]}
+            row.update({k: round(v / 2**20, 1) for k, v in s.items() if k != "t"})
+            row["total"] = round(sum(v for k, v in row.items() if k != "t"), 1)
+            rows.append(row)
+            next_t = s["t"] + every_s
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    names = [k for k in rows[0] if k != "t"]
+    print(f"{'t (s)':>7} " + " ".join(f"{n:>14}" for n in names) + "   (RSS, MB)")
+    for row in rows:
+        print(f"{row['t']:>7.0f} " + " ".join(f"{row.get(n, float('nan')):>14.1f}" for n in names))
+
+
+def run(args: argparse.Namespace, server) -> dict:
+    pid = server.pid or server_pid_on_port(server.http_port)
+    if pid is None:
+        raise SystemExit(f"cannot find the PID of the server on port {server.http_port} (needed for its RSS)")
+    stubs_before = {s.instance: s.pid for s in stub_processes(pid)}
+    if not stubs_before:
+        raise SystemExit(
+            f"process {pid} has no Python backend stubs: is it the tritonserver of this repository?"
+        )
+    corpus = UniqueImages(load_images(args.image_dir))
+    metrics_before = scrape_metrics(server.host, server.metrics_port)
+    tally = Tally()
+    sampler = RssSampler(pid, interval=args.interval)
+    _log(
+        f"{args.users} users for {args.seconds:.0f} s (warm-up {args.warmup_seconds:.0f} s) against pid {pid}, "
+        f"stubs {stubs_before}"
+    )
+    sampler.start()
+    deadline = time.monotonic() + args.seconds
+    threads = []
+    for user in range(args.users):
+        protocol = "grpc" if user % 2 == 0 else "http"
+        port = server.grpc_port if protocol == "grpc" else server.http_port
+        url = f"{'grpc' if protocol == 'grpc' else 'http'}://{server.host}:{port}"
+        thread = threading.Thread(
+            target=user_loop,
+            args=(user, args, url, protocol, corpus, deadline, tally),
+            name=f"user-{user}",
+            daemon=True,
+        )
+        thread.start()
+        threads.append(thread)
+    last_report = time.monotonic()
+    while any(t.is_alive() for t in threads):
+        time.sleep(1.0)
+        if time.monotonic() - last_report >= 60:
+            last_report = time.monotonic()
+            with tally.lock:
+                _log(
+                    f"{tally.ok} ok, {tally.refused_as_expected} broken images refused, "
+                    f"{len(tally.failures)} failed; RSS {sampler.samples[-1] if sampler.samples else '-'}"
+                )
+        if time.monotonic() > deadline + 240:  # a request is bounded by the client timeout (180 s)
+            tally.add_failure("users still busy 240 s after the end")
+            break
+    sampler.sample()
+    sampler.stop()
+    stubs_after = {s.instance: s.pid for s in stub_processes(pid)}
+    growth = rss_growth(sampler.samples, args.warmup_seconds, WINDOW_S)
+    metrics_after = scrape_metrics(server.host, server.metrics_port)
+    requests = tally.ok + tally.refused_as_expected + len(tally.failures)
+    checks = {
+        "no failed request": not tally.failures,
+        "every user completed requests": all(tally.per_user.get(u, 0) > 0 for u in range(args.users)),
+        "same stub processes": stubs_after == stubs_before,
+        "server still ready": server_ready(server.host, server.http_port),
+        f"RSS growth under {args.max_growth_pct:g} % after warm-up": bool(growth)
+        and all(g["growth_pct"] < args.max_growth_pct for g in growth.values()),
+    }
+    return {
+        "kind": "soak",
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("results_dir", "name")
+        },
+        "server_pid": pid,
+        "stubs": {"before": stubs_before, "after": stubs_after},
+        "requests": {
+            "total": requests,
+            "ok": tally.ok,
+            "of_which_repeats": tally.cached,
+            "broken_refused_as_expected": tally.refused_as_expected,
+            "failed": len(tally.failures),
+            "failures": tally.failures[:50],
+            "per_second": round(tally.ok / args.seconds, 3),
+        },
+        "latency": latency_summary(tally.latencies),
+        "models": {
+            m: model_metrics_delta(metrics_before, metrics_after, m) for m in ("caption", "preprocess", "ofa")
+        },
+        "rss_growth": growth,
+        "rss_every_minute_mb": rss_table(sampler.samples),
+        "rss_samples": sampler.samples,
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    if not args.http_port:
+        from ofa_serving.launcher import free_ports
+
+        args.http_port, args.grpc_port, args.metrics_port = free_ports(3, args.host)
+    log_file = args.results_dir / f"{args.name}_tritonserver.log"
+    with ensure_server(
+        args.host,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        model_dir=args.model_dir,
+        log_file=log_file,
+    ) as server:
+        report = run(args, server)
+    out = args.results_dir / f"{args.name}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print_table(report["rss_every_minute_mb"])
+    print()
+    r = report["requests"]
+    print(
+        f"requests: {r['ok']} ok ({r['of_which_repeats']} repeats), {r['broken_refused_as_expected']} broken images "
+        f"refused as expected, {r['failed']} failed; {r['per_second']} captions/s; latency {report['latency']}"
+    )
+    print(f"{'process':>16} {'after warm-up':>14} {'end':>8} {'peak':>8} {'growth':>8}")
+    for name, g in report["rss_growth"].items():
+        print(
+            f"{name:>16} {g['baseline_mb']:>11.1f} MB {g['final_mb']:>5.1f} MB {g['peak_mb']:>5.1f} MB "
+            f"{g['growth_pct']:>+7.2f}%"
+        )
+    for failure in r["failures"][:10]:
+        print(f"FAILED: {failure}")
+    for name, ok in report["checks"].items():
+        print(f"[{'ok' if ok else 'FAIL'}] {name}")
+    print(f"report: {out}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
