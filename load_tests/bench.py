@@ -51,7 +51,7 @@ from loadlib import (  # noqa: E402
     load_images,
     model_metrics_delta,
     resolve_model_dir,
-    scrape_metrics,
+    settled_metrics,
 )
 
 ensure_import_paths()
@@ -80,6 +80,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before each phase (x concurrency)")
     p.add_argument(
         "--torch-threads", type=int, default=0, help="torch threads in-process (0 = torch default)"
+    )
+    p.add_argument(
+        "--device",
+        default=env("OFA_DEVICE", "auto"),
+        choices=("auto", "cpu", "cuda"),
+        help="engine device in-process, resolved as the server resolves OFA_DEVICE (auto: CUDA if available)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=env("OFA_DTYPE", "auto"),
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="engine dtype in-process, as the server's OFA_DTYPE (auto: float16 on CUDA, float32 on CPU)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=0, help="use/start the server here (0 = free ports)")
@@ -232,7 +244,7 @@ def served_phase(server, corpus: UniqueImages, concurrency: int, args: argparse.
     try:
         # Warm-up (untimed, not in the metrics delta): each thread's channel and the server's batch shapes.
         _run_threads(clients, lambda c, i: request(c), args.warmup * concurrency, float("inf"))
-        before = scrape_metrics(server.host, server.metrics_port)
+        before = settled_metrics(server.host, server.metrics_port)
         lat, failures, wall = _run_threads(
             clients,
             lambda c, i: request(c),
@@ -240,7 +252,7 @@ def served_phase(server, corpus: UniqueImages, concurrency: int, args: argparse.
             args.phase_seconds,
             min_total=max(args.min_served_requests, 2 * concurrency),
         )
-        after = scrape_metrics(server.host, server.metrics_port)
+        after = settled_metrics(server.host, server.metrics_port)
     finally:
         for client in clients:
             client.close()

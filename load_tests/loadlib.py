@@ -278,6 +278,42 @@ def scrape_metrics(host: str, metrics_port: int, timeout: float = 5.0) -> dict[M
         return parse_metrics(response.read().decode())
 
 
+def settled_metrics(
+    host: str,
+    metrics_port: int,
+    models: Sequence[str] = ("caption", "preprocess", "ofa"),
+    interval: float = 0.1,
+    timeout: float = 5.0,
+) -> dict[MetricKey, float]:
+    """A scrape taken once the request counters of ``models`` stopped moving (two equal scrapes in a row).
+
+    Triton updates a request's statistics just after it sends the response, so a scrape right after the client
+    got its last answer can miss that request, which would then count in the next phase.
+    """
+    import time
+
+    def counts(metrics: Mapping[MetricKey, float]) -> list[float]:
+        return [
+            model_metric(metrics, name, model)
+            for model in models
+            for name in (
+                "nv_inference_request_success",
+                "nv_inference_request_failure",
+                "nv_inference_exec_count",
+            )
+        ]
+
+    previous = scrape_metrics(host, metrics_port)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        current = scrape_metrics(host, metrics_port)
+        if counts(current) == counts(previous):
+            return current
+        previous = current
+    return previous
+
+
 def model_metric(metrics: Mapping[MetricKey, float], name: str, model: str) -> float:
     """Sum of metric ``name`` over the series labelled ``model=<model>`` (all versions); 0 if absent."""
     return sum(v for (n, labels), v in metrics.items() if n == name and ("model", model) in labels)

@@ -32,7 +32,7 @@ from loadlib import (  # noqa: E402
     RESULTS_DIR,
     ensure_server,
     model_metrics_delta,
-    scrape_metrics,
+    settled_metrics,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         try:
-            before = scrape_metrics(args.host, args.metrics_port)
+            before = settled_metrics(args.host, args.metrics_port)
         except OSError:
             before = None
         started = time.time()
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         ofa = None
         if before is not None:
             try:
-                ofa = model_metrics_delta(before, scrape_metrics(args.host, args.metrics_port), "ofa")
+                ofa = model_metrics_delta(before, settled_metrics(args.host, args.metrics_port), "ofa")
             except OSError:
                 ofa = None
     stats_csv = Path(f"{prefix}_stats.csv")
