@@ -687,8 +687,9 @@ class OFAModel(nn.Module):
 
     @torch.no_grad()
     def prepare_for_inference(self, fuse_batchnorm: bool = True) -> OFAModel:
-        """eval() and fold BatchNorm into the convolutions (call after loading weights and moving the model)."""
+        """eval(), no grad, BatchNorm folded into the convolutions (call after loading weights and moving the model)."""
         self.eval()
+        self.requires_grad_(False)
         self.clear_caches()
         if fuse_batchnorm:
             self.encoder.embed_images.fuse_batchnorm()
