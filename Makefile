@@ -54,7 +54,7 @@ bench-engine: setup-dev
 LOAD_DURATION ?= 60
 LOAD_STEPS ?= 1,2,4,8,16
 LOAD_PROTOCOL ?= grpc
-LOAD_P95_MS ?= 15000
+LOAD_P95_MS ?= 30000
 LOAD_ARGS ?=
 load-test: setup-dev
 	$(PY) load_tests/run_load_test.py --duration $(LOAD_DURATION) --steps $(LOAD_STEPS) --protocol $(LOAD_PROTOCOL) --max-p95-ms $(LOAD_P95_MS) $(LOAD_ARGS)

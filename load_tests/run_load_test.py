@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache-bust", choices=["on", "off"], default="on", help="distinct bytes per request"
     )
     parser.add_argument(
-        "--max-p95-ms", type=float, default=float(env("LOAD_P95_MS", "10000")), help="p95 bound"
+        "--max-p95-ms", type=float, default=float(env("LOAD_P95_MS", "30000")), help="p95 bound"
     )
     parser.add_argument("--processes", type=int, default=0, help="Locust --processes (0 = one process)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
