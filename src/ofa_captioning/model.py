@@ -215,12 +215,57 @@ class OFAAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.c_attn = nn.Parameter(torch.ones(num_heads))
 
+        self._fused: dict[str, tuple[Tensor, Tensor]] | None = None
+
+    def fuse(self) -> None:
+        """Precompute inference weights: q scaling folded into q_proj, one q|k|v projection, c_attn in out_proj."""
+        s = self.scaling
+        wq, bq = self.q_proj.weight * s, self.q_proj.bias * s
+        head_scale = self.c_attn.repeat_interleave(self.head_dim)
+        self._fused = {
+            "q": (wq, bq),
+            "qkv": (
+                torch.cat([wq, self.k_proj.weight, self.v_proj.weight]),
+                torch.cat([bq, self.k_proj.bias, self.v_proj.bias]),
+            ),
+            "kv": (
+                torch.cat([self.k_proj.weight, self.v_proj.weight]),
+                torch.cat([self.k_proj.bias, self.v_proj.bias]),
+            ),
+            "out": ((self.out_proj.weight * head_scale).contiguous(), self.out_proj.bias),
+        }
+
+    def unfuse(self) -> None:
+        self._fused = None
+
     def heads(self, x: Tensor) -> Tensor:
         """[..., T, D] -> [..., H, T, hd]."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
 
+    def query(self, x: Tensor) -> Tensor:
+        """Scaled queries in heads layout [..., H, T, hd]."""
+        if self._fused is not None:
+            return self.heads(F.linear(x, *self._fused["q"]))
+        return self.heads(self.q_proj(x) * self.scaling)
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values in heads layout."""
+        if self._fused is not None:
+            k, v = F.linear(x, *self._fused["kv"]).chunk(2, dim=-1)
+            return self.heads(k), self.heads(v)
+        return self.heads(self.k_proj(x)), self.heads(self.v_proj(x))
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Scaled queries, keys and values of self-attention in heads layout."""
+        if self._fused is not None:
+            q, k, v = F.linear(x, *self._fused["qkv"]).chunk(3, dim=-1)
+            return self.heads(q), self.heads(k), self.heads(v)
+        return (self.query(x), *self.keys_values(x))
+
     def output(self, attn: Tensor) -> Tensor:
         """[..., H, T, hd] (softmax(.)V) -> per-head scale -> concat -> out_proj: [..., T, D]."""
+        if self._fused is not None:
+            return F.linear(attn.transpose(-3, -2).flatten(-2), *self._fused["out"])
         attn = attn * self.c_attn[:, None, None].to(attn.dtype)
         return self.out_proj(attn.transpose(-3, -2).flatten(-2))
 
@@ -260,9 +305,7 @@ class OFAEncoderLayer(nn.Module):
         attn = self.self_attn
         residual = x
         h = self.self_attn_layer_norm(x) if self.normalize_before else x
-        q = attn.heads(attn.q_proj(h) * attn.scaling)
-        k = attn.heads(attn.k_proj(h))
-        v = attn.heads(attn.v_proj(h))
+        q, k, v = attn.qkv(h)
         if q.device.type == "cpu" and q.dtype == torch.float32:
             # Same maths as _attend; the fused kernel avoids materialising [B,H,N,N] probabilities.
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
@@ -503,9 +546,9 @@ class OFADecoderLayer(nn.Module):
         rows, t_new, _ = x.shape
         sa = self.self_attn
         h = self.self_attn_layer_norm(x) if self.normalize_before else x
-        q = sa.heads(sa.q_proj(h) * sa.scaling)  # [R,H,T,hd]
-        self_k[:, :, start : start + t_new] = sa.heads(sa.k_proj(h))
-        self_v[:, :, start : start + t_new] = sa.heads(sa.v_proj(h))
+        q, k, v = sa.qkv(h)  # [R,H,T,hd]
+        self_k[:, :, start : start + t_new] = k
+        self_v[:, :, start : start + t_new] = v
         end = start + t_new
         o = _attend(q, self_k[:, :, :end], self_v[:, :, :end], self_bias)
         x = self._sublayer(
@@ -514,7 +557,7 @@ class OFADecoderLayer(nn.Module):
 
         ca = self.cross_attn
         h = self.cross_attn_layer_norm(x) if self.normalize_before else x
-        q = ca.heads(ca.q_proj(h) * ca.scaling)  # [R,H,T,hd]
+        q = ca.query(h)  # [R,H,T,hd]
         bsz = cross_k.shape[0]
         beam = rows // bsz
         # Stack the beams of an image as extra query rows: [B,H,beam*T,hd] against the image's single K/V.
@@ -653,8 +696,13 @@ class OFADecoder(nn.Module):
         return x
 
     def project(self, x: Tensor) -> Tensor:
+        """Final LayerNorm and output projection: [..., D] -> logits [..., V]."""
         if self.layer_norm is not None:
             x = self.layer_norm(x)
+        if x.dim() == 2 and x.device.type == "cpu":
+            # The [V,D] weight streams through memory once for all rows; on CPU, W @ x^T (rows as the small
+            # GEMM dimension) is several times faster than x @ W^T for a handful of beam rows.
+            return torch.mm(self.output_projection.weight, x.t()).t().contiguous()
         return self.output_projection(x)
 
 
@@ -684,15 +732,22 @@ class OFAModel(nn.Module):
         self.encoder.clear_cache()
         self.decoder.clear_cache()
         self.encoder.embed_images.unfuse_batchnorm()
+        for module in self.modules():
+            if isinstance(module, OFAAttention):
+                module.unfuse()
 
     @torch.no_grad()
     def prepare_for_inference(self, fuse_batchnorm: bool = True) -> OFAModel:
-        """eval(), no grad, BatchNorm folded into the convolutions (call after loading weights and moving the model)."""
+        """eval(), no grad, and derived inference weights: BatchNorm folded into the convolutions, fused attention
+        projections. Call it after loading, moving or changing the weights (those drop the derived weights)."""
         self.eval()
         self.requires_grad_(False)
         self.clear_caches()
         if fuse_batchnorm:
             self.encoder.embed_images.fuse_batchnorm()
+        for module in self.modules():
+            if isinstance(module, OFAAttention):
+                module.fuse()
         return self
 
     def _apply(self, fn, recurse=True):
@@ -719,9 +774,9 @@ class OFAModel(nn.Module):
         bsz = enc.shape[0]
         cross_k, cross_v = [], []
         for layer in self.decoder.layers:
-            ca = layer.cross_attn
-            cross_k.append(ca.heads(ca.k_proj(enc)).contiguous())
-            cross_v.append(ca.heads(ca.v_proj(enc)).contiguous())
+            k, v = layer.cross_attn.keys_values(enc)
+            cross_k.append(k.contiguous())
+            cross_v.append(v.contiguous())
         cross_pos_bias = self.decoder.cross_position_bias(encoder_out.position_embedding[0], max_positions)
         cross_mask = None
         if encoder_out.has_pads:
@@ -740,10 +795,13 @@ class OFAModel(nn.Module):
 
         The row order must match ``state`` (use :meth:`DecoderState.reorder` between steps).
         """
-        return self.decode_tokens(tokens[:, None], state)[:, -1]
+        return self.decoder.project(self._decode_hidden(tokens[:, None], state)[:, -1])
 
     def decode_tokens(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """Feed ``T`` new positions per row (tokens [R,T]); returns logits [R,T,V] and advances the cache."""
+        return self.decoder.project(self._decode_hidden(tokens, state))
+
+    def _decode_hidden(self, tokens: Tensor, state: DecoderState) -> Tensor:
         start, t_new = state.length, tokens.shape[1]
         end = start + t_new
         dec = self.decoder
@@ -769,7 +827,7 @@ class OFAModel(nn.Module):
                 cross_bias,
             )
         state.length = end
-        return dec.project(x)
+        return x
 
     def decoder_logits(self, decoder_input_ids: Tensor, encoder_out: EncoderOutput) -> Tensor:
         """Full (non-incremental) decoder pass, one row per image: ids [B,T] -> logits [B,T,V]."""
