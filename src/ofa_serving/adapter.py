@@ -90,4 +90,25 @@ def error_response(pb: Any, exc: BaseException, *, model_name: str) -> Any:
     if len(message) > _MAX_MESSAGE:
         message = message[: _MAX_MESSAGE - 3] + "..."
     error = pb.TritonError(message) if code is None else pb.TritonError(message, code)
+    _drop_tracebacks(exc)
     return pb.InferenceResponse(output_tensors=[], error=error)
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Clear the tracebacks of ``exc`` and of the exceptions it chains (cause, context), once logged.
+
+    The adapters keep a request's exception in a list of their ``execute()`` until its response is built. Its
+    traceback references the frame that raised it, and that frame (through ``f_back``) the ``execute()`` frame
+    holding the list: a reference cycle. Only the cyclic garbage collector would then free that ``execute()``'s
+    locals, the good requests' output tensors among them; in the meantime the stub's memory and its shared-memory
+    pool grow (measured by ``make soak``). Without tracebacks reference counting frees them at once.
+    """
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending += [current.__cause__, current.__context__]
