@@ -23,11 +23,29 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: The liveness check of docs/reliability.md: exit 0 when a stub process runs for every listed model (it reads
-#: /proc, so it needs neither procps nor Python). ``[.]`` keeps grep from matching its own command line.
-STUB_LIVENESS_COMMAND = (
-    'for m in preprocess ofa; do grep -qs "/$m/1/model[.]py" /proc/[0-9]*/cmdline || exit 1; done'
-)
+#: Where the container image keeps the model repository (docker/Dockerfile).
+IMAGE_MODEL_REPOSITORY = "/opt/ofa/model_repository"
+
+
+def stub_liveness_command(
+    repository: str = IMAGE_MODEL_REPOSITORY, models: Sequence[str] = ("preprocess", "ofa")
+) -> str:
+    """The liveness check of docs/reliability.md, a shell command: exit 0 when a Python backend stub runs for every
+    model of ``repository``, 1 when one is missing (tritonserver 2.51 neither restarts a dead stub nor reports the
+    model unready).
+
+    It greps /proc/*/cmdline (no procps, no Python needed, so it runs as a Kubernetes exec probe in the image);
+    ``model[.]py`` keeps grep from matching its own command line.
+    """
+    import shlex
+
+    escaped = re.sub(r"([.\[\]*^$\\])", r"\\\1", repository.rstrip("/"))
+    pattern = shlex.quote(escaped) + '"/$m/[0-9]*/model[.]py"'
+    return f"for m in {' '.join(models)}; do grep -qs {pattern} /proc/[0-9]*/cmdline || exit 1; done"
+
+
+#: The check for the container image.
+STUB_LIVENESS_COMMAND = stub_liveness_command()
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -102,15 +120,45 @@ def server_processes(server_pid: int) -> dict[str, int]:
     return out
 
 
-def rss_bytes(pid: int) -> int | None:
-    """Resident set size of ``pid`` in bytes (``None`` if it is gone)."""
+def memory_status(pid: int) -> dict[str, int]:
+    """``VmRSS``, ``VmHWM`` (peak RSS), ``RssAnon``, ``RssFile``, ``RssShmem`` of ``pid`` in bytes ({} if gone).
+
+    ``RssShmem`` is what the Python backend's shared-memory pool (/dev/shm) adds: tritonserver maps each stub's
+    pool, and maps it again each time the pool grows.
+    """
+    out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) * 1024
     except OSError:
-        return None
-    return None
+        return {}
+    return out
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of ``pid`` in bytes (``None`` if it is gone)."""
+    return memory_status(pid).get("VmRSS")
+
+
+def shm_pool_bytes(pid: int) -> int:
+    """Total size of the /dev/shm files (Python backend pools) that process ``pid`` maps."""
+    files = set()
+    try:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith("/dev/shm/"):
+                files.add(parts[5])
+    except OSError:
+        return 0
+    total = 0
+    for name in files:
+        try:
+            total += os.stat(name).st_size
+        except OSError:
+            continue
+    return total
 
 
 def server_pid_on_port(port: int) -> int | None:
@@ -167,9 +215,10 @@ def listening_addresses(pid: int) -> list[tuple[str, int]]:
     return sorted((addr, port) for addr, port, inode in _listening_sockets() if inode in owned)
 
 
-def stub_liveness_ok() -> bool:
-    """Run :data:`STUB_LIVENESS_COMMAND` (as a Kubernetes exec probe would); True when it exits 0."""
-    return subprocess.run(["sh", "-c", STUB_LIVENESS_COMMAND], check=False).returncode == 0
+def stub_liveness_ok(repository: str = IMAGE_MODEL_REPOSITORY) -> bool:
+    """Run :func:`stub_liveness_command` for ``repository`` (as a Kubernetes exec probe would): True on exit 0."""
+    command = stub_liveness_command(repository)
+    return subprocess.run(["sh", "-c", command], check=False, timeout=30).returncode == 0
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -193,11 +242,16 @@ class RssSampler:
         self._t0 = time.monotonic()
 
     def sample(self) -> dict[str, float]:
+        """One row: ``<process>`` = RSS, plus ``<process>.anon`` / ``<process>.shmem`` (private memory and
+        shared-memory pages of that RSS) and ``shm_pool`` (size of the pools the server maps)."""
         row: dict[str, float] = {"t": round(time.monotonic() - self._t0, 2)}
         for name, pid in server_processes(self.server_pid).items():
-            rss = rss_bytes(pid)
-            if rss is not None:
-                row[name] = rss
+            status = memory_status(pid)
+            if "VmRSS" in status:
+                row[name] = status["VmRSS"]
+                row[f"{name}.anon"] = status.get("RssAnon", 0)
+                row[f"{name}.shmem"] = status.get("RssShmem", 0)
+        row["shm_pool"] = shm_pool_bytes(self.server_pid)
         self.samples.append(row)
         return row
 
@@ -233,13 +287,14 @@ def rss_growth(
     ``baseline`` is the median of the samples in ``[warmup_s, warmup_s + window_s)``, ``final`` the median of the
     samples in the last ``window_s`` seconds, ``peak`` the largest sample after warm-up; growth is
     ``(final - baseline) / baseline``. Medians keep one sample taken mid-batch from deciding the verdict.
-    Processes missing from either window are left out. The ``total`` row sums the processes per sample.
+    Processes missing from either window are left out. The ``total`` row sums the processes' RSS per sample; the
+    breakdown keys (``<process>.anon``, ``<process>.shmem``, ``shm_pool``) get rows of their own.
     """
     import statistics
 
     rows = [dict(s) for s in samples]
     for row in rows:
-        row["total"] = sum(v for k, v in row.items() if k != "t")
+        row["total"] = sum(v for k, v in row.items() if is_process_key(k))
     if not rows:
         return {}
     end = rows[-1]["t"]
@@ -259,6 +314,11 @@ def rss_growth(
             "growth_pct": round(100.0 * (final - baseline) / baseline, 2) if baseline else 0.0,
         }
     return out
+
+
+def is_process_key(key: str) -> bool:
+    """Whether a sample key is a process's RSS (not ``t``, a breakdown ``x.anon``/``x.shmem``, ``shm_pool``)."""
+    return key not in ("t", "total", "shm_pool") and "." not in key
 
 
 # ------------------------------------------------------------------------------------------- bursts

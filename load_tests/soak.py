@@ -22,6 +22,7 @@ verdict) and writes ``load_tests/results/soak.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -37,16 +38,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadlib import (  # noqa: E402
     DEFAULT_IMAGE_DIR,
     RESULTS_DIR,
+    ServerHandle,
     UniqueImages,
     ensure_import_paths,
     ensure_server,
     latency_summary,
     load_images,
     model_metrics_delta,
+    resolve_model_dir,
     scrape_metrics,
     server_ready,
 )
-from reliabilitylib import RssSampler, rss_growth, server_pid_on_port, stub_processes  # noqa: E402
+from reliabilitylib import (  # noqa: E402
+    RssSampler,
+    is_process_key,
+    rss_growth,
+    server_pid_on_port,
+    stub_processes,
+)
 
 ensure_import_paths()
 
@@ -80,6 +89,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=0, help="use/start the server here (0 = free ports)")
     p.add_argument("--grpc-port", type=int, default=0)
     p.add_argument("--metrics-port", type=int, default=0)
+    p.add_argument(
+        "--model-repository", default=None, help="for the started server (default: model_repository/)"
+    )
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra tritonserver flag for the started server, e.g. --server-arg=--backend-config=... (repeat)",
+    )
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the started server, e.g. OFA_TORCH_THREADS=1 (repeat)",
+    )
+    p.add_argument(
+        "--peak-rounds",
+        type=int,
+        default=3,
+        help="first requests sent by all users at once (the largest batch steady load makes) before the run",
+    )
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--name", default="soak", help="output file stem under --results-dir")
     args = p.parse_args(argv)
@@ -126,8 +158,22 @@ def broken_images() -> list[bytes]:
     return [rng.randbytes(2048), b"not an image at all", b"\x89PNG\r\n\x1a\n" + rng.randbytes(512)]
 
 
-def user_loop(user: int, args, url: str, protocol: str, corpus: UniqueImages, deadline: float, tally: Tally):
-    """Caption until ``deadline``: one request in flight, no retries; every outcome is tallied."""
+def user_loop(
+    user: int,
+    args,
+    url: str,
+    protocol: str,
+    corpus: UniqueImages,
+    deadline: float,
+    tally: Tally,
+    barrier: threading.Barrier,
+):
+    """Caption until ``deadline``: one request in flight, no retries; every outcome is tallied.
+
+    The first ``--peak-rounds`` requests of all users start together (``barrier``), so that the batches steady
+    load can produce at its largest are served during the warm-up: memory reaches its working-set high-water mark
+    then, and growth measured afterwards is not the allocator reaching it later.
+    """
     from client import CaptionClient, CaptionError, InvalidInputError
 
     broken = broken_images()
@@ -137,6 +183,9 @@ def user_loop(user: int, args, url: str, protocol: str, corpus: UniqueImages, de
         n = 0
         while time.monotonic() < deadline:
             n += 1
+            if n <= args.peak_rounds:
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    barrier.wait(timeout=300)
             if user == 0 and args.bad_every and n % args.bad_every == 0:
                 data = broken[(n // args.bad_every) % len(broken)]
                 try:
@@ -162,13 +211,14 @@ def user_loop(user: int, args, url: str, protocol: str, corpus: UniqueImages, de
 
 
 def rss_table(samples: list[dict], every_s: float = 60.0) -> list[dict]:
-    """One sample per ``every_s`` seconds (and the last one), in MB."""
+    """One sample per ``every_s`` seconds (and the last one), in MB: each process's RSS, the total, the pools."""
     rows, next_t = [], 0.0
     for i, s in enumerate(samples):
         if s["t"] >= next_t or i == len(samples) - 1:
             row = {"t": s["t"]}
-            row.update({k: round(v / 2**20, 1) for k, v in s.items() if k != "t"})
+            row.update({k: round(v / 2**20, 1) for k, v in s.items() if is_process_key(k)})
             row["total"] = round(sum(v for k, v in row.items() if k != "t"), 1)
+            row["shm_pool"] = round(s.get("shm_pool", 0) / 2**20, 1)
             rows.append(row)
             next_t = s["t"] + every_s
     return rows
@@ -201,13 +251,14 @@ def run(args: argparse.Namespace, server) -> dict:
     sampler.start()
     deadline = time.monotonic() + args.seconds
     threads = []
+    barrier = threading.Barrier(args.users)
     for user in range(args.users):
         protocol = "grpc" if user % 2 == 0 else "http"
         port = server.grpc_port if protocol == "grpc" else server.http_port
         url = f"{'grpc' if protocol == 'grpc' else 'http'}://{server.host}:{port}"
         thread = threading.Thread(
             target=user_loop,
-            args=(user, args, url, protocol, corpus, deadline, tally),
+            args=(user, args, url, protocol, corpus, deadline, tally, barrier),
             name=f"user-{user}",
             daemon=True,
         )
@@ -238,7 +289,11 @@ def run(args: argparse.Namespace, server) -> dict:
         "same stub processes": stubs_after == stubs_before,
         "server still ready": server_ready(server.host, server.http_port),
         f"RSS growth under {args.max_growth_pct:g} % after warm-up": bool(growth)
-        and all(g["growth_pct"] < args.max_growth_pct for g in growth.values()),
+        and all(
+            g["growth_pct"] < args.max_growth_pct
+            for name, g in growth.items()
+            if is_process_key(name) or name == "total"
+        ),
     }
     return {
         "kind": "soak",
@@ -272,6 +327,35 @@ def run(args: argparse.Namespace, server) -> dict:
     }
 
 
+@contextlib.contextmanager
+def serve(args: argparse.Namespace, log_file: Path):
+    """The server answering on the ports, or one started (``--model-repository``, ``--server-arg``) and stopped."""
+    if server_ready(args.host, args.http_port):
+        with ensure_server(
+            args.host, args.http_port, args.grpc_port, args.metrics_port, start=False
+        ) as server:
+            yield server
+        return
+    from ofa_serving.launcher import TritonServer
+
+    server = TritonServer(
+        model_repository=args.model_repository,
+        model_dir=resolve_model_dir(args.model_dir),
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_file=log_file,
+        env=dict(item.split("=", 1) for item in args.server_env),
+        extra_args=args.server_arg,
+    )
+    _log(f"starting tritonserver {' '.join(args.server_arg)} (log {log_file}) ...")
+    with server:
+        yield ServerHandle(
+            args.host, args.http_port, args.grpc_port, args.metrics_port, started=True, pid=server.pid
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -281,14 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.http_port, args.grpc_port, args.metrics_port = free_ports(3, args.host)
     log_file = args.results_dir / f"{args.name}_tritonserver.log"
-    with ensure_server(
-        args.host,
-        args.http_port,
-        args.grpc_port,
-        args.metrics_port,
-        model_dir=args.model_dir,
-        log_file=log_file,
-    ) as server:
+    with serve(args, log_file) as server:
         report = run(args, server)
     out = args.results_dir / f"{args.name}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -300,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         f"requests: {r['ok']} ok ({r['of_which_repeats']} repeats), {r['broken_refused_as_expected']} broken images "
         f"refused as expected, {r['failed']} failed; {r['per_second']} captions/s; latency {report['latency']}"
     )
-    print(f"{'process':>16} {'after warm-up':>14} {'end':>8} {'peak':>8} {'growth':>8}")
+    print(f"{'RSS of':>22} {'after warm-up':>14} {'end':>8} {'peak':>8} {'growth':>8}")
     for name, g in report["rss_growth"].items():
         print(
-            f"{name:>16} {g['baseline_mb']:>11.1f} MB {g['final_mb']:>5.1f} MB {g['peak_mb']:>5.1f} MB "
+            f"{name:>22} {g['baseline_mb']:>11.1f} MB {g['final_mb']:>5.1f} MB {g['peak_mb']:>5.1f} MB "
             f"{g['growth_pct']:>+7.2f}%"
         )
     for failure in r["failures"][:10]:

@@ -1,0 +1,173 @@
+"""Faults during load (issue 5, hardening): the ``ofa`` stub process killed; SIGTERM to the server.
+
+What tritonserver 2.51 does when the ``ofa`` Python backend stub dies (SIGKILL, OOM killer, segfault), as
+observed and asserted here (docs/reliability.md):
+
+* requests in flight and every later request to ``ofa`` fail at once with INTERNAL "Stub process 'ofa_0_0' is
+  not healthy." (no hang), counted in ``nv_inference_request_failure{model="ofa",reason="BACKEND"}``;
+* the Python backend does **not** restart the stub, and the server and the model keep reporting **ready**: the
+  health endpoints do not see it (nothing is written to the log either);
+* ``preprocess`` is unaffected;
+* the failure is detected by the stub liveness check (``reliabilitylib.stub_liveness_command``, a Kubernetes exec
+  probe), and the recovery is a restart of the server, after which it captions again.
+
+SIGTERM during load: the requests in flight are completed (graceful drain, ``--exit-timeout-secs``), new ones are
+refused with UNAVAILABLE, readiness turns false, and the process exits with status 0 and frees its ports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import tritonclient.grpc as grpcclient
+from reliabilitylib import caption_inputs, fire, is_running, stub_liveness_ok
+
+from ofa_serving.launcher import TritonServer
+
+from .conftest import FAST, fresh_seed, models_ready, png, stub_pids
+
+pytestmark = pytest.mark.integration
+
+IN_FLIGHT = 4  # within the small queues of queue_server: none is refused
+NOT_HEALTHY = "Stub process 'ofa_0_0' is not healthy."
+
+
+def _metric(server: TritonServer, name: str, model: str, reason: str | None = None) -> float:
+    total = 0.0
+    for line in server.metrics().splitlines():
+        if (
+            line.startswith(name + "{")
+            and f'model="{model}"' in line
+            and (reason is None or f'reason="{reason}"' in line)
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _load_in_background(server: TritonServer, count: int) -> tuple[threading.Thread, list]:
+    """``count`` distinct one-image requests fired at once from a thread; returns (thread, outcomes list)."""
+    seed = fresh_seed()
+    requests = [caption_inputs(grpcclient, [png(56, 42, seed=seed + i)], **FAST) for i in range(count)]
+    outcomes: list = []
+    thread = threading.Thread(
+        target=lambda: outcomes.extend(fire(server.grpc_address, requests, timeout_s=240))
+    )
+    thread.start()
+    return thread, outcomes
+
+
+def _wait_until_preprocessed(server: TritonServer, before: float, count: int, timeout: float = 60) -> None:
+    """Until ``preprocess`` has answered ``count`` more requests: they are then queued for or inside ``ofa``."""
+    deadline = time.monotonic() + timeout
+    while _metric(server, "nv_inference_request_success", "preprocess") < before + count:
+        assert time.monotonic() < deadline, "the load never reached ofa"
+        time.sleep(0.05)
+
+
+def _one_caption(server: TritonServer):
+    (outcome,) = fire(
+        server.grpc_address, [caption_inputs(grpcclient, [png(52, 38, seed=fresh_seed())], **FAST)]
+    )
+    return outcome
+
+
+def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(queue_server):
+    server = queue_server.get()
+    repository = str(server.model_repository)
+    stubs = stub_pids(server)
+    assert stub_liveness_ok(repository)
+    backend_failures = _metric(server, "nv_inference_request_failure", "ofa", "BACKEND")
+    preprocessed = _metric(server, "nv_inference_request_success", "preprocess")
+
+    thread, outcomes = _load_in_background(server, IN_FLIGHT)
+    _wait_until_preprocessed(server, preprocessed, IN_FLIGHT)
+    time.sleep(0.3)  # inside ofa's execute() (a batch takes seconds here)
+    os.kill(stubs["ofa"], signal.SIGKILL)
+    killed_at = time.monotonic()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and len(outcomes) == IN_FLIGHT
+
+    # in flight: answered (before the kill) or failed at once with the stub error; never a hang
+    assert all(o.ok or (o.status == "StatusCode.INTERNAL" and NOT_HEALTHY in o.message) for o in outcomes), (
+        outcomes
+    )
+    assert any(not o.ok for o in outcomes), "the kill came after the batch: nothing was in flight"
+    assert time.monotonic() - killed_at < 60
+
+    # Triton 2.51: no restart of the stub, and the health endpoints still say ready
+    deadline = time.monotonic() + 30
+    while is_running(stubs["ofa"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "ofa" not in stub_pids(server) and stub_pids(server)["preprocess"] == stubs["preprocess"]
+    assert models_ready(server) == dict.fromkeys(["server", "caption", "preprocess", "ofa"], True), (
+        "Triton now reports the dead stub: update docs/reliability.md (stub failure) and this test"
+    )
+    for _ in range(2):
+        later = _one_caption(server)
+        assert later.status == "StatusCode.INTERNAL" and NOT_HEALTHY in later.message, later
+        assert later.latency_s < 10
+        time.sleep(1)
+    assert "ofa" not in stub_pids(server), (
+        "Triton restarted the stub: update docs/reliability.md and this test"
+    )
+
+    # preprocess still answers; the failures are counted; the liveness check sees the dead stub
+    (bad,) = fire(server.grpc_address, [caption_inputs(grpcclient, [b"not an image"], **FAST)])
+    assert bad.status == "StatusCode.INVALID_ARGUMENT"
+    assert _metric(server, "nv_inference_request_failure", "ofa", "BACKEND") >= backend_failures + 2
+    assert not stub_liveness_ok(repository)
+
+    # recovery: restart the server (what the liveness probe makes Kubernetes do)
+    server = queue_server.restart()
+    assert stub_liveness_ok(repository)
+    assert stub_pids(server)["ofa"] != stubs["ofa"]
+    recovered = _one_caption(server)
+    assert recovered.ok, recovered
+
+
+def test_sigterm_during_load_completes_in_flight_requests_then_exits(queue_server):
+    server = queue_server.get()
+    preprocessed = _metric(server, "nv_inference_request_success", "preprocess")
+    thread, outcomes = _load_in_background(server, IN_FLIGHT)
+    _wait_until_preprocessed(server, preprocessed, IN_FLIGHT)
+
+    server.terminate()  # SIGTERM, as docker stop / Kubernetes / Ctrl-C of make serve send it
+    terminated_at = time.monotonic()
+    time.sleep(0.5)
+    late = _one_caption(server)
+    assert late.status == "StatusCode.UNAVAILABLE", late  # "Server is stopping" (or, once gone, unreachable)
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    try:
+        ready = client.is_server_ready()
+    except Exception:  # noqa: BLE001 - "Server exiting" (UNAVAILABLE) counts as not ready
+        ready = False
+    finally:
+        client.close()
+    assert not ready
+
+    thread.join(timeout=server.exit_timeout_secs + 30)
+    assert len(outcomes) == IN_FLIGHT
+    assert all(o.ok for o in outcomes), f"a request in flight at SIGTERM was not completed: {outcomes}"
+    last_answer = max(o.latency_s for o in outcomes)
+
+    code = server.process.wait(timeout=server.exit_timeout_secs + 15)
+    exited_after = time.monotonic() - terminated_at
+    assert code == 0, f"tritonserver exited with {code} (exit timeout {server.exit_timeout_secs} s hit?)"
+    assert exited_after < server.exit_timeout_secs, (
+        "it waited for the whole exit timeout instead of the drain"
+    )
+    print(f"\nlast in-flight answer after {last_answer:.1f} s; exited {exited_after:.1f} s after SIGTERM")
+    for port in (
+        server.http_port,
+        server.grpc_port,
+        server.metrics_port,
+    ):  # a new server may listen there now
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do (TIME_WAIT is fine)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
