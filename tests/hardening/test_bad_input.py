@@ -210,6 +210,9 @@ def test_a_30000x30000_png_bomb_is_refused_from_its_header(hardened_server):
     assert "900000000 pixels" in outcome.message and "decompression bomb" in outcome.message
     assert outcome.latency_s < 5.0
     growth = _peak_rss(stub) - peak_before
+    print(
+        f"\n{len(bomb)}-byte PNG bomb refused in {outcome.latency_s:.3f} s, peak RSS +{growth / 2**20:.1f} MB"
+    )
     assert growth < 100 * 2**20, f"the preprocess stub's peak RSS grew by {growth / 2**20:.0f} MB"
     assert stub_pids(hardened_server)["preprocess"] == stub and rss_bytes(stub)
 
