@@ -77,7 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--min-served-requests", type=int, default=24, help="requests per phase even past the time"
     )
     p.add_argument("--phase-seconds", type=float, default=30.0, help="time bound of each phase")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls before each phase (x concurrency)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before each phase (x concurrency)")
     p.add_argument(
         "--torch-threads", type=int, default=0, help="torch threads in-process (0 = torch default)"
     )
@@ -448,11 +448,18 @@ def _fmt(value, digits: int = 1) -> str:
 def markdown(result: dict) -> str:
     """The results as a markdown section (table, ratios, targets, how it was measured)."""
     env, summary = result["environment"], result["summary"]
+    load_start = env["load_average_at_start"][0]
+    load_end = env.get("load_average_at_end", [float("nan")])[0]
+    busy = load_start > 0.5 * (env["cpus"] or 1)  # at the end it includes the bench's own load
+    quiet_note = (
+        ": **other processes were running, these numbers are not those of a quiet machine**" if busy else ""
+    )
     lines = [
         f"Measured {env['date']} on {env['cpu']} ({env['cpus']} CPUs), torch {env['torch']} "
         f"({env['torch_threads']} threads in-process), checkpoint `{env['checkpoint']}`, "
         f"{env['images']} images from `{env['image_dir']}`, beam size {env['beam_size']}, max length "
-        f"{env['max_length']}, commit `{env['commit']}`.",
+        f"{env['max_length']}, commit `{env['commit']}`. Load average (1 min) {load_start:.1f} at the start and "
+        f"{load_end:.1f} at the end{quiet_note}.",
         "",
         "| path | setting | images | images/s | p50 ms | p95 ms | p99 ms | x reference | vs engine best "
         "| ofa avg batch | ofa queue ms | ofa compute ms |",
