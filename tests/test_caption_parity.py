@@ -81,10 +81,10 @@ def test_all_hypotheses_match(engine, reference, corpus_bytes):
 
 @pytest.mark.parametrize(("beam_size", "max_length"), [(1, None), (3, 6), (8, 3), (5, 1)])
 def test_settings_parity(engine, reference, corpus_bytes, beam_size, max_length):
-    pixels = reference.pixels([corpus_bytes[i] for i in (3, 8, 15)])
+    pixels = reference.pixels([corpus_bytes[i] for i in (3, 15)])
     ref = reference.caption(pixels, beam_size=beam_size, max_length=max_length)
     got = engine.generate(pixels, beam_size=beam_size, max_length=max_length)
-    _assert_same(["a", "b", "c"], ref, got)
+    _assert_same(["a", "b"], ref, got)
 
 
 def test_engine_pixels_equal_reference_pixels(engine, reference, corpus_bytes):
@@ -111,7 +111,7 @@ def boosted_eos(*biases: torch.Tensor, eos_row: torch.Tensor, logit_offset: floa
 
 def test_early_finishing_parity(engine, reference, corpus_bytes):
     """With EOS boosted in both models, sentences finish at different steps and leave the batch: same result."""
-    picks = [corpus_bytes[i] for i in MIXED_BATCH]
+    picks = [corpus_bytes[i] for i in MIXED_BATCH[:5]]
     pixels = reference.pixels(picks)
     eos = engine.tokenizer.eos_id
     with boosted_eos(

@@ -54,17 +54,17 @@ def test_settings_defaults_and_bounds(engine):
 
 
 def test_beam_size_changes_output(engine, pixels):
-    one = engine.generate_hypotheses(pixels[:2], beam_size=1)
-    five = engine.generate_hypotheses(pixels[:2], beam_size=5)
+    one = engine.generate_hypotheses(pixels[:2], beam_size=1, max_length=8)
+    five = engine.generate_hypotheses(pixels[:2], beam_size=5, max_length=8)
     assert [len(h) for h in one] == [1, 1] and [len(h) for h in five] == [5, 5]
     assert [h[0] for h in one] != [h[0] for h in five]
     # Beam search keeps 2x beam candidates per step, so a wider beam never finalises a worse best hypothesis here.
     assert all(f[0].score >= o[0].score - 1e-6 for f, o in zip(five, one, strict=True))
 
 
-@pytest.mark.parametrize("max_length", [1, 3, 7, 16, 30])
+@pytest.mark.parametrize("max_length", [1, 3, 7, 20])
 def test_max_length_bounds_hypotheses(engine, pixels, max_length):
-    hyps = engine.generate_hypotheses(pixels[:2], beam_size=3, max_length=max_length)
+    hyps = engine.generate_hypotheses(pixels[:1], beam_size=3, max_length=max_length)
     for per_image in hyps:
         assert per_image, "no hypothesis"
         for h in per_image:
@@ -76,17 +76,24 @@ def test_max_length_bounds_hypotheses(engine, pixels, max_length):
 
 
 def test_max_length_changes_caption_length(engine, pixels):
-    short = engine.generate_hypotheses(pixels[:1], max_length=3)[0][0]
-    long = engine.generate_hypotheses(pixels[:1], max_length=16)[0][0]
+    short = engine.generate_hypotheses(pixels[:1], beam_size=2, max_length=3)[0][0]
+    long = engine.generate_hypotheses(pixels[:1], beam_size=2, max_length=16)[0][0]
     assert len(short.tokens) <= 4 < len(long.tokens)
 
 
+def _same(a: list[Caption], b: list[Caption]) -> bool:
+    # Batched kernels may round differently in the last bits; texts must match, scores to 1e-5.
+    return len(a) == len(b) and all(
+        x.text == y.text and math.isclose(x.score, y.score, abs_tol=1e-5) for x, y in zip(a, b, strict=True)
+    )
+
+
 def test_numpy_torch_single_and_batch_inputs_agree(engine, pixels):
-    batch = engine.generate(pixels)
+    batch = engine.generate(pixels, max_length=6)
     assert all(isinstance(c, Caption) and isinstance(c.text, str) and math.isfinite(c.score) for c in batch)
-    assert engine.generate(pixels.numpy()) == batch
-    assert engine.generate(pixels[1]) == batch[1:2]  # one image [3,S,S]
-    assert [engine.generate(pixels[i : i + 1])[0] for i in range(4)] == batch
+    assert engine.generate(pixels.numpy(), max_length=6) == batch  # same tensor values: bit-identical
+    assert _same(engine.generate(pixels[1], max_length=6), batch[1:2])  # one image [3,S,S]
+    assert _same([engine.generate(pixels[i : i + 1], max_length=6)[0] for i in range(4)], batch)
     assert engine.generate(pixels[:0]) == []
 
 
@@ -96,9 +103,9 @@ def test_caption_accepts_bytes_and_pil(engine, image_corpus):
     from PIL import Image
 
     _, data = image_corpus[0]
-    from_bytes = engine.caption([data])
-    assert engine.caption(data) == from_bytes
-    assert engine.caption([Image.open(io.BytesIO(data))]) == from_bytes
+    from_bytes = engine.caption([data], max_length=6)
+    assert engine.caption(data, max_length=6) == from_bytes
+    assert engine.caption([Image.open(io.BytesIO(data))], max_length=6) == from_bytes
     assert all(ch not in from_bytes[0].text for ch in "<>_,.!?")  # punctuation stripped, as the reference
 
 

@@ -306,11 +306,9 @@ class OFAEncoderLayer(nn.Module):
         residual = x
         h = self.self_attn_layer_norm(x) if self.normalize_before else x
         q, k, v = attn.qkv(h)
-        if q.device.type == "cpu" and q.dtype == torch.float32:
-            # Same maths as _attend; the fused kernel avoids materialising [B,H,N,N] probabilities.
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-        else:
-            o = _attend(q, k, v, bias)
+        # softmax(q k^T + bias) v with q pre-scaled, as _attend; the fused kernel (float32 softmax inside) avoids
+        # materialising the [B,H,N,N] probabilities.
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         h = attn.output(o)
         if self.self_attn_mid_layer_norm is not None:
             h = self.self_attn_mid_layer_norm(h)
