@@ -1,10 +1,12 @@
 """Fixtures of the hardening tests (issue 5): real tritonservers serving the demo checkpoint on free 127.0.0.1 ports.
 
-* ``hardened_server`` (session): ``model_repository/`` as committed, with the image limits *configured* below the
+Both are package-scoped: started on first use, stopped when the last test of tests/hardening is done.
+
+* ``hardened_server``: ``model_repository/`` as committed, with the image limits *configured* below the
   defaults (``OFA_MAX_IMAGE_BYTES`` 2 MiB, ``OFA_MAX_IMAGE_PIXELS`` 16 M) to show that they are settings; bad input
   and security tests.
-* ``queue_server`` (session): a :class:`RestartableServer` on a copy of the repository whose queue policies keep
-  fewer requests waiting (``ofa`` 4, ``preprocess`` 8; nothing else changed), so that a burst of 64 requests
+* ``queue_server``: a :class:`RestartableServer` on a copy of the repository whose queue policies keep
+  fewer requests waiting (``ofa`` 4, ``preprocess`` 8; nothing else changed), so that a burst of 56 requests
   overflows them in seconds on 2 CPU cores; overload and fault tests. The fault tests kill its stub, restart it
   and SIGTERM it; whoever asks next gets a fresh one.
 
@@ -49,7 +51,7 @@ def _start(server: TritonServer) -> TritonServer:
         raise
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def hardened_server(demo_checkpoint, tmp_path_factory):
     """A ready server on the committed repository with configured (lowered) image limits."""
     log = tmp_path_factory.mktemp("hardened") / "triton.log"
@@ -91,8 +93,10 @@ class RestartableServer:
         self.starts = 0
 
     def get(self) -> TritonServer:
-        """The running server, started (and waited for) if there is none."""
-        if self.server is None or self.server.process is None or self.server.process.poll() is not None:
+        """The running, ready server; a new one (waited for) if there is none or it is stopping."""
+        if self.server is not None and not self._alive_and_ready():
+            self.close()  # exited, or draining after a SIGTERM
+        if self.server is None:
             self.starts += 1
             self.server = _start(
                 TritonServer.on_free_ports(
@@ -103,6 +107,15 @@ class RestartableServer:
                 )
             )
         return self.server
+
+    def _alive_and_ready(self, tries: int = 3) -> bool:
+        for attempt in range(tries):
+            if self.server.process is None or self.server.process.poll() is not None:
+                return False
+            if self.server.is_ready():
+                return True
+            time.sleep(1.0 * (attempt < tries - 1))
+        return False
 
     def restart(self) -> TritonServer:
         """Stop the server (SIGTERM, graceful) and start a new one: the documented recovery of a dead stub."""
@@ -115,7 +128,7 @@ class RestartableServer:
             self.server = None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def queue_server(demo_checkpoint, tmp_path_factory):
     """A :class:`RestartableServer` on the small-queue copy of the repository (exit timeout 30 s)."""
     base = tmp_path_factory.mktemp("queue-server")

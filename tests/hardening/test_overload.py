@@ -3,7 +3,7 @@ bound; accepted requests complete; ``CaptionClient`` retries refused requests wi
 
 The committed policy (64 waiting per model, 60 s queue timeout) is checked as text; the burst runs against the
 ``queue_server`` fixture, a copy of the repository with fewer requests allowed to wait (``ofa`` 4, ``preprocess``
-8, nothing else changed), so that 64 requests overflow it within seconds on 2 CPU cores. ``make burst``
+8, nothing else changed), so that 56 requests overflow it within seconds on 2 CPU cores. ``make burst``
 (load_tests/burst.py) does the same against the committed values.
 """
 
