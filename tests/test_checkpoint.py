@@ -85,6 +85,7 @@ def test_ensure_demo_checkpoint_is_idempotent(demo_checkpoint: Path):
     assert not is_complete(demo_checkpoint, seed=1)
 
 
+@pytest.mark.reference
 def test_modelscope_loads_demo_checkpoint_unchanged(demo_checkpoint: Path, state):
     """The layout proof: ModelScope's own OFAModel/OFATokenizer.from_pretrained read the directory as is."""
     from tests.reference import install_stand_ins
