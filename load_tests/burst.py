@@ -1,0 +1,263 @@
+"""Burst test: far more requests at once than the server holds; refusals must be fast, accepted work must finish.
+
+``make burst`` runs this against a tritonserver it starts (the committed ``model_repository/`` and its queue
+policy, the demo checkpoint unless ``OFA_MODEL_DIR`` is set, free 127.0.0.1 ports), or against one already
+answering on ``--http-port``/``--grpc-port``. Two phases, every request with distinct image bytes (the response
+cache cannot answer):
+
+1. **raw burst**: ``--requests`` (default 200) one-image requests sent at once over gRPC, no retries. Expected:
+   each is answered with a caption, refused at once with UNAVAILABLE "Exceeds maximum queue size" (a queue was
+   full), or refused with UNAVAILABLE "Request timeout expired" after waiting the queue timeout (60 s); nothing
+   else, at least one refusal, refusals fast (median under ``--max-refusal-p50-s``, default 1 s; a request
+   refused by ``ofa``'s full queue has been decoded by ``preprocess`` first, seconds on a CPU) and every one of
+   them before the first caption.
+2. **retrying clients**: ``--client-requests`` (default 96) images through ``client.CaptionClient.caption_many``
+   with as many in flight (past the 16 executing + 64 waiting that ``ofa`` holds) and ``--retries``/``--backoff``.
+   Expected: every image captioned; the refusals the client absorbed are counted.
+
+Afterwards the server must be ready with the same Python backend stub processes. Prints a summary and writes
+``load_tests/results/burst.json``; exits 1 when an expectation is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadlib import (  # noqa: E402
+    DEFAULT_IMAGE_DIR,
+    RESULTS_DIR,
+    UniqueImages,
+    ensure_import_paths,
+    ensure_server,
+    latency_summary,
+    load_images,
+    model_metrics_delta,
+    scrape_metrics,
+    server_ready,
+)
+from reliabilitylib import caption_inputs, fire, server_pid_on_port, stub_processes  # noqa: E402
+
+ensure_import_paths()
+
+QUEUE_FULL = "Exceeds maximum queue size"
+QUEUE_TIMEOUT = "Request timeout expired"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=int(env("BURST_REQUESTS", "200")), help="phase 1 size")
+    p.add_argument(
+        "--client-requests", type=int, default=int(env("BURST_CLIENT_REQUESTS", "96")), help="phase 2 size"
+    )
+    p.add_argument("--retries", type=int, default=8, help="CaptionClient retries in phase 2")
+    p.add_argument("--backoff", type=float, default=1.0, help="CaptionClient backoff (s) in phase 2")
+    p.add_argument(
+        "--max-refusal-p50-s",
+        type=float,
+        default=1.0,
+        help="median latency of queue-full refusals must be below this",
+    )
+    p.add_argument("--beam-size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--max-length", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--image-dir", default=env("OFA_LOAD_IMAGES", str(DEFAULT_IMAGE_DIR)))
+    p.add_argument("--model-dir", default=None, help="checkpoint (default: OFA_MODEL_DIR, else the demo one)")
+    p.add_argument(
+        "--model-repository", default=None, help="for the started server (default: model_repository/)"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=0, help="use/start the server here (0 = free ports)")
+    p.add_argument("--grpc-port", type=int, default=0)
+    p.add_argument("--metrics-port", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=900.0, help="bound on each phase (s)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--name", default="burst", help="output file stem under --results-dir")
+    return p.parse_args(argv)
+
+
+def _log(message: str) -> None:
+    print(f"[burst {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def raw_burst(args, server, corpus: UniqueImages) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    settings = {"beam_size": args.beam_size, "max_length": args.max_length}
+    requests = [caption_inputs(grpcclient, [corpus.next()[1]], **settings) for _ in range(args.requests)]
+    before = scrape_metrics(server.host, server.metrics_port)
+    start = time.monotonic()
+    outcomes = fire(server.grpc_url, requests, timeout_s=args.timeout)
+    wall = time.monotonic() - start
+    after = scrape_metrics(server.host, server.metrics_port)
+
+    def kind(o) -> str:
+        if o.ok:
+            return "captioned"
+        if o.status == "StatusCode.UNAVAILABLE" and QUEUE_FULL in o.message:
+            return "refused: queue full"
+        if o.status == "StatusCode.UNAVAILABLE" and QUEUE_TIMEOUT in o.message:
+            return "refused: queue timeout"
+        return f"other: {o.status} {o.message[:120]}"
+
+    kinds = [kind(o) for o in outcomes]
+    by_kind = {k: [o.latency_s for o, kk in zip(outcomes, kinds, strict=True) if kk == k] for k in set(kinds)}
+    full = by_kind.get("refused: queue full", [])
+    captioned = by_kind.get("captioned", [])
+    checks = {
+        "only captions and UNAVAILABLE refusals": all(not k.startswith("other") for k in kinds),
+        "at least one refusal": bool(full),
+        f"refusals fast (median < {args.max_refusal_p50_s:g} s)": bool(full)
+        and latency_summary(full)["p50_ms"] < 1000 * args.max_refusal_p50_s,
+        "every queue-full refusal before the first caption": bool(full)
+        and (not captioned or max(full) < min(captioned)),
+        "queue-timeout refusals only after the 60 s timeout": all(
+            t >= 59 for t in by_kind.get("refused: queue timeout", [])
+        ),
+    }
+    return {
+        "requests": args.requests,
+        "wall_s": round(wall, 2),
+        "counts": dict(Counter(kinds)),
+        "latency": {k: {"min_ms": round(1000 * min(v), 2), **latency_summary(v)} for k, v in by_kind.items()},
+        "models": {m: model_metrics_delta(before, after, m) for m in ("caption", "preprocess", "ofa")},
+        "checks": checks,
+    }
+
+
+def retrying_clients(args, server, corpus: UniqueImages) -> dict:
+    """Phase 2: CaptionClient.caption_many with ``--client-requests`` in flight; every attempt is counted."""
+    import tritonclient.grpc as grpcclient
+
+    from client import Caption, CaptionClient
+
+    attempts: Counter = Counter()
+    lock = threading.Lock()
+    original = grpcclient.InferenceServerClient.infer
+
+    def counting(self, *a, **kw):
+        try:
+            result = original(self, *a, **kw)
+        except Exception as exc:
+            message = exc.message() if hasattr(exc, "message") else str(exc)
+            key = (
+                "queue full"
+                if QUEUE_FULL in (message or "")
+                else "queue timeout"
+                if QUEUE_TIMEOUT in (message or "")
+                else "other error"
+            )
+            with lock:
+                attempts[key] += 1
+            raise
+        with lock:
+            attempts["captioned"] += 1
+        return result
+
+    images = [corpus.next()[1] for _ in range(args.client_requests)]
+    grpcclient.InferenceServerClient.infer = counting
+    start = time.monotonic()
+    try:
+        with CaptionClient(
+            f"grpc://{server.grpc_url}", retries=args.retries, backoff=args.backoff, timeout=args.timeout
+        ) as client:
+            results = client.caption_many(
+                images, concurrency=args.client_requests, beam_size=args.beam_size, max_length=args.max_length
+            )
+    finally:
+        grpcclient.InferenceServerClient.infer = original
+    wall = time.monotonic() - start
+    failed = [f"{type(r).__name__}: {r}" for r in results if not isinstance(r, Caption)]
+    return {
+        "requests": args.client_requests,
+        "retries": args.retries,
+        "backoff_s": args.backoff,
+        "wall_s": round(wall, 2),
+        "captioned": len(results) - len(failed),
+        "failed": failed[:20],
+        "attempts": dict(attempts),
+        "checks": {"every image captioned": not failed},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    if not args.http_port:
+        from ofa_serving.launcher import free_ports
+
+        args.http_port, args.grpc_port, args.metrics_port = free_ports(3, args.host)
+    corpus = UniqueImages(load_images(args.image_dir))
+    with ensure_server(
+        args.host,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        model_dir=args.model_dir,
+        model_repository=args.model_repository,
+        log_file=args.results_dir / f"{args.name}_tritonserver.log",
+    ) as server:
+        pid = server.pid or server_pid_on_port(server.http_port)
+        stubs_before = {s.instance: s.pid for s in stub_processes(pid)} if pid else {}
+        _log(f"phase 1: {args.requests} requests at once (gRPC, no retries)")
+        phase1 = raw_burst(args, server, corpus)
+        _log(f"phase 1: {phase1['counts']} in {phase1['wall_s']} s")
+        _log(
+            f"phase 2: {args.client_requests} images through CaptionClient, all in flight, retries {args.retries}"
+        )
+        phase2 = retrying_clients(args, server, corpus)
+        _log(
+            f"phase 2: {phase2['captioned']} captioned, attempts {phase2['attempts']} in {phase2['wall_s']} s"
+        )
+        stubs_after = {s.instance: s.pid for s in stub_processes(pid)} if pid else {}
+        server_checks = {
+            "server still ready": server_ready(server.host, server.http_port),
+            "same stub processes": stubs_after == stubs_before,
+        }
+    report = {
+        "kind": "burst",
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "raw_burst": phase1,
+        "retrying_clients": phase2,
+        "server": {"stubs_before": stubs_before, "stubs_after": stubs_after, "checks": server_checks},
+    }
+    checks = {**phase1["checks"], **phase2["checks"], **server_checks}
+    report["checks"] = checks
+    report["passed"] = all(checks.values())
+    out = args.results_dir / f"{args.name}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print()
+    print(f"phase 1: {args.requests} requests at once, {phase1['wall_s']} s")
+    print(f"{'outcome':>26} {'count':>6} {'min ms':>9} {'p50 ms':>9} {'p95 ms':>9} {'max ms':>9}")
+    for k, n in sorted(phase1["counts"].items()):
+        lat = phase1["latency"][k]
+        print(
+            f"{k[:26]:>26} {n:>6} {lat['min_ms']:>9.0f} {lat['p50_ms']:>9.0f} {lat['p95_ms']:>9.0f} "
+            f"{lat['max_ms']:>9.0f}"
+        )
+    print(
+        f"phase 2: {phase2['captioned']}/{args.client_requests} captioned through CaptionClient in "
+        f"{phase2['wall_s']} s; attempts {phase2['attempts']}"
+    )
+    for name, ok in checks.items():
+        print(f"[{'ok' if ok else 'FAIL'}] {name}")
+    print(f"report: {out}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
