@@ -41,15 +41,22 @@ def test_default_settings_are_the_checkpoints(grpc_client, captioner, image_corp
 def test_32_concurrent_requests_each_get_their_own_caption_in_fewer_executions(
     triton_server, grpc_client, captioner
 ):
-    images = distinct_images(32)
     settings = {"beam_size": 1, "max_length": 1}
-    expected = []
-    for i in range(0, 32, 8):
-        expected += captioner.caption(images[i : i + 8], **settings)
-    scores = sorted(c.score for c in expected)
-    # the demo weights barely tell images apart, but these 32 scores are further apart than twice the float
-    # noise allowed below (a few float32 ulps at |score| ~ 9.5), so each answer identifies its image
-    assert min(b - a for a, b in zip(scores, scores[1:], strict=False)) > 1e-5
+    candidates = distinct_images(64)
+    local = []
+    for i in range(0, len(candidates), 16):
+        local += captioner.caption(candidates[i : i + 16], **settings)
+    # The demo weights barely tell images apart: keep 32 whose scores lie further apart than twice the float
+    # noise allowed below (a few float32 ulps at |score| ~ 9.5), so that each answer identifies its image.
+    picked, last = [], None
+    for index in sorted(range(len(local)), key=lambda k: local[k].score):
+        if last is None or local[index].score - last > 1e-5:
+            picked.append(index)
+            last = local[index].score
+    assert len(picked) >= 32, f"only {len(picked)} of 64 images have distinguishable scores"
+    picked = sorted(picked[:32])
+    images = [candidates[k] for k in picked]
+    expected = [local[k] for k in picked]
 
     execs_before = metric(triton_server, "nv_inference_exec_count", "ofa")
     requests_before = metric(triton_server, "nv_inference_request_success", "ofa")
