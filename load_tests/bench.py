@@ -283,21 +283,25 @@ def _run_threads(
 ) -> tuple[list[float], int, float]:
     """Each client in its own thread calls ``fn(client, i)`` in a loop; bounded by count and time.
 
-    A thread starts another call while fewer than ``max_total`` were started and either less than ``seconds``
-    passed or fewer than ``min_total`` were started. Returns successful latencies, failures, wall time.
+    All threads start their first call together (a barrier, as a load generator's N concurrent slots do), so a
+    phase does not begin with the clients' start-up spread over several batches. A thread starts another call
+    while fewer than ``max_total`` were started and either less than ``seconds`` passed or fewer than
+    ``min_total`` were started. Returns successful latencies, failures, wall time.
     """
     lock = threading.Lock()
     started = [0]
     latencies: list[float] = []
     failures = [0]
     errors: list[str] = []
-    t_start = time.perf_counter()
+    t_start = [time.perf_counter()]
+    barrier = threading.Barrier(len(clients), action=lambda: t_start.__setitem__(0, time.perf_counter()))
 
     def worker(client) -> None:
+        barrier.wait()
         while True:
             with lock:
                 n = started[0]
-                elapsed = time.perf_counter() - t_start
+                elapsed = time.perf_counter() - t_start[0]
                 if n >= max_total or (elapsed > seconds and n >= min_total):
                     return
                 started[0] += 1
@@ -319,7 +323,7 @@ def _run_threads(
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t_start
+    wall = time.perf_counter() - t_start[0]
     for e in errors:
         _log(f"request failed: {e}")
     return latencies, failures[0], wall
