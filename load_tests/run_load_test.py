@@ -92,6 +92,8 @@ def locust_command(args: argparse.Namespace, prefix: Path) -> list[str]:
         "30",
         "--csv",
         str(prefix),
+        # History rows with the *current* (last 10 s) percentiles; without it Locust writes cumulative ones.
+        "--csv-full-history",
         "--html",
         f"{prefix}.html",
         "--exit-code-on-error",
