@@ -190,7 +190,10 @@ def read_per_type(stats_csv: Path) -> list[dict[str, object]]:
 
 
 def history_by_users(
-    history_csv: Path, settle_s: float = 2.0, until_s: float | None = None
+    history_csv: Path,
+    settle_s: float = 2.0,
+    until_s: float | None = None,
+    expected: list[int] | None = None,
 ) -> list[dict[str, float]]:
     """Per user-count step: requests/s and the p50/p95/p99 at the step's end.
 
@@ -198,7 +201,9 @@ def history_by_users(
     ``settle_s`` seconds (spawning); it is exact, unlike the history's smoothed ``Requests/s`` column. The
     percentiles are those of the step's last history row, which Locust computes over a sliding 10 s window:
     with steps of at least 10 s they describe that step alone. Rows later than ``until_s`` seconds after the
-    first one (users stopping while their last requests finish) are left out.
+    first one (users stopping while their last requests finish) are left out. With ``expected`` (the shape's
+    user counts, in order) only runs of rows that match the next expected count are steps: the transient counts
+    Locust reports while it spawns or stops users (e.g. 9 on the way down from 16) are not.
     """
     with open(history_csv, newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("Name") == "Aggregated"]
@@ -206,14 +211,22 @@ def history_by_users(
         t0 = float(rows[0]["Timestamp"])
         rows = [row for row in rows if float(row["Timestamp"]) - t0 <= until_s]
     steps: list[list[dict[str, str]]] = []
+    pending = list(expected) if expected is not None else None
+    current: int | None = None
     for row in rows:
         users = int(float(row["User Count"] or 0))
+        if users == current:
+            steps[-1].append(row)
+            continue
+        current = None
         if users <= 0:
             continue
-        if steps and int(float(steps[-1][0]["User Count"])) == users:
-            steps[-1].append(row)
-        else:
-            steps.append([row])
+        if pending is not None:
+            if not pending or users != pending[0]:
+                continue
+            pending.pop(0)
+        current = users
+        steps.append([row])
     out = []
     for step in steps:
         start = float(step[0]["Timestamp"])
@@ -257,14 +270,20 @@ def time_series(history_csv: Path) -> list[dict[str, float | None]]:
     ]
 
 
-def plot(history_csv: Path, png: Path, title: str, until_s: float | None = None) -> None:
+def plot(
+    history_csv: Path,
+    png: Path,
+    title: str,
+    until_s: float | None = None,
+    expected: list[int] | None = None,
+) -> None:
     """Requests/s and p50/p95/p99 latency against users (top), and the run over time (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = history_by_users(history_csv, until_s=until_s)
+    steps = history_by_users(history_csv, until_s=until_s, expected=expected)
     series = time_series(history_csv)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     users = [s["users"] for s in steps]
@@ -338,6 +357,7 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    expected = [int(users) for users in args.steps.replace(" ", "").split(",") if users]
     # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so a server this run started is stopped by its PID.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -382,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         "locust_exit_code": rc,
         "total": read_aggregated(stats_csv),
         "per_type": read_per_type(stats_csv),
-        "steps": history_by_users(history_csv, until_s=args.duration + 1) if history_csv.exists() else [],
+        "steps": history_by_users(history_csv, until_s=args.duration + 1, expected=expected)
+        if history_csv.exists()
+        else [],
         "ofa_metrics": ofa,
         "files": {
             "stats": str(stats_csv),
@@ -393,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot and history_csv.exists():
         png = Path(f"{prefix}.png")
         title = f"caption ensemble over {args.protocol}, {args.duration} s, users {args.steps}"
-        plot(history_csv, png, title, until_s=args.duration + 1)
+        plot(history_csv, png, title, until_s=args.duration + 1, expected=expected)
         summary["files"]["plot"] = str(png)
     summary_path = Path(f"{prefix}_summary.json")
     summary["files"]["summary"] = str(summary_path)

@@ -124,6 +124,20 @@ def test_history_by_users_takes_throughput_from_request_totals(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_history_by_users_ignores_transient_user_counts(tmp_path):
+    path = tmp_path / "h.csv"
+    # 1 user, a spawning row at 3 on the way to 4 users, 4 users, then 2 while the users stop: with the shape's
+    # counts given, only the 1- and 4-user runs are steps; without them every count is one.
+    rows = [(t, 1, 2 * t, 100) for t in range(6)] + [(6, 3, 12, 300)]
+    rows += [(t, 4, 12 + 5 * (t - 7), 400) for t in range(7, 13)] + [(13, 2, 42, 400), (14, 0, 44, 0)]
+    _history(path, rows)
+
+    assert [s["users"] for s in run_load_test.history_by_users(path)] == [1, 3, 4, 2]
+    steps = run_load_test.history_by_users(path, settle_s=2, expected=[1, 4])
+    assert [s["users"] for s in steps] == [1, 4]
+    assert steps[1]["requests_per_s"] == pytest.approx(5.0)
+
+
 def test_verdict_fails_on_errors_on_no_traffic_and_on_slow_p95():
     def summary(requests, failures, p95):
         return {"total": {"requests": requests, "failures": failures, "p95_ms": p95}}
