@@ -37,6 +37,7 @@ serve: setup
 ## test: set up, then the whole test suite (unit, parity with ModelScope, integration against tritonserver)
 test: setup-dev
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 test-unit: setup-dev
