@@ -41,10 +41,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadlib import (  # noqa: E402
-    DEFAULT_IMAGE_DIR,
     REPO_ROOT,
-    RESULTS_DIR,
     UniqueImages,
+    add_server_arguments,
+    assign_free_ports,
     ensure_import_paths,
     ensure_server,
     latency_summary,
@@ -63,8 +63,7 @@ TARGET_LATENCY_RATIO = 1.15  # served p50 at concurrency 1 vs the engine's batch
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-dir", default=None, help="checkpoint (default: OFA_MODEL_DIR, else the demo one)")
-    p.add_argument("--image-dir", default=env("OFA_LOAD_IMAGES", str(DEFAULT_IMAGE_DIR)))
+    add_server_arguments(p, "bench")
     p.add_argument("--beam-size", type=int, default=None, help="for every path (default: the checkpoint's)")
     p.add_argument("--max-length", type=int, default=None, help="for every path (default: the checkpoint's)")
     p.add_argument("--reference-images", type=int, default=6, help="images for the reference (0 = skip it)")
@@ -93,15 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("auto", "float32", "float16", "bfloat16"),
         help="engine dtype in-process, as the server's OFA_DTYPE (auto: float16 on CUDA, float32 on CPU)",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--http-port", type=int, default=0, help="use/start the server here (0 = free ports)")
-    p.add_argument("--grpc-port", type=int, default=0)
-    p.add_argument("--metrics-port", type=int, default=0)
     p.add_argument(
         "--no-start", action="store_true", help="use the server on the given ports, never start one"
-    )
-    p.add_argument(
-        "--model-repository", default=None, help="for the started server (default: model_repository/)"
     )
     p.add_argument(
         "--server-env",
@@ -112,8 +104,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--skip-served", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--name", default="bench", help="output file stem under --results-dir")
     p.add_argument("--check", action="store_true", help="exit 1 when a serving target is missed")
     return p.parse_args(argv)
 
@@ -331,15 +321,13 @@ def _run_threads(
 
 def bench_served(model_dir: Path, corpus: UniqueImages, args: argparse.Namespace) -> tuple[list[dict], dict]:
     """(c) Start (or use) the server, then one phase per concurrency level."""
-    from ofa_serving.launcher import free_ports
-
-    ports = (args.http_port, args.grpc_port, args.metrics_port)
-    if not all(ports):
-        ports = tuple(free_ports(3, args.host))
+    assign_free_ports(args)
     rows = []
     with ensure_server(
         args.host,
-        *ports,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
         start=not args.no_start,
         model_dir=model_dir,
         log_file=args.results_dir / f"{args.name}_tritonserver.log",
@@ -349,7 +337,7 @@ def bench_served(model_dir: Path, corpus: UniqueImages, args: argparse.Namespace
         repository = Path(args.model_repository) if args.model_repository else REPO_ROOT / "model_repository"
         info = {
             "started_by_bench": server.started,
-            "ports": ports,
+            "ports": [args.http_port, args.grpc_port, args.metrics_port],
             "model_repository": _display_path(repository),
             "server_env": args.server_env,
             "configs": model_configs(repository),

@@ -35,9 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadlib import (  # noqa: E402
-    DEFAULT_IMAGE_DIR,
-    RESULTS_DIR,
     UniqueImages,
+    add_server_arguments,
+    assign_free_ports,
     ensure_import_paths,
     ensure_server,
     latency_summary,
@@ -57,6 +57,7 @@ QUEUE_TIMEOUT = "Request timeout expired"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_server_arguments(p, "burst")
     p.add_argument("--requests", type=int, default=int(env("BURST_REQUESTS", "200")), help="phase 1 size")
     p.add_argument(
         "--client-requests", type=int, default=int(env("BURST_CLIENT_REQUESTS", "96")), help="phase 2 size"
@@ -71,18 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--beam-size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--max-length", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--image-dir", default=env("OFA_LOAD_IMAGES", str(DEFAULT_IMAGE_DIR)))
-    p.add_argument("--model-dir", default=None, help="checkpoint (default: OFA_MODEL_DIR, else the demo one)")
-    p.add_argument(
-        "--model-repository", default=None, help="for the started server (default: model_repository/)"
-    )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--http-port", type=int, default=0, help="use/start the server here (0 = free ports)")
-    p.add_argument("--grpc-port", type=int, default=0)
-    p.add_argument("--metrics-port", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900.0, help="bound on each phase (s)")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--name", default="burst", help="output file stem under --results-dir")
     return p.parse_args(argv)
 
 
@@ -194,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    if not args.http_port:
-        from ofa_serving.launcher import free_ports
-
-        args.http_port, args.grpc_port, args.metrics_port = free_ports(3, args.host)
+    assign_free_ports(args)
     corpus = UniqueImages(load_images(args.image_dir))
     with ensure_server(
         args.host,

@@ -9,11 +9,14 @@ is imported, and it imports this module.
 * latency statistics: :func:`latency_summary`;
 * the server: :func:`server_ready`, :func:`ensure_server` (use the server answering on the ports, or start one
   with ``ofa_serving``'s launcher and stop it afterwards);
-* Triton's Prometheus metrics: :func:`scrape_metrics`, :func:`model_metrics_delta`.
+* Triton's Prometheus metrics: :func:`scrape_metrics`, :func:`model_metrics_delta`;
+* the command line the benchmark, the soak and the burst share: :func:`add_server_arguments`,
+  :func:`assign_free_ports`.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import os
@@ -231,6 +234,33 @@ def ensure_server(
         )
     finally:
         server.stop()
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, results_name: str) -> None:
+    """The options every tool that starts (or uses) a server shares: images, checkpoint, where the server is
+    (ports 0 = free ports, a server this run starts), its model repository, and where results go."""
+    env = os.environ.get
+    parser.add_argument("--image-dir", default=env("OFA_LOAD_IMAGES", str(DEFAULT_IMAGE_DIR)))
+    parser.add_argument(
+        "--model-dir", default=None, help="checkpoint (default: OFA_MODEL_DIR, else the demo one)"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, default=0, help="use/start the server here (0 = free ports)")
+    parser.add_argument("--grpc-port", type=int, default=0)
+    parser.add_argument("--metrics-port", type=int, default=0)
+    parser.add_argument(
+        "--model-repository", default=None, help="for the started server (default: model_repository/)"
+    )
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default=results_name, help="output file stem under --results-dir")
+
+
+def assign_free_ports(args: argparse.Namespace) -> None:
+    """Unless all three ports were given, pick three free ones on ``args.host`` for a server this run starts."""
+    if not (args.http_port and args.grpc_port and args.metrics_port):
+        from ofa_serving.launcher import free_ports
+
+        args.http_port, args.grpc_port, args.metrics_port = free_ports(3, args.host)
 
 
 def resolve_model_dir(model_dir: str | os.PathLike | None = None) -> Path:

@@ -36,10 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadlib import (  # noqa: E402
-    DEFAULT_IMAGE_DIR,
-    RESULTS_DIR,
     ServerHandle,
     UniqueImages,
+    add_server_arguments,
+    assign_free_ports,
     ensure_import_paths,
     ensure_server,
     latency_summary,
@@ -65,6 +65,7 @@ WINDOW_S = 30.0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_server_arguments(p, "soak")
     p.add_argument("--seconds", type=float, default=float(env("SOAK_SECONDS", "600")), help="load duration")
     p.add_argument("--users", type=int, default=int(env("SOAK_USERS", "4")), help="closed-loop users")
     p.add_argument(
@@ -82,15 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--bad-every", type=int, default=10, help="user 0 sends a broken image every Nth (0 = never)"
-    )
-    p.add_argument("--image-dir", default=env("OFA_LOAD_IMAGES", str(DEFAULT_IMAGE_DIR)))
-    p.add_argument("--model-dir", default=None, help="checkpoint (default: OFA_MODEL_DIR, else the demo one)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--http-port", type=int, default=0, help="use/start the server here (0 = free ports)")
-    p.add_argument("--grpc-port", type=int, default=0)
-    p.add_argument("--metrics-port", type=int, default=0)
-    p.add_argument(
-        "--model-repository", default=None, help="for the started server (default: model_repository/)"
     )
     p.add_argument(
         "--server-arg",
@@ -112,8 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="first requests sent by all users at once (the largest batch steady load makes) before the run",
     )
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--name", default="soak", help="output file stem under --results-dir")
     args = p.parse_args(argv)
     if args.warmup_seconds is None:
         args.warmup_seconds = max(60.0, 0.2 * args.seconds)
@@ -360,10 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    if not args.http_port:
-        from ofa_serving.launcher import free_ports
-
-        args.http_port, args.grpc_port, args.metrics_port = free_ports(3, args.host)
+    assign_free_ports(args)
     log_file = args.results_dir / f"{args.name}_tritonserver.log"
     with serve(args, log_file) as server:
         report = run(args, server)

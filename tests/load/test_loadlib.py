@@ -193,3 +193,22 @@ def test_bench_options_and_recorded_configs():
 
     assert {"caption", "preprocess", "ofa"} <= set(configs)
     assert "max_batch_size" in configs["ofa"] and "count" in configs["ofa"]
+
+
+@pytest.mark.parametrize("tool", ["bench", "soak", "burst"])
+def test_server_tools_share_the_server_options_and_pick_free_ports(tool):
+    import importlib
+
+    from loadlib import assign_free_ports
+
+    module = importlib.import_module(tool)
+    args = module.parse_args(["--host", "127.0.0.1", "--model-repository", "/tmp/variant"])
+    assert args.name == tool and args.model_repository == "/tmp/variant"
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (0, 0, 0)
+    assign_free_ports(args)
+    ports = [args.http_port, args.grpc_port, args.metrics_port]
+    assert all(ports) and len(set(ports)) == 3
+
+    given = module.parse_args(["--http-port", "18000", "--grpc-port", "18001", "--metrics-port", "18002"])
+    assign_free_ports(given)
+    assert [given.http_port, given.grpc_port, given.metrics_port] == [18000, 18001, 18002]
