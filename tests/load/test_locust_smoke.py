@@ -106,6 +106,29 @@ def test_locust_grpc_and_http_users_succeed(load_server, image_corpus, tmp_path)
     assert "PASS" in run.stdout
 
 
+def test_distributed_mode_counts_every_request(load_server, image_corpus, tmp_path):
+    """One master and two worker processes: the requests in flight when the shape ends are counted too."""
+    images = _images(tmp_path / "images", image_corpus)
+    results = tmp_path / "results"
+    before = _caption_successes(load_server)
+
+    # Full-length generations (batches of 8 take seconds on a CPU), so requests are in flight when the shape ends.
+    run = _run_driver(
+        load_server,
+        images,
+        results,
+        *("--duration", "6", "--steps", "8", "--protocol", "grpc", "--processes", "2"),
+        *("--beam-size", "5", "--max-length", "16"),
+    )
+
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = _stats_rows(results / "load_stats.csv")
+    total = int(rows["Aggregated"]["Request Count"])
+    assert total > 0 and int(rows["Aggregated"]["Failure Count"]) == 0
+    assert _caption_successes(load_server) - before == total
+    assert "2 workers connected" in run.stdout + run.stderr
+
+
 def test_locust_reports_server_errors_and_fails_the_run(load_server, tmp_path):
     images = tmp_path / "bad"
     images.mkdir()
