@@ -2,9 +2,9 @@
 
 Parameter and buffer names are those of ModelScope's ``OFAModel`` so that a published ``pytorch_model.bin`` loads
 with ``strict=True``; the maths follow ModelScope's OFA (``modelscope/models/multi_modal/ofa/modeling_ofa.py``;
-the parity tests compare the two): pre-LN transformer layers with NormFormer extras, per-head output scales ``c_attn``, attention scaled by
-``(head_dim * attn_scale_factor) ** -0.5``, an absolute position bias shared by all layers and per-layer relative
-position biases (1-D for text, 2-D for image patches).
+the parity tests compare the two): pre-LN transformer layers with NormFormer extras, per-head output scales
+``c_attn``, attention scaled by ``(head_dim * attn_scale_factor) ** -0.5``, an absolute position bias shared by all
+layers and per-layer relative position biases (1-D for text, 2-D for image patches).
 
 What differs from the reference is how the work is organised, never the result:
 
