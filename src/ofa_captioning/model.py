@@ -282,57 +282,83 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
 # -------------------------------------------------------------------------------------------------- encoder
 
 
-class OFAEncoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+class _OFALayer(nn.Module):
+    """What encoder and decoder layers share: the self-attention block's parameters, the feed-forward block,
+    NormFormer's extra layer norms and the optional per-channel residual scales (``use_gamma_feature``); with
+    ``cross_attention`` also the decoder's cross-attention block. Parameters are created in ModelScope's order
+    (the demo checkpoint's seeded initialisation follows it)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        heads: int,
+        ffn_dim: int,
+        normalize_before: bool,
+        cross_attention: bool = False,
+    ):
         super().__init__()
         d = config.d_model
-        self.self_attn = OFAAttention(d, config.encoder_attention_heads, config.attn_scale_factor)
+        self.self_attn = OFAAttention(d, heads, config.attn_scale_factor)
         self.self_attn_layer_norm = _layer_norm(d)
         self.self_attn_mid_layer_norm = _layer_norm(d) if config.normformer else None
-        self.fc1 = nn.Linear(d, config.encoder_ffn_dim)
-        self.fc2 = nn.Linear(config.encoder_ffn_dim, d)
-        self.ffn_layer_norm = _layer_norm(config.encoder_ffn_dim) if config.normformer else None
+        if cross_attention:
+            self.cross_attn = OFAAttention(d, heads, config.attn_scale_factor)
+            self.cross_attn_layer_norm = _layer_norm(d)
+            self.cross_attn_mid_layer_norm = _layer_norm(d) if config.normformer else None
+        self.fc1 = nn.Linear(d, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d)
+        self.ffn_layer_norm = _layer_norm(ffn_dim) if config.normformer else None
         self.final_layer_norm = _layer_norm(d)
-        self.normalize_before = config.encoder_normalize_before
+        self.normalize_before = normalize_before
         self.activation = _activation(config.activation_function)
-        if config.use_gamma_feature:
-            self.weight_self_attn = nn.Parameter(torch.ones(d) * config.gamma)
-            self.weight_ffn = nn.Parameter(torch.ones(d) * config.gamma)
         self.use_gamma = config.use_gamma_feature
+        if self.use_gamma:
+            self.weight_self_attn = self._gamma(config)
+            if cross_attention:
+                self.weight_cross_attn = self._gamma(config)
+            self.weight_ffn = self._gamma(config)
+
+    @staticmethod
+    def _gamma(config: ModelConfig) -> nn.Parameter:
+        return nn.Parameter(torch.ones(config.d_model) * config.gamma)
+
+    def _residual(
+        self, x: Tensor, h: Tensor, mid_ln: nn.Module | None, gamma_name: str, ln: nn.Module
+    ) -> Tensor:
+        """``x + gamma * mid_ln(h)``, then ``ln`` unless the layer normalises before its blocks."""
+        if mid_ln is not None:
+            h = mid_ln(h)
+        if self.use_gamma:
+            h = getattr(self, gamma_name) * h
+        x = x + h
+        return x if self.normalize_before else ln(x)
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        h = self.final_layer_norm(x) if self.normalize_before else x
+        h = self.activation(self.fc1(h))
+        if self.ffn_layer_norm is not None:
+            h = self.ffn_layer_norm(h)
+        return self._residual(x, self.fc2(h), None, "weight_ffn", self.final_layer_norm)
+
+
+class OFAEncoderLayer(_OFALayer):
+    def __init__(self, config: ModelConfig):
+        super().__init__(
+            config, config.encoder_attention_heads, config.encoder_ffn_dim, config.encoder_normalize_before
+        )
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         """x [B,N,D]; bias [B or 1,H,N,N] (position bias plus padding mask)."""
         attn = self.self_attn
-        residual = x
         h = self.self_attn_layer_norm(x) if self.normalize_before else x
         q, k, v = attn.qkv(h)
         # softmax(q k^T + bias) v with q pre-scaled, as _attend; the fused kernel (float32 softmax inside) avoids
         # materialising the [B,H,N,N] probabilities.
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-        h = attn.output(o)
-        if self.self_attn_mid_layer_norm is not None:
-            h = self.self_attn_mid_layer_norm(h)
-        if self.use_gamma:
-            h = self.weight_self_attn * h
-        x = residual + h
-        if not self.normalize_before:
-            x = self.self_attn_layer_norm(x)
-        return _ffn(self, x)
-
-
-def _ffn(layer: nn.Module, x: Tensor) -> Tensor:
-    residual = x
-    h = layer.final_layer_norm(x) if layer.normalize_before else x
-    h = layer.activation(layer.fc1(h))
-    if layer.ffn_layer_norm is not None:
-        h = layer.ffn_layer_norm(h)
-    h = layer.fc2(h)
-    if layer.use_gamma:
-        h = layer.weight_ffn * h
-    x = residual + h
-    if not layer.normalize_before:
-        x = layer.final_layer_norm(x)
-    return x
+        x = self._residual(
+            x, attn.output(o), self.self_attn_mid_layer_norm, "weight_self_attn", self.self_attn_layer_norm
+        )
+        return self._ffn(x)
 
 
 @dataclass
@@ -491,38 +517,15 @@ class OFAEncoder(nn.Module):
 # -------------------------------------------------------------------------------------------------- decoder
 
 
-class OFADecoderLayer(nn.Module):
+class OFADecoderLayer(_OFALayer):
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        d = config.d_model
-        heads = config.decoder_attention_heads
-        self.self_attn = OFAAttention(d, heads, config.attn_scale_factor)
-        self.self_attn_layer_norm = _layer_norm(d)
-        self.self_attn_mid_layer_norm = _layer_norm(d) if config.normformer else None
-        self.cross_attn = OFAAttention(d, heads, config.attn_scale_factor)
-        self.cross_attn_layer_norm = _layer_norm(d)
-        self.cross_attn_mid_layer_norm = _layer_norm(d) if config.normformer else None
-        self.fc1 = nn.Linear(d, config.decoder_ffn_dim)
-        self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
-        self.ffn_layer_norm = _layer_norm(config.decoder_ffn_dim) if config.normformer else None
-        self.final_layer_norm = _layer_norm(d)
-        self.normalize_before = config.decoder_normalize_before
-        self.activation = _activation(config.activation_function)
-        if config.use_gamma_feature:
-            self.weight_self_attn = nn.Parameter(torch.ones(d) * config.gamma)
-            self.weight_cross_attn = nn.Parameter(torch.ones(d) * config.gamma)
-            self.weight_ffn = nn.Parameter(torch.ones(d) * config.gamma)
-        self.use_gamma = config.use_gamma_feature
-
-    def _sublayer(
-        self, x: Tensor, h: Tensor, mid_ln: nn.Module | None, gamma_name: str, ln: nn.Module
-    ) -> Tensor:
-        if mid_ln is not None:
-            h = mid_ln(h)
-        if self.use_gamma:
-            h = getattr(self, gamma_name) * h
-        x = x + h
-        return x if self.normalize_before else ln(x)
+        super().__init__(
+            config,
+            config.decoder_attention_heads,
+            config.decoder_ffn_dim,
+            config.decoder_normalize_before,
+            cross_attention=True,
+        )
 
     def forward(
         self,
@@ -549,7 +552,7 @@ class OFADecoderLayer(nn.Module):
         self_v[:, :, start : start + t_new] = v
         end = start + t_new
         o = _attend(q, self_k[:, :, :end], self_v[:, :, :end], self_bias)
-        x = self._sublayer(
+        x = self._residual(
             x, sa.output(o), self.self_attn_mid_layer_norm, "weight_self_attn", self.self_attn_layer_norm
         )
 
@@ -566,10 +569,10 @@ class OFADecoderLayer(nn.Module):
         )
         o = _attend(q, cross_k, cross_v, cross_bias)
         o = o.view(bsz, sa.num_heads, beam, t_new, -1).transpose(1, 2).reshape(rows, sa.num_heads, t_new, -1)
-        x = self._sublayer(
+        x = self._residual(
             x, ca.output(o), self.cross_attn_mid_layer_norm, "weight_cross_attn", self.cross_attn_layer_norm
         )
-        return _ffn(self, x)
+        return self._ffn(x)
 
 
 @dataclass
