@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ __all__ = [
     "input_array",
     "optional_int_rows",
     "error_response",
+    "responses",
 ]
 
 _MAX_MESSAGE = 500
@@ -92,6 +93,20 @@ def error_response(pb: Any, exc: BaseException, *, model_name: str) -> Any:
     error = pb.TritonError(message) if code is None else pb.TritonError(message, code)
     _drop_tracebacks(exc)
     return pb.InferenceResponse(output_tensors=[], error=error)
+
+
+def responses(
+    pb: Any, results: Sequence[Any], outputs: Callable[[Any], list[Any]], *, model_name: str
+) -> list[Any]:
+    """One response per entry of ``results`` (what :func:`~ofa_serving.batching.run_batched` returned), in
+    order: ``pb.InferenceResponse(outputs(result))`` for a request's results, :func:`error_response` for its
+    error."""
+    return [
+        error_response(pb, result, model_name=model_name)
+        if isinstance(result, BaseException)
+        else pb.InferenceResponse(outputs(result))
+        for result in results
+    ]
 
 
 def _drop_tracebacks(exc: BaseException | None) -> None:

@@ -17,10 +17,10 @@ import triton_python_backend_utils as pb_utils
 from ofa_captioning.captioner import Captioner
 from ofa_serving.adapter import (
     check_tensor_dims,
-    error_response,
     input_array,
     model_config_dict,
     optional_int_rows,
+    responses,
 )
 from ofa_serving.batching import RequestError, run_batched
 from ofa_serving.settings import OFASettings, load_settings, resolve_device, resolve_dtype
@@ -56,19 +56,14 @@ class TritonPythonModel:
     def execute(self, requests):
         """One engine batch per distinct settings; one response per request, in order."""
         results = run_batched([self._read(request) for request in requests], self._generate)
-        responses = []
-        for result in results:
-            if isinstance(result, BaseException):
-                responses.append(error_response(pb_utils, result, model_name=self.model_name))
-                continue
-            captions = np.array([[c.text.encode("utf-8")] for c in result], dtype=np.object_)
-            scores = np.array([[c.score] for c in result], dtype=np.float32)
-            responses.append(
-                pb_utils.InferenceResponse(
-                    [pb_utils.Tensor("caption", captions), pb_utils.Tensor("score", scores)]
-                )
-            )
-        return responses
+        return responses(pb_utils, results, self._outputs, model_name=self.model_name)
+
+    @staticmethod
+    def _outputs(captions):
+        """A request's captions as its ``caption`` and ``score`` tensors."""
+        texts = np.array([[c.text.encode("utf-8")] for c in captions], dtype=np.object_)
+        scores = np.array([[c.score] for c in captions], dtype=np.float32)
+        return [pb_utils.Tensor("caption", texts), pb_utils.Tensor("score", scores)]
 
     def _read(self, request):
         """The request's rows as ``((beam_size, max_length), pixels)``, or the error that makes it invalid."""

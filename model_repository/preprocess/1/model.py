@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 from ofa_captioning.config import load_task_config
 from ofa_captioning.preprocess import ImageDecodeError, load_image, preprocess_images
-from ofa_serving.adapter import check_tensor_dims, error_response, input_array, model_config_dict
+from ofa_serving.adapter import check_tensor_dims, input_array, model_config_dict, responses
 from ofa_serving.batching import RequestError, run_batched
 from ofa_serving.images import PayloadError, decode_image_payload
 from ofa_serving.settings import PreprocessSettings, load_settings
@@ -41,16 +41,13 @@ class TritonPythonModel:
 
     def execute(self, requests):
         """One response per request, in order; a bad image fails only its own request."""
-        per_request = [self._read(request) for request in requests]
-        results = run_batched(per_request, self._pixels)
-        responses = []
-        for result in results:
-            if isinstance(result, BaseException):
-                responses.append(error_response(pb_utils, result, model_name=self.model_name))
-                continue
-            pixels = np.stack(result).astype(np.float32, copy=False)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("pixel_values", pixels)]))
-        return responses
+        results = run_batched([self._read(request) for request in requests], self._pixels)
+        return responses(
+            pb_utils,
+            results,
+            lambda pixels: [pb_utils.Tensor("pixel_values", np.stack(pixels).astype(np.float32, copy=False))],
+            model_name=self.model_name,
+        )
 
     def _read(self, request):
         """The request's decoded images as ``(None, PIL.Image)`` rows, or the error that makes it invalid."""
