@@ -46,11 +46,11 @@ from loadlib import (  # noqa: E402
     add_server_arguments,
     assign_free_ports,
     ensure_import_paths,
-    ensure_server,
     latency_summary,
     load_images,
     model_metrics_delta,
     resolve_model_dir,
+    server_from_args,
     settled_metrics,
 )
 
@@ -91,16 +91,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=env("OFA_DTYPE", "auto"),
         choices=("auto", "float32", "float16", "bfloat16"),
         help="engine dtype in-process, as the server's OFA_DTYPE (auto: float16 on CUDA, float32 on CPU)",
-    )
-    p.add_argument(
-        "--no-start", action="store_true", help="use the server on the given ports, never start one"
-    )
-    p.add_argument(
-        "--server-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment of the started server, e.g. OFA_TORCH_THREADS=1 (repeat)",
     )
     p.add_argument("--skip-served", action="store_true")
     p.add_argument("--skip-engine", action="store_true")
@@ -230,7 +220,7 @@ def served_phase(server, corpus: UniqueImages, concurrency: int, args: argparse.
         if result.as_numpy("caption") is None:
             raise RuntimeError("response without caption")
 
-    clients = [grpcclient.InferenceServerClient(server.grpc_url) for _ in range(concurrency)]
+    clients = [grpcclient.InferenceServerClient(server.grpc_address) for _ in range(concurrency)]
     try:
         # Warm-up (untimed, not in the metrics delta): each thread's channel and the server's batch shapes.
         _run_threads(clients, lambda c, i: request(c), args.warmup * concurrency, float("inf"))
@@ -319,21 +309,11 @@ def _run_threads(
     return latencies, failures[0], wall
 
 
-def bench_served(model_dir: Path, corpus: UniqueImages, args: argparse.Namespace) -> tuple[list[dict], dict]:
+def bench_served(corpus: UniqueImages, args: argparse.Namespace) -> tuple[list[dict], dict]:
     """(c) Start (or use) the server, then one phase per concurrency level."""
     assign_free_ports(args)
     rows = []
-    with ensure_server(
-        args.host,
-        args.http_port,
-        args.grpc_port,
-        args.metrics_port,
-        start=not args.no_start,
-        model_dir=model_dir,
-        log_file=args.results_dir / f"{args.name}_tritonserver.log",
-        model_repository=args.model_repository,
-        env=dict(item.split("=", 1) for item in args.server_env),
-    ) as server:
+    with server_from_args(args) as server:
         repository = Path(args.model_repository) if args.model_repository else REPO_ROOT / "model_repository"
         info = {
             "started_by_bench": server.started,
@@ -342,7 +322,7 @@ def bench_served(model_dir: Path, corpus: UniqueImages, args: argparse.Namespace
             "server_env": args.server_env,
             "configs": model_configs(repository),
         }
-        _log(f"served: server {'started' if server.started else 'found'} on {server.grpc_url}")
+        _log(f"served: server {'started' if server.started else 'found'} on {server.grpc_address}")
         for concurrency in _ints(args.concurrency):
             row = served_phase(server, corpus, concurrency, args)
             rows.append(row)
@@ -555,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         corpus = UniqueImages(named, unique=True)
         if corpus.not_unique:
             _log(f"warning: sent unchanged (cache hits possible): {corpus.not_unique}")
-        rows, info = bench_served(model_dir, corpus, args)
+        rows, info = bench_served(corpus, args)
         result["phases"] += rows
         result["server"] = info
     result["environment"]["load_average_at_end"] = os.getloadavg()

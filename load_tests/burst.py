@@ -39,11 +39,11 @@ from loadlib import (  # noqa: E402
     add_server_arguments,
     assign_free_ports,
     ensure_import_paths,
-    ensure_server,
     latency_summary,
     load_images,
     model_metrics_delta,
     scrape_metrics,
+    server_from_args,
     server_ready,
 )
 from reliabilitylib import caption_inputs, fire, server_pid_on_port, stub_processes  # noqa: E402
@@ -87,7 +87,7 @@ def raw_burst(args, server, corpus: UniqueImages) -> dict:
     requests = [caption_inputs(grpcclient, [corpus.next()[1]], **settings) for _ in range(args.requests)]
     before = scrape_metrics(server.host, server.metrics_port)
     start = time.monotonic()
-    outcomes = fire(server.grpc_url, requests, timeout_s=args.timeout)
+    outcomes = fire(server.grpc_address, requests, timeout_s=args.timeout)
     wall = time.monotonic() - start
     after = scrape_metrics(server.host, server.metrics_port)
 
@@ -159,7 +159,7 @@ def retrying_clients(args, server, corpus: UniqueImages) -> dict:
     start = time.monotonic()
     try:
         with CaptionClient(
-            f"grpc://{server.grpc_url}", retries=args.retries, backoff=args.backoff, timeout=args.timeout
+            f"grpc://{server.grpc_address}", retries=args.retries, backoff=args.backoff, timeout=args.timeout
         ) as client:
             results = client.caption_many(
                 images, concurrency=args.client_requests, beam_size=args.beam_size, max_length=args.max_length
@@ -186,15 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     assign_free_ports(args)
     corpus = UniqueImages(load_images(args.image_dir))
-    with ensure_server(
-        args.host,
-        args.http_port,
-        args.grpc_port,
-        args.metrics_port,
-        model_dir=args.model_dir,
-        model_repository=args.model_repository,
-        log_file=args.results_dir / f"{args.name}_tritonserver.log",
-    ) as server:
+    with server_from_args(args) as server:
         pid = server.pid or server_pid_on_port(server.http_port)
         stubs_before = {s.instance: s.pid for s in stub_processes(pid)} if pid else {}
         _log(f"phase 1: {args.requests} requests at once (gRPC, no retries)")

@@ -6,12 +6,12 @@ is imported, and it imports this module.
 * image corpus: :func:`find_images`, :func:`load_images`, and :class:`UniqueImages`, which makes every request's
   bytes distinct (a few trailing bytes after the encoded image) so that Triton's response cache on the
   ``caption`` ensemble cannot answer a load test or a benchmark from memory;
-* latency statistics: :func:`latency_summary`;
+* latency statistics: :func:`latency_summary`; the user counts of a stepped load: :func:`parse_steps`;
 * the server: :func:`server_ready`, :func:`ensure_server` (use the server answering on the ports, or start one
   with ``ofa_serving``'s launcher and stop it afterwards);
 * Triton's Prometheus metrics: :func:`scrape_metrics`, :func:`model_metrics_delta`;
 * the command line the benchmark, the soak and the burst share: :func:`add_server_arguments`,
-  :func:`assign_free_ports`.
+  :func:`assign_free_ports`, :func:`server_from_args`.
 """
 
 from __future__ import annotations
@@ -165,12 +165,9 @@ class ServerHandle:
     pid: int | None = None
 
     @property
-    def grpc_url(self) -> str:
+    def grpc_address(self) -> str:
+        """``host:port`` of the gRPC endpoint, as ``TritonServer.grpc_address``."""
         return f"{self.host}:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"{self.host}:{self.http_port}"
 
 
 @contextlib.contextmanager
@@ -187,13 +184,15 @@ def ensure_server(
     env: Mapping[str, str] | None = None,
     response_cache_bytes: int | None = None,
     model_repository: str | os.PathLike | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[ServerHandle]:
     """Yield a :class:`ServerHandle` for a ready server on the given ports.
 
     If a server already answers on ``host:http_port`` it is used as is (and left running). Otherwise, with
     ``start=True``, ``ofa_serving.launcher.TritonServer`` starts one with ``model_dir`` (default:
     ``OFA_MODEL_DIR``, else the demo checkpoint, built if missing), waits until it is ready (warm) and stops
-    it by its PID when the block ends.
+    it by its PID when the block ends; ``env``, ``model_repository`` and ``extra_args`` (tritonserver flags) go
+    to that server.
     """
     if server_ready(host, http_port):
         yield ServerHandle(host, http_port, grpc_port, metrics_port, started=False)
@@ -216,9 +215,14 @@ def ensure_server(
         metrics_port=metrics_port,
         log_file=log_file,
         env=env,
+        extra_args=list(extra_args),
         **kwargs,
     )
-    print(f"starting tritonserver (checkpoint {model_dir}, log {log_file or 'inherited'}) ...", flush=True)
+    flags = f", flags {' '.join(extra_args)}" if extra_args else ""
+    print(
+        f"starting tritonserver (checkpoint {model_dir}{flags}, log {log_file or 'inherited'}) ...",
+        flush=True,
+    )
     server.start()
     try:
         server.wait_ready(timeout=ready_timeout)
@@ -236,6 +240,14 @@ def ensure_server(
         server.stop()
 
 
+def parse_steps(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; every count must be a positive integer."""
+    steps = [int(part) for part in str(text).replace(" ", "").split(",") if part]
+    if not steps or any(n < 1 for n in steps):
+        raise ValueError(f"user steps must be positive integers separated by commas, got {text!r}")
+    return steps
+
+
 def add_server_arguments(parser: argparse.ArgumentParser, results_name: str) -> None:
     """The options every tool that starts (or uses) a server shares: images, checkpoint, where the server is
     (ports 0 = free ports, a server this run starts), its model repository, and where results go."""
@@ -249,7 +261,24 @@ def add_server_arguments(parser: argparse.ArgumentParser, results_name: str) -> 
     parser.add_argument("--grpc-port", type=int, default=0)
     parser.add_argument("--metrics-port", type=int, default=0)
     parser.add_argument(
+        "--no-start", action="store_true", help="use the server on the given ports, never start one"
+    )
+    parser.add_argument(
         "--model-repository", default=None, help="for the started server (default: model_repository/)"
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of the started server, e.g. OFA_TORCH_THREADS=1 (repeat)",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra tritonserver flag for the started server, e.g. --server-arg=--backend-config=... (repeat)",
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=results_name, help="output file stem under --results-dir")
@@ -261,6 +290,24 @@ def assign_free_ports(args: argparse.Namespace) -> None:
         from ofa_serving.launcher import free_ports
 
         args.http_port, args.grpc_port, args.metrics_port = free_ports(3, args.host)
+
+
+def server_from_args(args: argparse.Namespace, **kwargs) -> contextlib.AbstractContextManager[ServerHandle]:
+    """:func:`ensure_server` with the options of :func:`add_server_arguments` (after :func:`assign_free_ports`);
+    its log goes to ``<results-dir>/<name>_tritonserver.log``."""
+    return ensure_server(
+        args.host,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        start=not args.no_start,
+        model_dir=args.model_dir,
+        log_file=args.results_dir / f"{args.name}_tritonserver.log",
+        model_repository=args.model_repository,
+        env=dict(item.split("=", 1) for item in args.server_env),
+        extra_args=args.server_arg,
+        **kwargs,
+    )
 
 
 def resolve_model_dir(model_dir: str | os.PathLike | None = None) -> Path:

@@ -32,6 +32,7 @@ from loadlib import (  # noqa: E402
     RESULTS_DIR,
     ensure_server,
     model_metrics_delta,
+    parse_steps,
     settled_metrics,
 )
 
@@ -357,7 +358,7 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    expected = [int(users) for users in args.steps.replace(" ", "").split(",") if users]
+    expected = parse_steps(args.steps)
     # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so a server this run started is stopped by its PID.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.results_dir.mkdir(parents=True, exist_ok=True)

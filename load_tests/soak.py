@@ -36,17 +36,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadlib import (  # noqa: E402
-    ServerHandle,
     UniqueImages,
     add_server_arguments,
     assign_free_ports,
     ensure_import_paths,
-    ensure_server,
     latency_summary,
     load_images,
     model_metrics_delta,
-    resolve_model_dir,
     scrape_metrics,
+    server_from_args,
     server_ready,
 )
 from reliabilitylib import (  # noqa: E402
@@ -83,20 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--bad-every", type=int, default=10, help="user 0 sends a broken image every Nth (0 = never)"
-    )
-    p.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="FLAG",
-        help="extra tritonserver flag for the started server, e.g. --server-arg=--backend-config=... (repeat)",
-    )
-    p.add_argument(
-        "--server-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="environment of the started server, e.g. OFA_TORCH_THREADS=1 (repeat)",
     )
     p.add_argument(
         "--peak-rounds",
@@ -317,42 +301,12 @@ def run(args: argparse.Namespace, server) -> dict:
     }
 
 
-@contextlib.contextmanager
-def serve(args: argparse.Namespace, log_file: Path):
-    """The server answering on the ports, or one started (``--model-repository``, ``--server-arg``) and stopped."""
-    if server_ready(args.host, args.http_port):
-        with ensure_server(
-            args.host, args.http_port, args.grpc_port, args.metrics_port, start=False
-        ) as server:
-            yield server
-        return
-    from ofa_serving.launcher import TritonServer
-
-    server = TritonServer(
-        model_repository=args.model_repository,
-        model_dir=resolve_model_dir(args.model_dir),
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_file=log_file,
-        env=dict(item.split("=", 1) for item in args.server_env),
-        extra_args=args.server_arg,
-    )
-    _log(f"starting tritonserver {' '.join(args.server_arg)} (log {log_file}) ...")
-    with server:
-        yield ServerHandle(
-            args.host, args.http_port, args.grpc_port, args.metrics_port, started=True, pid=server.pid
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     assign_free_ports(args)
-    log_file = args.results_dir / f"{args.name}_tritonserver.log"
-    with serve(args, log_file) as server:
+    with server_from_args(args) as server:
         report = run(args, server)
     out = args.results_dir / f"{args.name}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")

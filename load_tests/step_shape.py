@@ -13,16 +13,14 @@ lets the workers finish those requests and report them first.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from locust import LoadTestShape, events
 from locust.runners import WORKER_REPORT_INTERVAL, MasterRunner
 
-
-def parse_steps(text: str) -> list[int]:
-    """``"1,2,4"`` -> ``[1, 2, 4]``; every count must be a positive integer."""
-    steps = [int(part) for part in str(text).replace(" ", "").split(",") if part]
-    if not steps or any(n < 1 for n in steps):
-        raise ValueError(f"--step-users needs positive integers separated by commas, got {text!r}")
-    return steps
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadlib import parse_steps  # noqa: E402
 
 
 @events.init_command_line_parser.add_listener
