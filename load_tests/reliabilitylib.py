@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -375,12 +375,14 @@ def fire(
     model: str = "caption",
     timeout_s: float = 600.0,
     queue_timeout_us: int | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """Send every request at once (asynchronous gRPC calls) and wait for all answers, at most ``timeout_s``.
 
     ``requests`` are lists of tritonclient.grpc ``InferInput`` (see :func:`caption_inputs`). Returns one
     :class:`Outcome` per request, in order; a request without an answer by then gets status ``"NO_ANSWER"``.
-    ``queue_timeout_us`` sets the request's own queue timeout (the models allow overriding theirs).
+    ``queue_timeout_us`` sets the request's own queue timeout (the models allow overriding theirs);
+    ``on_outcome`` is called with each outcome as it arrives (from tritonclient's callback thread).
     """
     import tritonclient.grpc as grpcclient
 
@@ -398,6 +400,8 @@ def fire(
             else:
                 outcome = Outcome(str(error.status()), error.message() or str(error), latency)
             outcomes[index] = outcome
+            if on_outcome is not None:
+                on_outcome(outcome)
             remaining.release()
 
         return done

@@ -86,7 +86,8 @@ def test_the_burst_server_differs_from_the_committed_repository_only_in_queue_si
 
 @pytest.fixture(scope="module")
 def burst(queue_server):
-    """48 raw requests at once, and 50 ms later 8 retrying CaptionClients (4 gRPC, 4 HTTP), all distinct images.
+    """48 raw requests at once and, as soon as they fill the queues, 8 retrying CaptionClients (4 gRPC, 4 HTTP),
+    all distinct images.
 
     Every attempt the clients make is recorded (time, protocol, status) by wrapping tritonclient's ``infer``.
     """
@@ -123,11 +124,20 @@ def burst(queue_server):
     patches = [(m, *recording(m, p)) for m, p in ((grpcclient, "grpc"), (httpclient, "http"))]
     client_results: list[Caption | BaseException | None] = [None] * RETRYING_CLIENTS
 
+    # The clients start once the burst has filled the queues (its first refusal), not after a fixed delay: on a
+    # busy machine the burst's own requests can arrive after the clients' first attempts.
+    queue_full = threading.Event()
+
+    def watch(outcome) -> None:
+        if QUEUE_FULL in outcome.message:
+            queue_full.set()
+
     def retrying(index: int) -> None:
         local.index = index
         protocol = "grpc" if index % 2 == 0 else "http"
         url = f"grpc://{server.grpc_address}" if protocol == "grpc" else server.http_url
         with CaptionClient(url, protocol=protocol, retries=8, backoff=0.25, timeout=300) as client:
+            queue_full.wait(timeout=120)
             try:
                 client_results[index] = client.caption(client_images[index], **FAST)
             except Exception as exc:  # noqa: BLE001 - asserted below
@@ -138,11 +148,10 @@ def burst(queue_server):
     try:
         raw_result: list = []
         firing = threading.Thread(
-            target=lambda: raw_result.extend(fire(server.grpc_address, raw, timeout_s=300))
+            target=lambda: raw_result.extend(fire(server.grpc_address, raw, timeout_s=300, on_outcome=watch))
         )
         start = time.monotonic()
         firing.start()
-        time.sleep(0.05)
         threads = [threading.Thread(target=retrying, args=(i,)) for i in range(RETRYING_CLIENTS)]
         for t in threads:
             t.start()
