@@ -11,7 +11,6 @@ The split the Triton ensemble uses is :meth:`Captioner.preprocess` (bytes/PIL ->
 from __future__ import annotations
 
 import math
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +24,13 @@ from .config import ModelConfig, TaskConfig, load_configs
 from .generate import BeamSearchSettings, Hypothesis, beam_search
 from .model import OFAModel
 from .preprocess import ImageInput, preprocess_images
-from .tokenizer import OFATokenizer
+from .tokenizer import OFATokenizer, load_tokenizer, postprocess_caption
 
 __all__ = ["MAX_BEAM_SIZE", "MAX_LENGTH", "MIN_BEAM_SIZE", "MIN_LENGTH", "Caption", "Captioner"]
 
 MIN_BEAM_SIZE, MAX_BEAM_SIZE = 1, 16
 MIN_LENGTH, MAX_LENGTH = 1, 64
 
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -135,7 +133,7 @@ class Captioner:
         model = cls._load_model(path, model_config)
         model.to(device=device, dtype=resolved)
         model.prepare_for_inference()
-        tokenizer = OFATokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path, task_config.language)
         return cls(model, tokenizer, task_config, device=device, dtype=resolved)
 
     @staticmethod
@@ -215,6 +213,28 @@ class Captioner:
             self._to_caption(hyps) for hyps in self.generate_hypotheses(pixel_values, beam_size, max_length)
         ]
 
+    def validate_num_captions(self, num_captions: int | None, beam_size: int) -> int:
+        """Resolve ``None`` to the checkpoint's ``num_return_sequences`` and check it is in 1..``beam_size``."""
+        n = self.task_config.num_return_sequences if num_captions is None else num_captions
+        return _check_int("num_captions", n, 1, beam_size)
+
+    def generate_n_best(
+        self,
+        pixel_values: torch.Tensor | np.ndarray,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        num_captions: int | None = None,
+    ) -> list[list[Caption]]:
+        """The ``num_captions`` best captions per image (best first; default: configuration.json's
+        ``num_return_sequences``), as the reference's generator returns its hypotheses. An image may get fewer
+        only where the reference would have failed (non-finite scores)."""
+        beam, length = self.validate_settings(beam_size, max_length)
+        n = self.validate_num_captions(num_captions, beam)
+        return [
+            [self._hypothesis_caption(h) for h in hyps[:n]]
+            for hyps in self.generate_hypotheses(pixel_values, beam, length)
+        ]
+
     def caption(
         self,
         images: Sequence[ImageInput] | ImageInput,
@@ -266,16 +286,16 @@ class Captioner:
     # ---------------------------------------------------------------------------------------- helpers
 
     def postprocess(self, text: str) -> str:
-        """The reference's caption clean-up: for English, drop every ``string.punctuation`` character, strip."""
-        if self.task_config.language == "en":
-            return text.translate(_PUNCTUATION).strip()
-        return text
+        """The reference's caption clean-up for the checkpoint's language (see ``tokenizer.postprocess_caption``)."""
+        return postprocess_caption(text, self.task_config.language)
+
+    def _hypothesis_caption(self, hyp: Hypothesis) -> Caption:
+        return Caption(self.postprocess(self.tokenizer.decode(hyp.tokens)), float(hyp.score))
 
     def _to_caption(self, hyps: list[Hypothesis]) -> Caption:
         if not hyps:  # only after non-finite scores; the reference would have raised instead
             return Caption("", -math.inf)
-        best = hyps[0]
-        return Caption(self.postprocess(self.tokenizer.decode(best.tokens)), float(best.score))
+        return self._hypothesis_caption(hyps[0])
 
     def _as_pixels(self, pixel_values: torch.Tensor | np.ndarray) -> torch.Tensor:
         if isinstance(pixel_values, np.ndarray):

@@ -147,6 +147,7 @@ class TaskConfig:
     max_src_length: int = 256
     len_penalty: float = 1.0
     language: str = "en"
+    num_return_sequences: int = 1
     task: str = "image-captioning"
 
     @classmethod
@@ -170,6 +171,7 @@ class TaskConfig:
             max_src_length=int(model.get("max_src_length", 256)),
             len_penalty=float(beam.get("len_penalty", 1.0)),
             language=str(model.get("language", "en")),
+            num_return_sequences=int(model.get("num_return_sequences", 1)),
             task=str(data.get("task", "image-captioning")),
         )
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import string
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-__all__ = ["NUM_BINS", "NUM_CODES", "OFATokenizer", "train_demo_bpe"]
+__all__ = ["NUM_BINS", "NUM_CODES", "OFATokenizer", "load_tokenizer", "postprocess_caption", "train_demo_bpe"]
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
@@ -187,6 +188,23 @@ class OFATokenizer:
     def batch_decode(self, sequences: Iterable[Sequence[int]]) -> list[str]:
         """:meth:`decode` for each sequence."""
         return [self.decode(s) for s in sequences]
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def load_tokenizer(path: str | os.PathLike, language: str = "en") -> OFATokenizer:
+    """The tokenizer of a checkpoint directory for its configuration.json ``language`` (en; zh/cn to come)."""
+    if language == "en":
+        return OFATokenizer.from_pretrained(path)
+    raise NotImplementedError(f"configuration.json model.language {language!r} is not supported (en)")
+
+
+def postprocess_caption(text: str, language: str = "en") -> str:
+    """The reference's caption clean-up: for English, drop every ``string.punctuation`` character, strip."""
+    if language == "en":
+        return text.translate(_PUNCTUATION).strip()
+    return text
 
 
 # --------------------------------------------------------------------------------------------------------
