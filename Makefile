@@ -5,17 +5,34 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
+# The torch build make setup installs: auto (CPU without an NVIDIA driver, else the CUDA build the driver runs),
+# cpu, cu126, cu130 or cu132 (also read from the environment: TORCH=cpu make setup).
+TORCH ?= auto
+TORCH_STAMP := $(VENV)/.torch-$(TORCH)
+PLATFORM_CHECK := src/ofa_serving/platform_check.py
 # Where `make serve` and the tests find the demo checkpoint when OFA_MODEL_DIR is not set.
 DEMO_CHECKPOINT ?= checkpoints/ofa-tiny-demo
 export DEMO_CHECKPOINT
 
-.PHONY: setup setup-dev serve test test-unit lint bench bench-engine load-test soak burst clean
+.PHONY: setup setup-dev check-platform serve test test-unit lint bench bench-engine load-test soak burst clean
 
-## setup: create .venv and install the pinned runtime (engine, tritonserver, client)
+## setup: check the platform, create .venv, install torch (TORCH=auto|cpu|cu126|cu130|cu132) and the pinned runtime
 setup: $(RUNTIME_STAMP)
 
-$(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml
+## check-platform: what make setup checks first, and the torch build TORCH means on this machine
+check-platform:
+	@$(PYTHON) $(PLATFORM_CHECK) --torch $(TORCH)
+
+# The platform check runs under $(PYTHON) before the environment exists or anything is downloaded; then torch
+# of the chosen build, before the rest, so that the torch==VERSION line of runtime.txt finds it installed.
+# One stamp per TORCH value: asking for another build reinstalls torch (nothing else).
+$(TORCH_STAMP): requirements/runtime.txt
+	@$(PYTHON) $(PLATFORM_CHECK) --torch $(TORCH)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) $(PLATFORM_CHECK) --install-torch $(TORCH)
+	@rm -f $(VENV)/.torch-* && touch $@
+
+$(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml $(TORCH_STAMP)
 	$(PY) -m pip install -q -r requirements/runtime.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . || $(PY) -m pip install -q --no-deps -e .
 	@touch $@
@@ -84,5 +101,6 @@ lint-docker: setup-dev
 	$(VENV)/bin/hadolint --failure-threshold style docker/Dockerfile docker/locust/Dockerfile
 	$(PY) -m pytest tests/deploy -m "not integration"
 
+## clean: remove .venv, checkpoints/ (the demo and a downloaded published checkpoint) and the tool caches
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache .ruff_cache
