@@ -25,14 +25,14 @@ check-platform:
 
 # The platform check runs under $(PYTHON) before the environment exists or anything is downloaded; then torch
 # of the chosen build, before the rest, so that the torch==VERSION line of runtime.txt finds it installed.
-# One stamp per TORCH value: asking for another build reinstalls torch (nothing else).
+# One stamp per TORCH value: asking for another build reinstalls torch and nothing else (order-only below).
 $(TORCH_STAMP): requirements/runtime.txt
 	@$(PYTHON) $(PLATFORM_CHECK) --torch $(TORCH)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) $(PLATFORM_CHECK) --install-torch $(TORCH)
 	@rm -f $(VENV)/.torch-* && touch $@
 
-$(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml $(TORCH_STAMP)
+$(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml | $(TORCH_STAMP)
 	$(PY) -m pip install -q -r requirements/runtime.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . || $(PY) -m pip install -q --no-deps -e .
 	@touch $@

@@ -78,7 +78,7 @@ def usage_text(server: TritonServer, kind: str) -> str:
   python -m client caption photos/ --protocol http --url {server.http_address} --json
   python -m client health --url {grpc}
 
-  {{ printf '{{"inputs":[{{"name":"image","shape":[1,1],"datatype":"BYTES","data":["'; base64 -w0 image.jpg; \\
+  {{ printf '{{"inputs":[{{"name":"image","shape":[1,1],"datatype":"BYTES","data":["'; base64 < image.jpg | tr -d '\\n'; \\
      printf '"]}}]}}'; }} | curl -s --data-binary @- {http}/v2/models/caption/infer
 
   Stop with Ctrl-C (in-flight requests finish first; a second Ctrl-C kills).
