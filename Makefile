@@ -101,6 +101,6 @@ lint-docker: setup-dev
 	$(VENV)/bin/hadolint --failure-threshold style docker/Dockerfile docker/locust/Dockerfile
 	$(PY) -m pytest tests/deploy -m "not integration"
 
-## clean: remove .venv, checkpoints/ (the demo and a downloaded published checkpoint) and the tool caches
+## clean: remove .venv, checkpoints/ (the demo and a downloaded published checkpoint), .cache/ and the tool caches
 clean:
-	rm -rf $(VENV) checkpoints .pytest_cache .ruff_cache
+	rm -rf $(VENV) checkpoints .cache .pytest_cache .ruff_cache
