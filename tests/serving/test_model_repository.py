@@ -39,7 +39,9 @@ def test_ensemble_wires_the_steps_with_matching_tensors():
         assert tensors(caption, "output")[name] == tensors(ofa, "output")[name]
     assert tensors(ofa, "output")["captions"]["dims"] == ["-1"]  # n varies per request
     ofa_step = steps[1]
-    assert ofa_step["input_map"] == {n: n for n in ("pixel_values", "beam_size", "max_length", "num_captions")}
+    assert ofa_step["input_map"] == {
+        n: n for n in ("pixel_values", "beam_size", "max_length", "num_captions")
+    }
     assert ofa_step["output_map"] == {n: n for n in outputs}
     assert int(caption["max_batch_size"]) <= min(int(pre["max_batch_size"]), int(ofa["max_batch_size"]))
     assert caption["response_cache"]["enable"] is True

@@ -107,7 +107,9 @@ def test_num_captions_with_the_wrong_batch_size_is_invalid_arg(pb, model):
     bad = pb.InferenceRequest(pixel_values=pixels(1, rows=2), num_captions=int_input(2))
     (response,) = model.execute([bad])
     assert response.error().code() == pb.TritonError.INVALID_ARG
-    assert "input 'num_captions' has batch size 1 but the request has 2 image(s)" in response.error().message()
+    assert (
+        "input 'num_captions' has batch size 1 but the request has 2 image(s)" in response.error().message()
+    )
 
 
 def test_an_image_with_fewer_hypotheses_is_padded_with_empty_and_minus_inf(pb, model):
