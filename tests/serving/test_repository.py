@@ -228,3 +228,48 @@ def test_command_line(two, tmp_path, capsys):
     ]
     assert repository.main([str(tmp_path / "cli2")], environ={"OFA_MODELS": "X=y"}) == 2
     assert "model name 'X' must be lowercase" in capsys.readouterr().err
+
+
+def test_the_kubernetes_patch_in_the_docs_is_valid_and_keeps_the_images_flags():
+    """docs/deployment.md's patch for several checkpoints, applied to docker/k8s/deployment.yaml: schema-valid
+    (strict) and running tritonserver with the image CMD's flags on the generated repository."""
+    import re
+
+    import kubernetes_validate
+    import yaml
+
+    from tests.deploy.test_k8s import KUBERNETES_VERSIONS
+
+    repo = MODEL_REPOSITORY.parent
+    docs = (repo / "docs" / "deployment.md").read_text()
+    patch = yaml.safe_load(re.search(r"kustomize overlay:\n\n```yaml\n(.*?)```", docs, re.S).group(1))
+    manifests = yaml.safe_load_all((repo / "docker" / "k8s" / "deployment.yaml").read_text())
+    deployment = next(d for d in manifests if d and d["kind"] == "Deployment")
+    pod, extra = deployment["spec"]["template"]["spec"], patch["spec"]["template"]["spec"]
+    container, wanted = pod["containers"][0], extra["containers"][0]
+    assert container["name"] == wanted["name"]
+    container["args"] = wanted["args"]
+    env = {e["name"]: e for e in container["env"] + wanted["env"]}  # strategic merge: by name
+    container["env"] = list(env.values())
+    container["volumeMounts"] += wanted["volumeMounts"]
+    pod["volumes"] += extra["volumes"]
+    for version in (KUBERNETES_VERSIONS[0], KUBERNETES_VERSIONS[-1]):
+        kubernetes_validate.validate(deployment, version, strict=True)
+    assert env["OFA_MODEL_DIR"]["value"] == "" and env["OFA_MODELS"]["value"].startswith("caption=")
+    script = container["args"][-1]
+    generate, run = script.split(" && exec ")
+    assert generate.split()[:3] == ["python3", "-m", "ofa_serving.repository"]
+    out = generate.split()[3]
+    cmd = re.search(
+        r'CMD \["tritonserver",(.*?)\]', (repo / "docker" / "Dockerfile").read_text(), re.S
+    ).group(1)
+    image_flags = set(re.findall(r'"(--[^"]+)"', cmd))
+    run_flags = set(run.split()[1:])
+    assert run.split()[0] == "tritonserver" and f"--model-repository={out}" in run_flags
+    assert run_flags - {f"--model-repository={out}"} == {
+        f for f in image_flags if not f.startswith("--model-repository=")
+    }
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert out.startswith("/tmp/") and "/tmp" in mounts  # a writable emptyDir (read-only root filesystem)
+    for entry in env["OFA_MODELS"]["value"].split():
+        assert entry.split("=", 1)[1] in mounts
