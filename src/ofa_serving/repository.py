@@ -168,7 +168,12 @@ def prepare_models(settings: ServerSettings, out_dir: str | Path | None = None):
         )
     models = parse_models(settings.models)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="ofa-model-repository-"))
-    generate_repository(models, out, settings.model_repository)
+    try:
+        generate_repository(models, out, settings.model_repository)
+    except BaseException:
+        if out_dir is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     server = TritonServer.from_settings(
         settings, model_repository=out, model_dir=None, env={"OFA_MODEL_DIR": ""}
     )

@@ -83,7 +83,7 @@ def usage_text(server: TritonServer, kind: str, models: tuple[str, ...] = (DEFAU
 {warn}{listing}
   python -m client caption path/to/image.jpg --url {grpc}{pick}
   python -m client caption photos/ --protocol http --url {server.http_address} --json
-  python -m client health --url {grpc}
+  python -m client health --url {grpc}{pick}
 
   {{ printf '{{"inputs":[{{"name":"image","shape":[1,1],"datatype":"BYTES","data":["'; base64 -w0 image.jpg; \\
      printf '"]}}]}}'; }} | curl -s --data-binary @- {http}/v2/models/{model}/infer

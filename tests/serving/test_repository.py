@@ -202,8 +202,11 @@ def test_models_and_model_dir_together_are_refused(two, tmp_path, monkeypatch, c
     with pytest.raises(SettingsError, match="OFA_MODELS and OFA_MODEL_DIR are both set"):
         prepare_models(load_settings(ServerSettings, environ=environ))
     monkeypatch.setenv("OFA_MODELS", "caption=ckpt/missing")
+    monkeypatch.setattr(repository.tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
     assert serve.main() == 2
     assert "ckpt/missing is not a checkpoint directory" in capsys.readouterr().err
+    assert list((tmp_path / "temp").iterdir()) == []  # the temporary repository is removed again
 
 
 def test_usage_text_names_the_models(two):
