@@ -48,8 +48,10 @@ $(DEV_STAMP): requirements/dev.txt $(RUNTIME_STAMP)
 	@touch $@
 
 ## serve: set up, prepare the checkpoint and run tritonserver in the foreground
+## (several checkpoints, each its own public model: make serve OFA_MODELS="caption=DIR caption_zh=DIR2")
+OFA_MODELS ?=
 serve: setup
-	$(PY) -m ofa_serving.serve
+	OFA_MODELS="$(OFA_MODELS)" $(PY) -m ofa_serving.serve
 
 ## test: set up, then the whole test suite (unit, parity with ModelScope, integration against tritonserver)
 test: setup-dev

@@ -3,7 +3,8 @@
     from client import CaptionClient
     print(CaptionClient("127.0.0.1:8001").caption("cat.jpg").text)
 
-CLI: ``python -m client caption PATH... [--url] [--protocol] [--beam-size] [--max-length] [--json]`` and
+CLI: ``python -m client caption PATH... [--url] [--protocol] [--beam-size] [--max-length] [--num-captions]
+[--json]`` and
 ``python -m client health``. See docs/serving.md.
 """
 

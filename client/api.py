@@ -4,6 +4,7 @@
 
     with CaptionClient("127.0.0.1:8001") as c:                      # gRPC; "http://127.0.0.1:8000" for HTTP
         print(c.caption("cat.jpg"))                                 # Caption(text='...', score=-0.61)
+        print(c.caption_n_best("cat.jpg", num_captions=3))          # [Caption(...), ...], best first
         for r in c.caption_many(["a.jpg", b"...", pil_image], concurrency=8):
             print(r)                                                # a Caption or a CaptionError, in order
 
@@ -229,31 +230,54 @@ class CaptionClient:
 
     def caption(self, image: Any, beam_size: int | None = None, max_length: int | None = None) -> Caption:
         """Caption one image (path, http(s) URL, bytes or PIL image); ``None`` settings = the server's defaults."""
+        result = self._infer(image, {"beam_size": beam_size, "max_length": max_length}, ("caption", "score"))
+        return Caption(
+            text=_text(result.as_numpy("caption")[0, 0]), score=float(result.as_numpy("score")[0, 0])
+        )
+
+    def caption_n_best(
+        self,
+        image: Any,
+        num_captions: int | None = None,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+    ) -> list[Caption]:
+        """The ``num_captions`` best captions of one image, best first (1..beam_size; ``None`` = the checkpoint's
+        ``num_return_sequences``). An entry with an empty text and a score of ``-inf`` stands for a hypothesis
+        the engine could not produce (only after non-finite scores)."""
+        settings = {"beam_size": beam_size, "max_length": max_length, "num_captions": num_captions}
+        result = self._infer(image, settings, ("captions", "scores"))
+        texts, scores = result.as_numpy("captions")[0], result.as_numpy("scores")[0]
+        return [Caption(text=_text(t), score=float(s)) for t, s in zip(texts, scores, strict=True)]
+
+    def _infer(self, image: Any, settings: dict[str, int | None], output_names: tuple[str, ...]) -> Any:
+        """One request for one image with the INT32 ``settings`` that are not ``None``; the tritonclient result."""
         data = load_image_bytes(image)
         tc = self._module()
         inputs = [tc.InferInput("image", [1, 1], "BYTES")]
         inputs[0].set_data_from_numpy(np.array([[data]], dtype=np.object_))
-        for name, value in (("beam_size", beam_size), ("max_length", max_length)):
+        for name, value in settings.items():
             if value is not None:
                 tensor = tc.InferInput(name, [1, 1], "INT32")
                 tensor.set_data_from_numpy(np.array([[int(value)]], dtype=np.int32))
                 inputs.append(tensor)
-        outputs = [tc.InferRequestedOutput("caption"), tc.InferRequestedOutput("score")]
+        outputs = [tc.InferRequestedOutput(name) for name in output_names]
 
         def infer(client):
             if self.protocol == "grpc":
                 return client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout)
             return client.infer(self.model, inputs, outputs=outputs)
 
-        result = self._call(infer)
-        text = result.as_numpy("caption")[0, 0]
-        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-        return Caption(text=text, score=float(result.as_numpy("score")[0, 0]))
+        return self._call(infer)
 
-    def _caption_or_error(self, image: Any, beam_size: int | None, max_length: int | None):
+    def _caption_or_error(
+        self, image: Any, beam_size: int | None, max_length: int | None, num_captions: int | None = None
+    ):
         if isinstance(image, CaptionError):  # an item that already failed (e.g. a missing file) stays failed
             return image
         try:
+            if num_captions is not None:
+                return self.caption_n_best(image, num_captions, beam_size=beam_size, max_length=max_length)
             return self.caption(image, beam_size=beam_size, max_length=max_length)
         except CaptionError as exc:
             return exc
@@ -266,14 +290,17 @@ class CaptionClient:
         concurrency: int = 8,
         beam_size: int | None = None,
         max_length: int | None = None,
-    ) -> Iterator[Caption | CaptionError]:
+        num_captions: int | None = None,
+    ) -> Iterator[Caption | list[Caption] | CaptionError]:
         """Like :meth:`caption_many`, yielding each result (in input order) as soon as it and those before it are done."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="caption") as pool:
             pending: deque = deque()
             for image in images:
-                pending.append(pool.submit(self._caption_or_error, image, beam_size, max_length))
+                pending.append(
+                    pool.submit(self._caption_or_error, image, beam_size, max_length, num_captions)
+                )
                 if len(pending) >= 2 * concurrency:
                     yield pending.popleft().result()
             while pending:
@@ -285,14 +312,23 @@ class CaptionClient:
         concurrency: int = 8,
         beam_size: int | None = None,
         max_length: int | None = None,
-    ) -> list[Caption | CaptionError]:
+        num_captions: int | None = None,
+    ) -> list[Caption | list[Caption] | CaptionError]:
         """Caption many images keeping ``concurrency`` requests in flight.
 
-        Returns one entry per image, in input order: its :class:`Caption`, or the :class:`CaptionError` it got
-        (one bad image does not stop the others). A :class:`CaptionError` given as an image is passed through
-        as that item's result.
+        Returns one entry per image, in input order: its :class:`Caption` (with ``num_captions``: its list of
+        captions, as :meth:`caption_n_best`), or the :class:`CaptionError` it got (one bad image does not stop
+        the others). A :class:`CaptionError` given as an image is passed through as that item's result.
         """
-        return list(self.imap(images, concurrency=concurrency, beam_size=beam_size, max_length=max_length))
+        return list(
+            self.imap(
+                images,
+                concurrency=concurrency,
+                beam_size=beam_size,
+                max_length=max_length,
+                num_captions=num_captions,
+            )
+        )
 
     def health(self, models: Iterable[str] = ("caption", "preprocess", "ofa")) -> dict[str, bool]:
         """``{"live": ..., "ready": ..., "model:<name>": ...}``; an unreachable server is all False (no retries)."""
@@ -307,6 +343,10 @@ class CaptionClient:
         except Exception:  # noqa: BLE001 - unreachable: the report says so
             self._drop_connection()
         return report
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _map_error(exc: BaseException) -> CaptionError:

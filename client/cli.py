@@ -3,7 +3,8 @@
 ``caption`` takes files, directories (searched recursively for image extensions), ``-`` (the image on stdin)
 and http(s) URLs (downloaded by the client). It prints ``path<TAB>caption`` lines, or JSON lines with
 ``--json`` (``{"image", "caption", "score"}``, or ``{"image", "error", "error_type"}`` for a failure), in input
-order. Every failure is also reported on stderr and makes the exit status 1. A progress bar goes to stderr
+order. With ``--num-captions N`` it prints N ``path<TAB>caption`` lines per image, best first, and the JSON line
+gains ``"captions": [{"caption", "score"}, ...]`` (``caption``/``score`` stay the best). Every failure is also reported on stderr and makes the exit status 1. A progress bar goes to stderr
 when there are many images and stderr is a terminal.
 """
 
@@ -62,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
             "--protocol", choices=["grpc", "http"], default=None, help="default: from --url, else grpc"
         )
         p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+        p.add_argument(
+            "--model",
+            default=None,
+            help="public model to call (default: caption; a server with OFA_MODELS serves several)",
+        )
 
     cap = sub.add_parser("caption", help="caption images (files, directories, - for stdin, http(s) URLs)")
     cap.add_argument("paths", nargs="+", metavar="PATH")
@@ -71,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     cap.add_argument(
         "--max-length", type=int, default=None, help="max caption tokens 1..64 (default: the checkpoint's)"
+    )
+    cap.add_argument(
+        "--num-captions",
+        type=int,
+        default=None,
+        help="captions per image, best first, 1..beam size (default: one, the best)",
     )
     cap.add_argument("--json", action="store_true", help="print JSON lines instead of path<TAB>caption")
     cap.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
@@ -106,12 +118,13 @@ def _caption(args: argparse.Namespace) -> int:
 
     failures = 0
     sources = [src for _, src in items]
-    with CaptionClient(args.url, args.protocol, timeout=args.timeout) as client:
+    with CaptionClient(args.url, args.protocol, timeout=args.timeout, **_model(args)) as client:
         results = client.imap(
             sources,
             concurrency=args.concurrency,
             beam_size=args.beam_size,
             max_length=args.max_length,
+            num_captions=args.num_captions,
         )
         for (name, _), result in zip(items, results, strict=True):
             if isinstance(result, CaptionError):
@@ -122,13 +135,14 @@ def _caption(args: argparse.Namespace) -> int:
                         json.dumps({"image": name, "error": str(result), "error_type": type(result).__name__})
                     )
             elif args.json:
-                emit(
-                    json.dumps(
-                        {"image": name, "caption": result.text, "score": result.score}, ensure_ascii=False
-                    )
-                )
+                ranked = result if isinstance(result, list) else [result]
+                line = {"image": name, "caption": ranked[0].text, "score": ranked[0].score}
+                if isinstance(result, list):
+                    line["captions"] = [{"caption": c.text, "score": c.score} for c in result]
+                emit(json.dumps(line, ensure_ascii=False))
             else:
-                emit(f"{name}\t{' '.join(result.text.split())}")
+                for caption in result if isinstance(result, list) else [result]:
+                    emit(f"{name}\t{' '.join(caption.text.split())}")
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -138,9 +152,13 @@ def _caption(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _model(args: argparse.Namespace) -> dict[str, str]:
+    return {} if args.model is None else {"model": args.model}
+
+
 def _health(args: argparse.Namespace) -> int:
-    with CaptionClient(args.url, args.protocol, timeout=args.timeout, retries=0) as client:
-        report = client.health()
+    with CaptionClient(args.url, args.protocol, timeout=args.timeout, retries=0, **_model(args)) as client:
+        report = client.health() if args.model is None else client.health((args.model,))
     where = f"{client.protocol}://{client.address}"
     for key, ok in report.items():
         label = f"server {key}" if key in ("live", "ready") else key.replace("model:", "model ")

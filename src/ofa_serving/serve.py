@@ -4,6 +4,8 @@
    through ModelScope where the hub answers (skipped once complete, and with ``OFA_DOWNLOAD=0``); else the demo
    checkpoint (``DEMO_CHECKPOINT``, default ``checkpoints/ofa-tiny-demo``) with a loud notice that its captions
    are meaningless.
+   With ``OFA_MODELS`` (``name=dir ...``) several checkpoints are served at once, each as its own public
+   model, from a repository generated at start (``ofa_serving.repository``).
 2. tritonserver in the foreground on ``HOST`` (127.0.0.1) and ``HTTP_PORT``/``GRPC_PORT``/``METRICS_PORT``
    (8000/8001/8002); once ready it prints how to call it. SIGINT/SIGTERM are forwarded to the server (graceful
    stop, in-flight requests finish); a second signal kills it.
@@ -11,12 +13,14 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from .launcher import ServerStartError, TritonServer
+from .repository import DEFAULT_NAME, prepare_models
 from .settings import ServerSettings, SettingsError, load_settings
 
 __all__ = ["prepare_checkpoint", "usage_text", "main"]
@@ -67,19 +71,22 @@ def prepare_checkpoint(settings: ServerSettings, real_dir: Path = REAL_DIR) -> t
     return path.resolve(), "demo"
 
 
-def usage_text(server: TritonServer, kind: str) -> str:
+def usage_text(server: TritonServer, kind: str, models: tuple[str, ...] = (DEFAULT_NAME,)) -> str:
     """How to call the running server (CLI, curl, health), printed once it is ready."""
     http, grpc = server.http_url, server.grpc_address
     warn = "\n  NOTE: demo checkpoint, captions are meaningless.\n" if kind == "demo" else ""
+    model = models[0]
+    pick = "" if model == DEFAULT_NAME else f" --model {model}"
+    listing = f"\n  Models: {', '.join(models)}\n" if models != (DEFAULT_NAME,) else ""
     return f"""
 === OFA captioning is ready: HTTP {http}  gRPC {grpc}  metrics {server.metrics_url} ===
-{warn}
-  python -m client caption path/to/image.jpg --url {grpc}
+{warn}{listing}
+  python -m client caption path/to/image.jpg --url {grpc}{pick}
   python -m client caption photos/ --protocol http --url {server.http_address} --json
-  python -m client health --url {grpc}
+  python -m client health --url {grpc}{pick}
 
   {{ printf '{{"inputs":[{{"name":"image","shape":[1,1],"datatype":"BYTES","data":["'; base64 < image.jpg | tr -d '\\n'; \\
-     printf '"]}}]}}'; }} | curl -s --data-binary @- {http}/v2/models/caption/infer
+     printf '"]}}]}}'; }} | curl -s --data-binary @- {http}/v2/models/{model}/infer
 
   Stop with Ctrl-C (in-flight requests finish first; a second Ctrl-C kills).
 """
@@ -87,11 +94,20 @@ def usage_text(server: TritonServer, kind: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Prepare the checkpoint, run tritonserver in the foreground, forward SIGINT/SIGTERM; its exit code."""
+    generated = None
     try:
         settings = load_settings(ServerSettings)
-        model_dir, kind = prepare_checkpoint(settings)
-        server = TritonServer.from_settings(settings, model_dir=model_dir)
-    except (SettingsError, ServerStartError) as exc:
+        if settings.models:
+            server, served, generated = prepare_models(settings)
+            kind, names = "configured", tuple(m.name for m in served)
+            what = ", ".join(f"{m.name} <- {m.checkpoint}" for m in served) + f" (repository {generated})"
+        else:
+            model_dir, kind = prepare_checkpoint(settings)
+            server = TritonServer.from_settings(settings, model_dir=model_dir)
+            names, what = (DEFAULT_NAME,), f"{model_dir} ({kind})"
+    except (SettingsError, ServerStartError, OSError) as exc:
+        if generated is not None:
+            shutil.rmtree(generated, ignore_errors=True)
         _log(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
@@ -110,13 +126,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    _log(f"starting tritonserver with {model_dir} ({kind}); models load and warm up before ready")
+    _log(f"starting tritonserver with {what}; models load and warm up before ready")
     try:
         server.start()
         while server.process.poll() is None and not signals["count"]:
             try:
                 server.wait_ready(timeout=1)
-                print(usage_text(server, kind), file=sys.stderr, flush=True)
+                print(usage_text(server, kind, names), file=sys.stderr, flush=True)
                 break
             except ServerStartError:
                 if server.process.poll() is not None:
@@ -129,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server.process is not None and server.process.poll() is None:
             server.stop()
+        if generated is not None:
+            shutil.rmtree(generated, ignore_errors=True)
 
 
 if __name__ == "__main__":

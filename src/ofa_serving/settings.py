@@ -273,6 +273,12 @@ class ServerSettings:
         env="OFA_MODEL_DIR",
         help="checkpoint to serve; unset = the real one if the hub answers, else the demo one",
     )
+    models: str = setting(
+        "",
+        env="OFA_MODELS",
+        help="several checkpoints, each its own public model: `name=dir name2=dir2` (docs/serving.md); "
+        "unset = one `caption` model from OFA_MODEL_DIR",
+    )
     download: bool = setting(
         True, env="OFA_DOWNLOAD", help="without OFA_MODEL_DIR, try the hub for the real checkpoint first"
     )

@@ -85,11 +85,12 @@ class StandInCaptioner:
 
     instances: list[StandInCaptioner] = []
     patch_image_size = 480
-    default_beam_size, default_max_length = 5, 16
+    default_beam_size, default_max_length, default_num_captions = 5, 16, 1
 
     def __init__(self, path, device, dtype):
         self.path, self.device, self.dtype = path, device, dtype
         self.calls: list[tuple[tuple[int, ...], int | None, int | None]] = []
+        self.n_best_calls: list[int | None] = []
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None):
@@ -106,6 +107,12 @@ class StandInCaptioner:
             raise ValueError(f"max_length must be between 1 and 64, got {length}")
         return beam, length
 
+    def validate_num_captions(self, num_captions, beam_size):
+        n = self.default_num_captions if num_captions is None else int(num_captions)
+        if not 1 <= n <= beam_size:
+            raise ValueError(f"num_captions must be between 1 and {beam_size}, got {n}")
+        return n
+
     def warmup(self, batch_sizes=(1,), beam_size=None, max_length=None):
         self.calls.append(("warmup", tuple(batch_sizes)))
 
@@ -115,6 +122,18 @@ class StandInCaptioner:
         if any(i < 0 for i in ids):
             raise RuntimeError("stand-in engine failure")
         return [StandInCaption(f"image {i:g} beam {beam_size} len {max_length}", -i / 10) for i in ids]
+
+    def generate_n_best(self, pixel_values, beam_size=None, max_length=None, num_captions=None):
+        """``generate`` (recorded as such) plus ``num_captions - 1`` worse alternatives per image; an image id
+        of 1000 or more has only one hypothesis (the engine's short list after non-finite scores)."""
+        self.n_best_calls.append(num_captions)
+        best = self.generate(pixel_values, beam_size, max_length)
+        return [
+            [c] + [StandInCaption(f"{c.text} alt {k}", c.score - k) for k in range(1, num_captions)]
+            if c.score > -100
+            else [c]
+            for c in best
+        ]
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -205,8 +206,11 @@ def test_expand_inputs_walks_directories_by_extension(tmp_path):
 class FakeCaptionClient:
     """Stands in for CaptionClient in the CLI: 'bad' in a name means the server refuses the image."""
 
-    def __init__(self, url, protocol, timeout=None, retries=None):
+    models: list[str] = []
+
+    def __init__(self, url, protocol, timeout=None, retries=None, model="caption"):
         self.protocol, self.address = protocol or "grpc", url
+        FakeCaptionClient.models.append(model)
 
     def __enter__(self):
         return self
@@ -214,12 +218,14 @@ class FakeCaptionClient:
     def __exit__(self, *exc):
         pass
 
-    def imap(self, sources, concurrency, beam_size, max_length):
+    def imap(self, sources, concurrency, beam_size, max_length, num_captions=None):
         for src in sources:
             if isinstance(src, CaptionError):
                 yield src
             elif "bad" in str(src):
                 yield InvalidInputError("cannot decode image")
+            elif num_captions is not None:
+                yield [Caption(f"caption {k} of {Path(src).stem}", -1.0 - k) for k in range(num_captions)]
             else:
                 yield Caption(f"caption of {Path(src).stem} b{beam_size}", -1.0)
 
@@ -249,3 +255,66 @@ def test_cli_all_good_exits_zero(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "CaptionClient", FakeCaptionClient)
     (tmp_path / "a.jpg").write_bytes(b"x")
     assert cli.main(["caption", str(tmp_path / "a.jpg")]) == 0
+
+
+class FakeNBestClient(FakeTritonClient):
+    def infer(self, model, inputs, outputs=None, client_timeout=None):
+        self.calls.append({i.name(): i for i in inputs})
+        self.requested = [o.name() for o in outputs]
+        return types.SimpleNamespace(
+            as_numpy={
+                "captions": np.array([[b"a cat", b"a dog", b""]], dtype=object),
+                "scores": np.array([[-0.5, -0.75, -np.inf]], np.float32),
+            }.__getitem__
+        )
+
+
+def test_caption_n_best_sends_num_captions_and_reads_the_lists(monkeypatch):
+    fake = FakeNBestClient([])
+    client = CaptionClient("h:1")
+    monkeypatch.setattr(client, "_client", lambda: fake)
+    got = client.caption_n_best(b"img", num_captions=3, beam_size=4)
+    assert got == [Caption("a cat", -0.5), Caption("a dog", -0.75), Caption("", float("-inf"))]
+    assert set(fake.calls[0]) == {"image", "num_captions", "beam_size"}
+    assert fake.requested == ["captions", "scores"]
+    client.caption_n_best(b"img")
+    assert set(fake.calls[1]) == {"image"}  # num_captions absent: the checkpoint's default applies
+
+
+def test_caption_many_with_num_captions_returns_lists(monkeypatch):
+    fake = FakeNBestClient([])
+    client = CaptionClient("h:1")
+    monkeypatch.setattr(client, "_client", lambda: fake)
+    results = client.caption_many([b"x", ImageSourceError("gone")], concurrency=2, num_captions=3)
+    assert [c.text for c in results[0]] == ["a cat", "a dog", ""]
+    assert isinstance(results[1], ImageSourceError)
+
+
+def test_cli_num_captions_prints_n_lines_per_image_and_json_lists(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "CaptionClient", FakeCaptionClient)
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "b.jpg").write_bytes(b"x")
+    assert cli.main(["caption", str(tmp_path), "--num-captions", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{tmp_path}/a.jpg\tcaption 0 of a",
+        f"{tmp_path}/a.jpg\tcaption 1 of a",
+        f"{tmp_path}/b.jpg\tcaption 0 of b",
+        f"{tmp_path}/b.jpg\tcaption 1 of b",
+    ]
+    assert cli.main(["caption", str(tmp_path / "a.jpg"), "--num-captions", "3", "--json"]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert line == {
+        "image": str(tmp_path / "a.jpg"),
+        "caption": "caption 0 of a",
+        "score": -1.0,
+        "captions": [{"caption": f"caption {k} of a", "score": -1.0 - k} for k in range(3)],
+    }
+
+
+def test_cli_model_option_picks_the_public_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "CaptionClient", FakeCaptionClient)
+    monkeypatch.setattr(FakeCaptionClient, "models", [])
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    assert cli.main(["caption", str(tmp_path / "a.jpg"), "--model", "caption_zh"]) == 0
+    assert cli.main(["caption", str(tmp_path / "a.jpg")]) == 0
+    assert FakeCaptionClient.models == ["caption_zh", "caption"]

@@ -24,16 +24,25 @@ def test_ensemble_wires_the_steps_with_matching_tensors():
     steps = caption["ensemble_scheduling"]["step"]
     assert [s["model_name"] for s in steps] == ["preprocess", "ofa"]
     assert tensors(pre, "output")["pixel_values"]["dims"] == tensors(ofa, "input")["pixel_values"]["dims"]
-    for name in ("image", "beam_size", "max_length"):
+    for name in ("image", "beam_size", "max_length", "num_captions"):
         assert name in tensors(caption, "input")
-    for name in ("beam_size", "max_length"):
+    for name in ("beam_size", "max_length", "num_captions"):
         assert tensors(caption, "input")[name].get("optional") and tensors(ofa, "input")[name].get("optional")
         assert (
             tensors(caption, "input")[name]["data_type"]
             == tensors(ofa, "input")[name]["data_type"]
             == "TYPE_INT32"
         )
-    assert tensors(caption, "output").keys() == tensors(ofa, "output").keys() == {"caption", "score"}
+    outputs = {"caption", "score", "captions", "scores"}
+    assert tensors(caption, "output").keys() == tensors(ofa, "output").keys() == outputs
+    for name in outputs:
+        assert tensors(caption, "output")[name] == tensors(ofa, "output")[name]
+    assert tensors(ofa, "output")["captions"]["dims"] == ["-1"]  # n varies per request
+    ofa_step = steps[1]
+    assert ofa_step["input_map"] == {
+        n: n for n in ("pixel_values", "beam_size", "max_length", "num_captions")
+    }
+    assert ofa_step["output_map"] == {n: n for n in outputs}
     assert int(caption["max_batch_size"]) <= min(int(pre["max_batch_size"]), int(ofa["max_batch_size"]))
     assert caption["response_cache"]["enable"] is True
 

@@ -1,4 +1,5 @@
-"""Triton adapter `ofa`: ``pixel_values`` (+ optional ``beam_size``, ``max_length``) -> ``caption``, ``score``.
+"""Triton adapter `ofa`: ``pixel_values`` (+ optional ``beam_size``, ``max_length``, ``num_captions``) ->
+``caption``, ``score`` (the best) and ``captions``, ``scores`` (the n best, ``ofa_serving.nbest``).
 
 A thin adapter over ``ofa_captioning.Captioner``. Every row of every request of one execute() goes into one
 engine batch per distinct (beam_size, max_length); results go back one response per request, in order. A bad
@@ -23,6 +24,7 @@ from ofa_serving.adapter import (
     responses,
 )
 from ofa_serving.batching import RequestError, run_batched
+from ofa_serving.nbest import n_best_arrays, pad_captions, request_num_captions
 from ofa_serving.settings import OFASettings, load_settings, resolve_device, resolve_dtype
 
 
@@ -60,13 +62,11 @@ class TritonPythonModel:
 
     @staticmethod
     def _outputs(captions):
-        """A request's captions as its ``caption`` and ``score`` tensors."""
-        texts = np.array([[c.text.encode("utf-8")] for c in captions], dtype=np.object_)
-        scores = np.array([[c.score] for c in captions], dtype=np.float32)
-        return [pb_utils.Tensor("caption", texts), pb_utils.Tensor("score", scores)]
+        """A request's n-best lists as its ``caption``, ``score``, ``captions`` and ``scores`` tensors."""
+        return [pb_utils.Tensor(name, array) for name, array in n_best_arrays(captions).items()]
 
     def _read(self, request):
-        """The request's rows as ``((beam_size, max_length), pixels)``, or the error that makes it invalid."""
+        """The request's rows as ``((beam_size, max_length), (pixels, num_captions))``, or its error."""
         try:
             pixels = input_array(pb_utils, request, "pixel_values")
             rows = len(pixels)
@@ -76,21 +76,29 @@ class TritonPythonModel:
             lengths = optional_int_rows(
                 input_array(pb_utils, request, "max_length", optional=True), rows, "max_length"
             )
-            keys = []
+            wanted = request_num_captions(
+                optional_int_rows(
+                    input_array(pb_utils, request, "num_captions", optional=True), rows, "num_captions"
+                )
+            )
+            keys, counts = [], []
             for beam, length in zip(beams, lengths, strict=True):
                 try:
                     keys.append(self.captioner.validate_settings(beam, length))
+                    counts.append(self.captioner.validate_num_captions(wanted, keys[-1][0]))
                 except ValueError as exc:
                     raise RequestError(str(exc)) from exc
-            return list(zip(keys, pixels, strict=True))
+            return list(zip(keys, zip(pixels, counts, strict=True), strict=True))
         except Exception as exc:  # noqa: BLE001 - becomes this request's error response
             return exc
 
-    def _generate(self, key, pixels):
-        """One engine call for all rows sharing the generation settings ``key``."""
+    def _generate(self, key, rows):
+        """One engine call for all rows sharing the generation settings ``key``; each row keeps its n best."""
         beam_size, max_length = key
-        batch = torch.from_numpy(np.stack(pixels))
-        return self.captioner.generate(batch, beam_size=beam_size, max_length=max_length)
+        batch = torch.from_numpy(np.stack([pixels for pixels, _ in rows]))
+        most = max(n for _, n in rows)
+        lists = self.captioner.generate_n_best(batch, beam_size, max_length, num_captions=most)
+        return [pad_captions(best, n) for best, (_, n) in zip(lists, rows, strict=True)]
 
     def finalize(self):
         """Release the engine (and CUDA memory where it used some)."""
