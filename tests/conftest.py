@@ -2,6 +2,8 @@
 
 * ``demo_checkpoint``: the deterministic random-weight OFA-tiny demo checkpoint, built once under
   ``checkpoints/ofa-tiny-demo`` (or ``$DEMO_CHECKPOINT``, relative to the repository root) and reused.
+* ``demo_checkpoint_zh``: the Chinese demo checkpoint (``--language zh``), under ``checkpoints/ofa-tiny-demo-zh``
+  (or ``$DEMO_CHECKPOINT_ZH``).
 * ``image_corpus``: ``[(name, encoded bytes), ...]``, 18 synthetic images covering formats, modes, sizes,
   aspect ratios and EXIF orientations (see ``tests/images.py``).
 * ``reference``: ModelScope's OFA (``tests/reference.py``) on the demo checkpoint. ``make test`` always
@@ -32,6 +34,15 @@ def demo_checkpoint() -> Path:
     from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
 
     return Path(ensure_demo_checkpoint(demo_checkpoint_dir()))
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint_zh() -> Path:
+    """Path of the Chinese demo checkpoint (built on first use, then reused across sessions)."""
+    from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
+
+    p = Path(os.environ.get("DEMO_CHECKPOINT_ZH") or "checkpoints/ofa-tiny-demo-zh")
+    return Path(ensure_demo_checkpoint(p if p.is_absolute() else REPO_ROOT / p, language="zh"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from ofa_captioning.tokenizer import NUM_BINS, NUM_CODES, OFATokenizer, train_demo_bpe
+from ofa_captioning.demo_vocab import train_demo_bpe
+from ofa_captioning.tokenizer import NUM_BINS, NUM_CODES, OFATokenizer
 
 EDGE_STRINGS = [
     " what does the image describe?",
@@ -168,7 +169,7 @@ def test_encode_matches_reference_on_many_strings(tok: OFATokenizer, reference) 
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("max_src_length", [1, 3, 7, 256])
+@pytest.mark.parametrize("max_src_length", [0, 1, 3, 7, 256])
 def test_encode_prompt_truncates_like_reference(tok: OFATokenizer, reference, max_src_length: int) -> None:
     ref = reference.tokenizer
     for s in (" what does the image describe?", " a very long prompt " * 40, "<code_1> <bin_2> x" * 5):

@@ -2,7 +2,7 @@
 
 ``python -m ofa_captioning.demo_checkpoint DIR`` writes ``config.json``, ``configuration.json``,
 ``pytorch_model.bin`` (all 541 keys of ModelScope's OFA-tiny, tied embeddings stored once, buffers by formula),
-``vocab.json`` + ``merges.txt`` (a BPE trained locally, see :func:`ofa_captioning.tokenizer.train_demo_bpe`) and a
+``vocab.json`` + ``merges.txt`` (a BPE trained locally, see :func:`ofa_captioning.demo_vocab.train_demo_bpe`) and a
 README. ModelScope's own ``OFAModel.from_pretrained`` and ``OFATokenizer.from_pretrained`` load it unchanged.
 
 Its captions are meaningless. The weights are random but shaped so that the interesting code paths run:
@@ -14,6 +14,13 @@ Its captions are meaningless. The weights are random but shaped so that the inte
 * the EOS row of the (tied) token embedding is aligned with the final decoder LayerNorm's bias, which adds
   ``EOS_LOGIT_BIAS`` to EOS's logit on top of an image-dependent term. EOS then competes with other tokens, so
   hypotheses finish at different steps and the beam search's finalisation logic runs, as with real weights.
+
+``python -m ofa_captioning.demo_checkpoint --language zh DIR`` writes the Chinese counterpart, in the layout of
+ModelScope's Chinese caption checkpoints: a BERT-style ``vocab.txt`` made locally
+(:func:`ofa_captioning.demo_vocab.write_demo_vocab_txt`) instead of the BPE files, ``language: zh`` and a Chinese
+prompt in configuration.json, ``vocab_size`` = the Chinese tokenizer's length, the same kind of random weights;
+its ``<code_*>``/``<bin_*>`` embedding rows are scaled down (``ZH_ADDED_ROW_SCALE``) so that captions are mostly
+Chinese characters and word pieces rather than image-code tokens.
 """
 
 from __future__ import annotations
@@ -33,11 +40,24 @@ from torch import nn
 from .config import ModelConfig
 from .model import OFAModel
 
-__all__ = ["DEMO_MODEL_CONFIG", "DEMO_TASK_CONFIG", "build_demo_checkpoint", "ensure_demo_checkpoint", "main"]
+__all__ = [
+    "DEMO_MODEL_CONFIG",
+    "DEMO_TASK_CONFIG",
+    "DEMO_TASK_CONFIG_ZH",
+    "build_demo_checkpoint",
+    "build_demo_checkpoint_zh",
+    "ensure_demo_checkpoint",
+    "main",
+]
 
 FORMAT_VERSION = 3  # bump whenever the weight recipe changes: existing demo checkpoints get rebuilt
 STAMP = ".demo-checkpoint.json"
 FILES = ("config.json", "configuration.json", "pytorch_model.bin", "vocab.json", "merges.txt", "README.md")
+FORMAT_VERSION_ZH = 1  # the Chinese demo checkpoint's recipe (weights or vocab.txt)
+FILES_ZH = ("config.json", "configuration.json", "pytorch_model.bin", "vocab.txt", "README.md")
+# Scale of the Chinese demo's <code_*>/<bin_*> embedding rows: with a small vocab.txt they would otherwise be
+# more than half of the vocabulary and of the random captions.
+ZH_ADDED_ROW_SCALE = 0.25
 
 # EOS row norm (scale of the image-dependent part of EOS's logit) and constant EOS logit offset. With these, EOS
 # wins some beam slots: hypotheses finish at different steps and the best caption's length varies per image,
@@ -123,6 +143,13 @@ DEMO_TASK_CONFIG: dict = {
     "preprocessor": {"type": "ofa-image-caption"},
 }
 
+# The Chinese demo: the same task configuration with ModelScope's language switch and the Chinese caption prompt
+# of OFA-Sys (its training data code; the Tutorial tokenizes it with the leading space).
+DEMO_TASK_CONFIG_ZH: dict = {
+    **DEMO_TASK_CONFIG,
+    "model": {**DEMO_TASK_CONFIG["model"], "language": "zh", "prompt": " 图片描述了什么内容?"},
+}
+
 README = """\
 # OFA-tiny demo checkpoint (random weights)
 
@@ -137,6 +164,20 @@ The random weights are shaped for testing: random BatchNorm statistics, LayerNor
 relative-position tables and head scales; peaked attention so scores depend on the image; and the EOS
 embedding row aligned with the final decoder LayerNorm bias (EOS logit offset {eos_bias}), so that EOS competes:
 beam-search hypotheses finish at different steps and the best caption's length varies per image.
+"""
+
+
+README_ZH = """\
+# OFA-tiny Chinese demo checkpoint (random weights)
+
+Written by `python -m ofa_captioning.demo_checkpoint --language zh DIR` (seed {seed}, format {version}). It has
+the layout of ModelScope's Chinese caption checkpoints (config.json, configuration.json with `language: zh`,
+pytorch_model.bin, vocab.txt) so that the Chinese path can be built and tested offline.
+
+**Its captions are meaningless**: the weights are random and vocab.txt ({vocab_lines} lines) was made locally
+(token ids are not bert-base-chinese's). The random weights are shaped as in the English demo checkpoint; in
+addition the `<code_*>`/`<bin_*>` embedding rows are scaled by {row_scale} so that captions are mostly Chinese
+characters and word pieces.
 """
 
 
@@ -196,7 +237,7 @@ def _init_weights(model: OFAModel, seed: int) -> None:
 
 def build_demo_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write the demo checkpoint into ``out_dir`` (created; existing files are replaced). Returns its path."""
-    from .tokenizer import train_demo_bpe
+    from .demo_vocab import train_demo_bpe
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,14 +263,65 @@ def build_demo_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
-def is_complete(out_dir: str | os.PathLike, seed: int = 0) -> bool:
-    """Whether ``out_dir`` holds a complete demo checkpoint built with ``seed`` by this format version."""
+def build_demo_checkpoint_zh(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the Chinese demo checkpoint into ``out_dir`` (created; existing files are replaced). Returns its path."""
+    from .demo_vocab import write_demo_vocab_txt
+    from .tokenizer import OFATokenizerZH
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as tmp:
+        tmp_dir = Path(tmp)
+        vocab_path = write_demo_vocab_txt(tmp_dir)
+        tokenizer = OFATokenizerZH.from_pretrained(tmp_dir)
+        model_config = {**DEMO_MODEL_CONFIG, "vocab_size": len(tokenizer)}
+        model = OFAModel(ModelConfig.from_dict(model_config))
+        _init_weights(model, seed)
+        with torch.no_grad():
+            first_added = tokenizer.mask_id + 1
+            model.encoder.embed_tokens.weight[first_added:] *= ZH_ADDED_ROW_SCALE
+        torch.save(model.state_dict(), tmp_dir / "pytorch_model.bin")
+        (tmp_dir / "config.json").write_text(json.dumps(model_config, indent=2) + "\n", encoding="utf-8")
+        (tmp_dir / "configuration.json").write_text(
+            json.dumps(DEMO_TASK_CONFIG_ZH, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        (tmp_dir / "README.md").write_text(
+            README_ZH.format(
+                seed=seed,
+                version=FORMAT_VERSION_ZH,
+                vocab_lines=tokenizer.vocab_size,
+                row_scale=ZH_ADDED_ROW_SCALE,
+            ),
+            encoding="utf-8",
+        )
+        assert vocab_path.name in FILES_ZH
+        for name in FILES_ZH:
+            os.replace(tmp_dir / name, out / name)
+    (out / STAMP).write_text(json.dumps(_stamp(seed, "zh")) + "\n", encoding="utf-8")
+    return out
+
+
+def _stamp(seed: int, language: str) -> dict:
+    if language == "en":
+        return {"seed": seed, "format": FORMAT_VERSION}
+    return {"seed": seed, "format": FORMAT_VERSION_ZH, "language": language}
+
+
+def _check_demo_language(language: str) -> None:
+    if language not in ("en", "zh"):
+        raise ValueError(f"demo checkpoints exist for languages en and zh, not {language!r}")
+
+
+def is_complete(out_dir: str | os.PathLike, seed: int = 0, language: str = "en") -> bool:
+    """Whether ``out_dir`` holds a complete demo checkpoint of ``language`` built with ``seed`` by this format."""
+    _check_demo_language(language)
     out = Path(out_dir)
     try:
         stamp = json.loads((out / STAMP).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return stamp == {"seed": seed, "format": FORMAT_VERSION} and all((out / f).is_file() for f in FILES)
+    files = FILES if language == "en" else FILES_ZH
+    return stamp == _stamp(seed, language) and all((out / f).is_file() for f in files)
 
 
 @contextlib.contextmanager
@@ -248,29 +340,40 @@ def _lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_demo_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the demo checkpoint in ``out_dir`` unless a complete one is already there (safe across processes)."""
+def ensure_demo_checkpoint(out_dir: str | os.PathLike, seed: int = 0, language: str = "en") -> Path:
+    """Build the demo checkpoint of ``language`` (en, zh) in ``out_dir`` unless a complete one is there (safe across
+    processes)."""
+    _check_demo_language(language)
     out = Path(out_dir)
-    if is_complete(out, seed):
+    if is_complete(out, seed, language):
         return out
     with _lock(out.parent / f".{out.name}.lock"):
-        if not is_complete(out, seed):
+        if not is_complete(out, seed, language):
             if out.exists() and (out / STAMP).exists():
                 (out / STAMP).unlink()
-            build_demo_checkpoint(out, seed)
+            if language == "en":
+                build_demo_checkpoint(out, seed)
+            else:
+                build_demo_checkpoint_zh(out, seed)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m ofa_captioning.demo_checkpoint DIR [--seed N] [--force]``."""
+    """Command line: ``python -m ofa_captioning.demo_checkpoint DIR [--language en|zh] [--seed N] [--force]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("directory", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--language",
+        choices=("en", "zh"),
+        default="en",
+        help="en: BPE vocabulary; zh: vocab.txt, Chinese prompt",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete checkpoint is there")
     args = parser.parse_args(argv)
     if args.force and args.directory.exists():
         (args.directory / STAMP).unlink(missing_ok=True)
-    path = ensure_demo_checkpoint(args.directory, args.seed)
+    path = ensure_demo_checkpoint(args.directory, args.seed, args.language)
     print(f"demo checkpoint (random weights, captions are meaningless): {path}")
     return 0
 

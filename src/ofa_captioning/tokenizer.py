@@ -1,44 +1,72 @@
-"""OFA's text tokenizer on the `tokenizers` library.
+"""OFA's text tokenizers on the `tokenizers` library, one per configuration.json ``language``.
 
-OFA (English) uses BART's byte-level BPE (``vocab.json`` + ``merges.txt``, 50265 entries including
+English (``en``): OFA uses BART's byte-level BPE (``vocab.json`` + ``merges.txt``, 50265 entries including
 ``<mask>``) to which ModelScope's ``OfaForAllTasks`` adds ``<code_0>``..``<code_8191>`` and
-``<bin_0>``..``<bin_999>`` as extra tokens, giving 59457 ids. This module reproduces ModelScope's
-``OFATokenizer`` (a transformers ``BartTokenizer``) exactly for the two things the captioner needs:
+``<bin_0>``..``<bin_999>`` as extra tokens, giving 59457 ids. :class:`OFATokenizer` reproduces ModelScope's
+``OFATokenizer`` (a transformers ``BartTokenizer``) exactly.
 
-* :meth:`OFATokenizer.encode_prompt` - ``<s>`` + BPE(text, no special tokens, truncated) + ``</s>``,
-  what ModelScope's OFA preprocessor feeds the encoder;
-* :meth:`OFATokenizer.decode` - ``batch_decode(ids, skip_special_tokens=True)`` followed by ``.strip()``,
-  what ``OfaForAllTasks`` does with the best hypothesis.
+Chinese (``zh``/``cn``): a BERT-style ``vocab.txt`` (``<s> <pad> </s> <unk>``, then bert-base-chinese's entries),
+``<mask>`` appended when absent, then the same 8192 + 1000 tokens (30325 ids for the published files).
+:class:`OFATokenizerZH` reproduces ModelScope's ``OFATokenizerZH`` (BERT basic tokenization + WordPiece) exactly.
 
-No transformers import: encoding runs on a ``tokenizers.Tokenizer`` built from the two files; decoding is
-done here in plain Python because the reference's handling of added tokens (each one becomes its own
-space-separated piece) differs from ``tokenizers``' own decoder.
+Both provide the two things the captioner needs:
 
-:func:`train_demo_bpe` trains a small-corpus byte-level BPE with BART's layout for the offline demo
-checkpoint (the published vocabulary cannot be downloaded here).
+* ``encode_prompt`` - ``<s>`` + tokens(text, no special tokens, truncated) + ``</s>``, what ModelScope's OFA
+  preprocessor feeds the encoder;
+* ``decode`` - ``batch_decode(ids, skip_special_tokens=True)`` followed by ``.strip()``, what ``OfaForAllTasks``
+  does with the best hypothesis.
+
+No transformers import. Decoding is done in plain Python because the reference's handling of added tokens (each
+one becomes its own space-separated piece) differs from ``tokenizers``' own decoders.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
+import re
 import string
-from collections.abc import Iterable, Iterator, Sequence
+import unicodedata
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import (
+    AddedToken,
+    NormalizedString,
+    PreTokenizedString,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+)
 
-__all__ = ["NUM_BINS", "NUM_CODES", "OFATokenizer", "load_tokenizer", "postprocess_caption", "train_demo_bpe"]
+__all__ = [
+    "LANGUAGES",
+    "NUM_BINS",
+    "NUM_CODES",
+    "OFATokenizer",
+    "OFATokenizerZH",
+    "load_tokenizer",
+    "postprocess_caption",
+]
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
+VOCAB_TXT_FILE = "vocab.txt"  # Chinese checkpoints: BERT-style WordPiece vocabulary
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 NUM_CODES = 8192
 NUM_BINS = 1000
 
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
+
+
+def _truncate(ids: list[int], max_src_length: int) -> list[int]:
+    # transformers truncates only when max_length is truthy: a max_src_length of 0 keeps every token.
+    if max_src_length < 0:
+        raise ValueError(f"max_src_length must be >= 0, got {max_src_length}")
+    return ids[:max_src_length] if max_src_length else ids
 
 
 @lru_cache(maxsize=1)
@@ -146,10 +174,11 @@ class OFATokenizer:
         return self._tk.encode(text, add_special_tokens=False).ids
 
     def encode_prompt(self, text: str, max_src_length: int = 256) -> list[int]:
-        """``<s>`` + BPE(text) truncated to ``max_src_length`` tokens + ``</s>``, as ModelScope's OFA preprocessor."""
-        if max_src_length < 0:
-            raise ValueError(f"max_src_length must be >= 0, got {max_src_length}")
-        return [self.bos_id, *self.tokenize(text)[:max_src_length], self.eos_id]
+        """``<s>`` + BPE(text) truncated to ``max_src_length`` tokens + ``</s>``, as ModelScope's OFA preprocessor.
+
+        ``max_src_length`` 0 means no truncation, as in transformers (which truncates only for a truthy length).
+        """
+        return [self.bos_id, *_truncate(self.tokenize(text), max_src_length), self.eos_id]
 
     def _bpe_to_text(self, tokens: list[str]) -> str:
         dec = _byte_decoder()
@@ -190,322 +219,407 @@ class OFATokenizer:
         return [self.decode(s) for s in sequences]
 
 
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
+# --------------------------------------------------------------------------------------------------------
+# Chinese: BERT basic tokenization + WordPiece over vocab.txt
+
+# The BERT character classes exactly as transformers' tokenization_utils defines them, on Python's unicodedata.
 
 
-def load_tokenizer(path: str | os.PathLike, language: str = "en") -> OFATokenizer:
-    """The tokenizer of a checkpoint directory for its configuration.json ``language`` (en; zh/cn to come)."""
-    if language == "en":
-        return OFATokenizer.from_pretrained(path)
-    raise NotImplementedError(f"configuration.json model.language {language!r} is not supported (en)")
+def _is_whitespace(ch: str) -> bool:
+    return ch in " \t\n\r" or unicodedata.category(ch) == "Zs"
 
 
-def postprocess_caption(text: str, language: str = "en") -> str:
-    """The reference's caption clean-up: for English, drop every ``string.punctuation`` character, strip."""
-    if language == "en":
-        return text.translate(_PUNCTUATION).strip()
-    return text
+def _is_control(ch: str) -> bool:
+    return ch not in "\t\n\r" and unicodedata.category(ch).startswith("C")
+
+
+def _is_punctuation(ch: str) -> bool:
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def _is_chinese_char(cp: int) -> bool:
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0x20000 <= cp <= 0x2A6DF
+        or 0x2A700 <= cp <= 0x2B73F
+        or 0x2B740 <= cp <= 0x2B81F
+        or 0x2B820 <= cp <= 0x2CEAF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x2F800 <= cp <= 0x2FA1F
+    )
+
+
+def _strip_accents(text: str) -> str:
+    return "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+
+
+class _BasicTokenizer:
+    """transformers' ``BasicTokenizer`` (BERT basic tokenization), step for step, as a ``tokenizers`` pre-tokenizer.
+
+    Plain Python because ``tokenizers``' ``BertNormalizer`` + ``BertPreTokenizer`` differ from it: they apply no
+    NFC normalisation (``e`` + U+0301, compatibility characters such as U+2329 or U+F900 stay unchanged), strip
+    accents before lowercasing instead of after and strip every combining mark instead of only Mn, keep
+    unassigned code points (category Cn, which BERT removes as control characters), use older Unicode tables
+    (characters added since Unicode 9 get other categories) and an older CJK range (U+2B820..U+2CEAF are not
+    Chinese characters there); and they cannot keep the special tokens whole (``never_split``). Measured over
+    every code point in "a{c}b c": 830594 differences with lowercasing, 831343 without.
+    """
+
+    def __init__(
+        self, do_lower_case: bool, strip_accents: bool | None, tokenize_chinese_chars: bool, never_split
+    ):
+        self.do_lower_case = do_lower_case
+        self.strip_accents = strip_accents
+        self.tokenize_chinese_chars = tokenize_chinese_chars
+        self.never_split = frozenset(never_split)
+
+    def words(self, text: str) -> list[str]:
+        """The basic tokens of ``text`` (one piece between special/added tokens)."""
+        chars = []
+        for ch in text:
+            cp = ord(ch)
+            if cp == 0 or cp == 0xFFFD or _is_control(ch):
+                continue
+            if _is_whitespace(ch):
+                chars.append(" ")
+            elif self.tokenize_chinese_chars and _is_chinese_char(cp):
+                chars.append(f" {ch} ")
+            else:
+                chars.append(ch)
+        text = unicodedata.normalize("NFC", "".join(chars))
+        out: list[str] = []
+        for token in text.split():
+            if token in self.never_split:
+                out.append(token)
+                continue
+            if self.do_lower_case:
+                token = token.lower()
+                if self.strip_accents is not False:
+                    token = _strip_accents(token)
+            elif self.strip_accents:
+                token = _strip_accents(token)
+            out.extend(self._split_on_punctuation(token))
+        # As transformers: join and split again (accent stripping can leave empty or whitespace tokens).
+        return " ".join(out).split()
+
+    @staticmethod
+    def _split_on_punctuation(token: str) -> list[str]:
+        pieces: list[str] = []
+        start_new = True
+        for ch in token:
+            if _is_punctuation(ch):
+                pieces.append(ch)
+                start_new = True
+            else:
+                if start_new:
+                    pieces.append("")
+                start_new = False
+                pieces[-1] += ch
+        return pieces
+
+    def _split(self, _index: int, normalized: NormalizedString) -> list[NormalizedString]:
+        return [NormalizedString(w) for w in self.words(normalized.normalized)]
+
+    def pre_tokenize(self, pretok: PreTokenizedString) -> None:
+        """``tokenizers`` custom pre-tokenizer entry point."""
+        pretok.split(self._split)
+
+
+# tokenizer_config.json keys: those OFATokenizerZH reads and this tokenizer honours, those that do not change
+# what the tokenizer does, and the special tokens, which must keep ModelScope's defaults.
+_TOKENIZER_CONFIG_HONOURED = ("do_lower_case", "strip_accents", "tokenize_chinese_chars")
+_TOKENIZER_CONFIG_INERT = frozenset(
+    (
+        "tokenizer_class",
+        "model_max_length",
+        "name_or_path",
+        "special_tokens_map_file",
+        "padding_side",
+        "truncation_side",
+        "model_input_names",
+        "processor_class",
+        "do_basic_tokenize",  # allowed when true (the default), checked below
+        "clean_up_tokenization_spaces",  # allowed when false (the default), checked below
+        "split_special_tokens",  # allowed when false (the default), checked below
+        "never_split",  # allowed when empty, checked below
+        "added_tokens_decoder",  # allowed when it agrees with the ids built here, checked below
+        "additional_special_tokens",  # allowed when empty, checked below
+        "extra_special_tokens",  # allowed when empty, checked below
+    )
+)
+_ZH_SPECIALS = {
+    "bos_token": BOS,
+    "eos_token": EOS,
+    "sep_token": EOS,
+    "cls_token": BOS,
+    "unk_token": UNK,
+    "pad_token": PAD,
+    "mask_token": MASK,
+}
+
+
+def _token_content(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def _read_tokenizer_config(d: Path) -> dict:
+    """The options of ``tokenizer_config.json`` (absent: ModelScope's defaults); anything unsupported is refused."""
+    for name in ("added_tokens.json", "special_tokens_map.json"):
+        if (d / name).exists():
+            raise ValueError(
+                f"{d / name}: not supported (the Chinese tokenizer takes its tokens from vocab.txt)"
+            )
+    path = d / TOKENIZER_CONFIG_FILE
+    if not path.exists():
+        return {}
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+
+    def refuse(key: str) -> ValueError:
+        return ValueError(f"{path}: {key}={cfg[key]!r} is not supported by the Chinese tokenizer")
+
+    for key, value in cfg.items():
+        if key in _ZH_SPECIALS:
+            if _token_content(value) != _ZH_SPECIALS[key]:
+                raise refuse(key)
+        elif key in ("do_lower_case", "tokenize_chinese_chars"):
+            if not isinstance(value, bool):
+                raise refuse(key)
+        elif key == "strip_accents":
+            if value is not None and not isinstance(value, bool):
+                raise refuse(key)
+        elif key not in _TOKENIZER_CONFIG_INERT:
+            raise ValueError(
+                f"{path}: unknown key {key!r}; the Chinese tokenizer cannot tell whether it matters"
+            )
+    if cfg.get("do_basic_tokenize", True) is not True:
+        raise refuse("do_basic_tokenize")
+    for key in ("clean_up_tokenization_spaces", "split_special_tokens"):
+        if cfg.get(key, False) is not False:
+            raise refuse(key)
+    for key in ("never_split", "additional_special_tokens", "extra_special_tokens"):
+        if cfg.get(key):
+            raise refuse(key)
+    return {k: cfg[k] for k in _TOKENIZER_CONFIG_HONOURED if k in cfg} | (
+        {"added_tokens_decoder": cfg["added_tokens_decoder"]} if cfg.get("added_tokens_decoder") else {}
+    )
+
+
+def _read_vocab_txt(path: Path) -> list[str]:
+    # As ModelScope's load_vocab: one token per line, only the trailing "\n" removed, id = line index.
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f.readlines()]
+
+
+class OFATokenizerZH:
+    """BERT basic tokenization + WordPiece over ``vocab.txt``, plus OFA's tokens: ModelScope's ``OFATokenizerZH``.
+
+    Build it with :meth:`from_pretrained` on a checkpoint directory holding ``vocab.txt`` (and optionally a
+    ``tokenizer_config.json`` overriding ``do_lower_case``/``strip_accents``/``tokenize_chinese_chars``).
+    ``<mask>`` is appended when ``vocab.txt`` has no such line, then ``<code_*>`` and ``<bin_*>`` follow, as in
+    ModelScope. Encoding: lowercasing (when ``do_lower_case``) of the whole text, splitting out the special and
+    added tokens and BERT's basic tokenization in Python (see :class:`_BasicTokenizer` for why), WordPiece with
+    unknown token ``<unk>`` by the ``tokenizers`` library. Unknown characters become ``<unk>`` (id 3), not BERT's
+    ``[UNK]``; ``[UNK]``, ``[CLS]`` and the like are ordinary tokens here and decode literally.
+    """
+
+    def __init__(
+        self,
+        vocab: Sequence[str],
+        *,
+        do_lower_case: bool = True,
+        strip_accents: bool | None = None,
+        tokenize_chinese_chars: bool = True,
+        add_ofa_tokens: bool = True,
+    ):
+        """Create the tokenizer from the lines of ``vocab.txt`` (see :meth:`from_pretrained`)."""
+        self._vocab: dict[str, int] = {}
+        for i, tok in enumerate(vocab):
+            if tok in self._vocab:
+                raise ValueError(f"vocab.txt has {tok!r} twice (lines {self._vocab[tok] + 1} and {i + 1})")
+            self._vocab[tok] = i
+        for tok in (BOS, PAD, EOS, UNK):
+            if tok not in self._vocab:
+                raise ValueError(f"vocab.txt has no {tok!r} line; is this an OFA Chinese vocabulary?")
+        self.do_lower_case = do_lower_case
+        self.strip_accents = strip_accents
+        self.tokenize_chinese_chars = tokenize_chinese_chars
+        self.bos_id = self._vocab[BOS]
+        self.pad_id = self._vocab[PAD]
+        self.eos_id = self._vocab[EOS]
+        self.unk_id = self._vocab[UNK]
+
+        self._id_to_token: dict[int, str] = {i: t for t, i in self._vocab.items()}
+        size = len(self._vocab)
+        if MASK in self._vocab:
+            self.mask_id = self._vocab[MASK]
+        else:  # transformers appends a special token that the vocabulary lacks
+            self.mask_id = size
+            self._id_to_token[size] = MASK
+            size += 1
+        self._added: dict[int, str] = {}
+        if add_ofa_tokens:
+            for k, t in enumerate(
+                [f"<code_{i}>" for i in range(NUM_CODES)] + [f"<bin_{i}>" for i in range(NUM_BINS)]
+            ):
+                if t in self._vocab:
+                    raise ValueError(f"vocab.txt already holds {t!r}; OFA adds it itself")
+                self._added[size + k] = t
+            self._id_to_token.update(self._added)
+        self._size = size + len(self._added)
+        self._specials = (BOS, PAD, EOS, UNK, MASK)
+        self._special_ids = frozenset((self.bos_id, self.pad_id, self.eos_id, self.unk_id, self.mask_id))
+
+        tk = Tokenizer(
+            models.WordPiece(
+                vocab=self._vocab, unk_token=UNK, continuing_subword_prefix="##", max_input_chars_per_word=100
+            )
+        )
+        self._basic = _BasicTokenizer(do_lower_case, strip_accents, tokenize_chinese_chars, self._specials)
+        tk.pre_tokenizer = pre_tokenizers.PreTokenizer.custom(self._basic)
+        # As transformers' slow tokenizer: special and added tokens are matched on the (lowercased) text and
+        # kept whole, without eating neighbouring whitespace. Without a normalizer "normalized" makes no difference.
+        tk.add_special_tokens(
+            [AddedToken(t, lstrip=False, rstrip=False, normalized=False) for t in self._specials]
+        )
+        tk.add_tokens(
+            [AddedToken(t, lstrip=False, rstrip=False, normalized=False) for t in self._added.values()]
+        )
+        for tid, tok in [(self.mask_id, MASK), *self._added.items()]:
+            if tk.token_to_id(tok) != tid:
+                raise ValueError(f"added token {tok!r} got id {tk.token_to_id(tok)}, expected {tid}")
+        self._tk = tk
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> OFATokenizerZH:
+        """Load ``vocab.txt`` (and ``tokenizer_config.json`` if present) from a checkpoint directory."""
+        d = Path(path)
+        options = _read_tokenizer_config(d)
+        added_decoder = options.pop("added_tokens_decoder", None)
+        tok = cls(_read_vocab_txt(d / VOCAB_TXT_FILE), **options)
+        if added_decoder:
+            for sid, spec in added_decoder.items():
+                content = _token_content(spec)
+                flags = spec if isinstance(spec, dict) else {}
+                if tok._id_to_token.get(int(sid)) != content or any(
+                    flags.get(k) for k in ("lstrip", "rstrip", "single_word")
+                ):
+                    raise ValueError(
+                        f"{d / TOKENIZER_CONFIG_FILE}: added_tokens_decoder entry {sid}: {spec!r} is not supported"
+                    )
+        return tok
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of lines of ``vocab.txt`` (without ``<mask>`` if appended and the added OFA tokens)."""
+        return len(self._vocab)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token string (vocabulary entry, ``<mask>`` or added token), or None."""
+        return self._tk.token_to_id(token)
+
+    def tokenize(self, text: str) -> list[int]:
+        """WordPiece ids of ``text`` without any special tokens (special and added tokens in the text are kept whole)."""
+        if self.do_lower_case:
+            # transformers lowercases the text character by character before it looks for the special tokens.
+            text = "".join(ch.lower() for ch in text)
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str, max_src_length: int = 256) -> list[int]:
+        """``<s>`` + WordPiece(text) truncated to ``max_src_length`` tokens (0: not truncated) + ``</s>``, as
+        ModelScope's OFA preprocessor."""
+        return [self.bos_id, *_truncate(self.tokenize(text), max_src_length), self.eos_id]
+
+    @staticmethod
+    def _tokens_to_string(tokens: list[str]) -> str:
+        # ModelScope's OFATokenizerZH.convert_tokens_to_string.
+        return " ".join(tokens).replace(" ##", "").strip()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of a generated id sequence, as the reference's ``batch_decode(skip_special_tokens=True)`` + ``strip()``.
+
+        Special tokens (``<s> <pad> </s> <unk> <mask>``) are dropped wherever they are; runs of vocabulary tokens
+        are joined with spaces and ``" ##"`` removed (so word pieces join and CJK characters stay space-separated:
+        the Chinese post-processing removes those spaces); every added ``<code_*>``/``<bin_*>`` token becomes its own
+        piece and the pieces are joined with one space.
+        """
+        pieces: list[str] = []
+        run: list[str] = []
+        for i in ids:
+            i = int(i)
+            if i in self._special_ids:
+                continue
+            if not 0 <= i < self._size:
+                raise ValueError(f"token id {i} is outside the vocabulary (size {len(self)})")
+            tok = self._id_to_token[i]
+            if i in self._added:
+                if run:
+                    s = self._tokens_to_string(run)
+                    if s:
+                        pieces.append(s)
+                    run = []
+                pieces.append(tok)
+            else:
+                run.append(tok)
+        if run:
+            pieces.append(self._tokens_to_string(run))
+        return " ".join(pieces).strip()
+
+    def batch_decode(self, sequences: Iterable[Sequence[int]]) -> list[str]:
+        """:meth:`decode` for each sequence."""
+        return [self.decode(s) for s in sequences]
 
 
 # --------------------------------------------------------------------------------------------------------
-# Demo vocabulary
+# By language
 
-_ADJECTIVES = [
-    "small",
-    "large",
-    "big",
-    "little",
-    "red",
-    "blue",
-    "green",
-    "yellow",
-    "white",
-    "black",
-    "brown",
-    "orange",
-    "purple",
-    "pink",
-    "gray",
-    "young",
-    "old",
-    "tall",
-    "short",
-    "wooden",
-    "metal",
-    "plastic",
-    "glass",
-    "empty",
-    "full",
-    "open",
-    "closed",
-    "bright",
-    "dark",
-    "sunny",
-    "cloudy",
-    "snowy",
-    "wet",
-    "dry",
-    "busy",
-    "quiet",
-    "crowded",
-    "clean",
-    "dirty",
-    "colorful",
-    "striped",
-    "spotted",
-    "happy",
-    "sleepy",
-    "hungry",
-    "shiny",
-    "broken",
-    "new",
-    "vintage",
-]
-_NOUNS = [
-    "man",
-    "woman",
-    "person",
-    "child",
-    "boy",
-    "girl",
-    "people",
-    "dog",
-    "cat",
-    "horse",
-    "cow",
-    "sheep",
-    "bird",
-    "elephant",
-    "giraffe",
-    "zebra",
-    "bear",
-    "car",
-    "bus",
-    "truck",
-    "train",
-    "bicycle",
-    "motorcycle",
-    "boat",
-    "airplane",
-    "street",
-    "road",
-    "sidewalk",
-    "field",
-    "grass",
-    "beach",
-    "ocean",
-    "water",
-    "river",
-    "lake",
-    "mountain",
-    "hill",
-    "tree",
-    "forest",
-    "building",
-    "house",
-    "kitchen",
-    "table",
-    "chair",
-    "bed",
-    "couch",
-    "room",
-    "window",
-    "door",
-    "wall",
-    "floor",
-    "plate",
-    "bowl",
-    "cup",
-    "glass",
-    "pizza",
-    "sandwich",
-    "cake",
-    "banana",
-    "apple",
-    "orange",
-    "broccoli",
-    "food",
-    "laptop",
-    "phone",
-    "computer",
-    "keyboard",
-    "television",
-    "clock",
-    "vase",
-    "book",
-    "umbrella",
-    "bag",
-    "kite",
-    "surfboard",
-    "skateboard",
-    "frisbee",
-    "ball",
-    "bat",
-    "racket",
-    "sign",
-    "light",
-    "pole",
-    "fence",
-    "bench",
-    "park",
-    "city",
-    "sky",
-    "snow",
-    "wave",
-    "player",
-    "team",
-    "game",
-    "shape",
-    "circle",
-    "square",
-    "triangle",
-    "star",
-    "gradient",
-    "pattern",
-    "image",
-    "picture",
-    "photo",
-    "text",
-    "letter",
-    "word",
-    "line",
-    "stripe",
-]
-_VERBS = [
-    "sitting",
-    "standing",
-    "walking",
-    "running",
-    "riding",
-    "holding",
-    "eating",
-    "playing",
-    "flying",
-    "lying",
-    "parked",
-    "looking",
-    "carrying",
-    "throwing",
-    "catching",
-    "driving",
-    "crossing",
-    "waiting",
-    "swimming",
-    "jumping",
-    "sleeping",
-    "smiling",
-    "talking",
-    "cutting",
-    "cooking",
-    "reading",
-    "watching",
-    "surfing",
-    "skiing",
-    "skating",
-    "grazing",
-    "drawing",
-    "showing",
-]
-_PREPS = [
-    "on",
-    "in",
-    "at",
-    "near",
-    "next",
-    "to",
-    "under",
-    "over",
-    "beside",
-    "behind",
-    "with",
-    "by",
-    "across",
-    "along",
-    "through",
-    "into",
-    "from",
-    "of",
-]
-_PROMPTS = (
-    " what does the image describe?",
-    " what is in the image?",
-    " what color is the object?",
-    " how many objects are there?",
-    " which region does the text describe?",
-)
+#: configuration.json ``model.language`` values ModelScope accepts (OfaForAllTasks / OfaBasePreprocessor).
+LANGUAGES = ("en", "zh", "cn")
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+# ModelScope's OfaForAllTasks.detokenizer: drop every run of spaces after or before a character that is not a
+# space, an ASCII letter or digit, or one of . , : ! ?
+_DETOKENIZER = re.compile("((?<=[^ a-zA-Z0-9.,:!?]) +| +(?=[^ a-zA-Z0-9.,:!?]))")
 
 
-def _demo_corpus(seed: int) -> Iterator[str]:
-    """Deterministic training text: caption-like English plus enough pseudo-words to fill the vocabulary."""
-    rng = random.Random(seed)
-    for _ in range(3000):
-        yield from _PROMPTS
-    for _ in range(40000):
-        a, b = rng.choice(_ADJECTIVES), rng.choice(_ADJECTIVES)
-        n1, n2 = rng.choice(_NOUNS), rng.choice(_NOUNS)
-        v, p = rng.choice(_VERBS), rng.choice(_PREPS)
-        k = rng.randint(2, 12)
-        form = rng.randrange(5)
-        if form == 0:
-            s = f"a {a} {n1} {v} {p} a {b} {n2}."
-        elif form == 1:
-            s = f"The {n1}s are {v} {p} the {n2}, {k} of them."
-        elif form == 2:
-            s = f"{k} {a} {n1}s {p} the {b} {n2}"
-        elif form == 3:
-            s = f"an image of a {a} {n1} and a {b} {n2}!"
-        else:
-            s = f"Two {n1}s {v} {p} the {n2}; it's {a} and {b}?"
-        yield s
-    # Pseudo-words: each distinct word seen at least twice so that min_frequency=2 still merges it.
-    consonants, vowels = "bcdfghjklmnprstvwxyz", "aeiou"
-    for i in range(90000):
-        n = rng.randint(2, 5)
-        w = "".join(
-            rng.choice(consonants)
-            + rng.choice(vowels)
-            + (rng.choice(consonants) if rng.random() < 0.3 else "")
-            for _ in range(n)
-        )
-        if i % 7 == 0:
-            w = w.capitalize()
-        yield f" {w} {w} {rng.randint(0, 99999)}"
-
-
-def train_demo_bpe(out_dir: str | os.PathLike, vocab_size: int = 50265, seed: int = 0) -> Path:
-    """Train a byte-level BPE in BART's layout and write ``vocab.json`` + ``merges.txt`` into ``out_dir``.
-
-    ``<s> <pad> </s> <unk>`` get ids 0-3 and ``<mask>`` the last id (``vocab_size - 1``), like BART. The
-    training corpus is generated from ``seed``, so the files are the same for the same arguments. This
-    vocabulary exists only for the offline demo checkpoint: it is not BART's, and ids differ from it.
-    """
-    from tokenizers import ByteLevelBPETokenizer
-
-    if vocab_size < 4 + 256 + 1:
+def _check_language(language: str) -> None:
+    if language not in LANGUAGES:
         raise ValueError(
-            f"vocab_size must be at least 261 (specials + byte alphabet + <mask>), got {vocab_size}"
+            f"configuration.json model.language {language!r} is not supported; "
+            f"ModelScope's OFA accepts {', '.join(LANGUAGES)}"
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
-    bpe.train_from_iterator(
-        _demo_corpus(seed),
-        vocab_size=vocab_size - 1,  # <mask> is appended after training so that it comes last
-        min_frequency=2,
-        show_progress=False,
-        special_tokens=[BOS, PAD, EOS, UNK],
-    )
-    model = json.loads(bpe._tokenizer.to_str())["model"]
-    vocab: dict[str, int] = model["vocab"]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    if len(vocab) != vocab_size - 1:
-        raise RuntimeError(
-            f"BPE training produced {len(vocab)} entries, expected {vocab_size - 1}; corpus too small"
-        )
-    if [vocab[t] for t in (BOS, PAD, EOS, UNK)] != [0, 1, 2, 3]:
-        raise RuntimeError("special tokens did not get ids 0-3")
-    vocab[MASK] = vocab_size - 1
-    ordered = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
-    (out / VOCAB_FILE).write_text(json.dumps(ordered, ensure_ascii=False), encoding="utf-8")
-    (out / MERGES_FILE).write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
-    return out
+
+
+def load_tokenizer(path: str | os.PathLike, language: str = "en") -> OFATokenizer | OFATokenizerZH:
+    """The tokenizer of a checkpoint directory for its configuration.json ``model.language``.
+
+    ``en``: :class:`OFATokenizer` (``vocab.json`` + ``merges.txt``); ``zh`` or ``cn``: :class:`OFATokenizerZH`
+    (``vocab.txt``). Any other value is refused.
+    """
+    _check_language(language)
+    if language == "en":
+        return OFATokenizer.from_pretrained(path)
+    return OFATokenizerZH.from_pretrained(path)
+
+
+def postprocess_caption(text: str, language: str = "en") -> str:
+    """The reference's clean-up of a decoded caption (``OfaForAllTasks.postprocess``) for ``language``.
+
+    ``en``: drop every ``string.punctuation`` character, strip. ``zh``/``cn``: punctuation is kept and the spaces
+    next to any character other than ASCII letters, digits and ``.,:!?`` are removed (ModelScope's detokenizer):
+    "一 款 时 尚 女 包" -> "一款时尚女包", "iphone 12 手 机" -> "iphone 12手机".
+    """
+    _check_language(language)
+    if language == "en":
+        return text.translate(_PUNCTUATION).strip()
+    return _DETOKENIZER.sub("", text)
