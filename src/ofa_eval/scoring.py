@@ -86,11 +86,13 @@ def _captured_output() -> Iterator[io.StringIO]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
+    printed = io.StringIO()
     with tempfile.TemporaryFile() as sink:
         try:
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
-            yield text
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                yield text
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -99,7 +101,7 @@ def _captured_output() -> Iterator[io.StringIO]:
             for fd in saved:
                 os.close(fd)
             sink.seek(0)
-            text.write(sink.read().decode(errors="replace"))
+            text.write(printed.getvalue() + sink.read().decode(errors="replace"))
 
 
 def _tokenize(tokenizer, captions: Mapping, what: str) -> dict:
