@@ -15,7 +15,7 @@ from ofa_eval import DatasetError, load_caption_set
 from ofa_eval.cli import main
 from ofa_eval.predict import EnginePredictor
 
-from .conftest import FAST, SAMPLES_DIR, SAMPLES_SET, run_eval
+from .evalset import FAST, SAMPLES_DIR, SAMPLES_SET, run_eval
 
 METRICS = ("--metrics", "bleu,rouge,cider")  # METEOR's start-up is the slow part; test_scores covers it
 

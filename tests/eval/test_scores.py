@@ -11,7 +11,7 @@ import pytest
 from ofa_eval import COCO_NAMES, score_captions, spice_models_present
 from ofa_eval.java import ensure_java
 
-from .conftest import SAMPLES_PREDICTIONS, SAMPLES_SET, run_eval
+from .evalset import SAMPLES_PREDICTIONS, SAMPLES_SET, run_eval
 
 
 def pycocoevalcap_direct(references_file, predictions_file) -> dict[str, float]:

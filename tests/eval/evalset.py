@@ -1,5 +1,5 @@
-"""Shared pieces of the evaluation tests: the sample caption set (the repository's ``samples/`` images with
-written reference captions, COCO format) and a runner of ``python -m ofa_eval``."""
+"""The evaluation tests' sample caption set (the repository's ``samples/`` images with written reference
+captions, COCO format) and a runner of ``python -m ofa_eval``."""
 
 from __future__ import annotations
 
