@@ -98,7 +98,7 @@ eval: $(EVAL_STAMP)
 	$(PY) -m ofa_eval run $(EVAL_DATASET) $(if $(EVAL_IMAGES),--images $(EVAL_IMAGES)) $(if $(EVAL_URL),--url $(EVAL_URL)) $(if $(EVAL_ENGINE),--engine $(EVAL_ENGINE)) $(EVAL_ARGS)
 
 $(EVAL_STAMP): requirements/eval.txt $(RUNTIME_STAMP)
-	$(PY) -m pip install -q -r requirements/eval.txt
+	$(PY) -m pip install -q -r requirements/runtime.txt -r requirements/eval.txt
 	@touch $@
 
 # The evaluation tests (tests/eval, in `make test`) need the same packages: requirements/dev.txt includes
