@@ -7,7 +7,9 @@ first image that fails: a score over part of the set would not be comparable wit
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,20 +75,38 @@ class ServedPredictor:
             raise PredictionError(f"the server at {where} has no ready model {self.client.model!r}")
 
     def predict(self, samples: Sequence[Sample]) -> Iterator[Prediction]:
-        """``Prediction`` per sample, in order; the first failed image raises :class:`PredictionError`."""
-        from client import CaptionError
+        """``Prediction`` per sample, in order; the first failed image raises :class:`PredictionError`.
 
-        results = self.client.imap(
-            (s.path for s in samples),
-            concurrency=self.concurrency,
-            beam_size=self.beam_size,
-            max_length=self.max_length,
-        )
-        for sample, result in zip(samples, results, strict=True):
-            if isinstance(result, CaptionError):
-                kind = type(result).__name__
-                raise PredictionError(f"{sample.path} (image {sample.image_id}): {kind}: {result}")
-            yield Prediction(sample, result.text, result.score)
+        ``concurrency`` requests run at a time and at most as many more wait their turn; when the caller stops
+        (an error, Ctrl-C) the waiting ones are dropped and only those already sent finish.
+        """
+
+        def caption(sample: Sample):
+            return self.client.caption(sample.path, beam_size=self.beam_size, max_length=self.max_length)
+
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="eval")
+        pending: deque = deque()
+        remaining = iter(samples)
+
+        def submit_next() -> None:
+            sample = next(remaining, None)
+            if sample is not None:
+                pending.append((sample, pool.submit(caption, sample)))
+
+        try:
+            for _ in range(2 * self.concurrency):
+                submit_next()
+            while pending:
+                sample, future = pending.popleft()
+                try:
+                    result = future.result()
+                except Exception as exc:  # noqa: BLE001 - the client's CaptionError, or anything else, named
+                    kind = type(exc).__name__
+                    raise PredictionError(f"{sample.path} (image {sample.image_id}): {kind}: {exc}") from exc
+                submit_next()
+                yield Prediction(sample, result.text, result.score)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         self.client.close()
