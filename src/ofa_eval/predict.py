@@ -16,6 +16,8 @@ from typing import Any
 
 from .dataset import Sample
 
+DEMO_STAMP = ".demo-checkpoint.json"  # ofa_captioning.demo_checkpoint.STAMP, without importing torch
+
 __all__ = ["EnginePredictor", "Prediction", "PredictionError", "ServedPredictor"]
 
 
@@ -145,6 +147,8 @@ class EnginePredictor:
             "dtype": str(self.captioner.dtype).removeprefix("torch."),
             "beam_size": self.beam_size,
             "max_length": self.max_length,
+            # The demo checkpoint (random weights) leaves this stamp; its scores mean nothing.
+            "demo_checkpoint": (Path(self.checkpoint) / DEMO_STAMP).is_file(),
         }
 
     def check(self) -> None:

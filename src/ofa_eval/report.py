@@ -16,7 +16,12 @@ def describe_source(source: dict[str, Any]) -> str:
     if source.get("kind") == "served":
         return f"served model {source['model']!r} at {source['url']} ({settings})"
     if source.get("kind") == "engine":
-        return f"engine {source['checkpoint']} on {source['device']}, {source['dtype']} ({settings})"
+        demo = (
+            " [DEMO CHECKPOINT: random weights, the scores mean nothing]"
+            if source.get("demo_checkpoint")
+            else ""
+        )
+        return f"engine {source['checkpoint']} on {source['device']}, {source['dtype']} ({settings}){demo}"
     if source.get("kind") == "file":
         return f"captions read from {source['path']}"
     return str(source)

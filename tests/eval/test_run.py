@@ -67,7 +67,9 @@ def test_engine_run_writes_every_caption(full_run, engine, demo_checkpoint):
     assert files == ["gradient.png", "grayscale.png", "portrait.jpg", "rotated_exif6.jpg"]
     want = engine.caption([(SAMPLES_DIR / f).read_bytes() for f in files[:2]], beam_size=1, max_length=4)
     assert [p["caption"] for p in results["predictions"][:2]] == [c.text for c in want]
-    assert [p["score"] for p in results["predictions"][:2]] == pytest.approx([c.score for c in want], abs=1e-5)
+    assert [p["score"] for p in results["predictions"][:2]] == pytest.approx(
+        [c.score for c in want], abs=1e-5
+    )
     assert results["source"] == {
         "kind": "engine",
         "checkpoint": str(demo_checkpoint.resolve()),
@@ -75,7 +77,9 @@ def test_engine_run_writes_every_caption(full_run, engine, demo_checkpoint):
         "dtype": "float32",
         "beam_size": 1,
         "max_length": 4,
+        "demo_checkpoint": True,
     }
+    assert "DEMO CHECKPOINT: random weights, the scores mean nothing" in stdout
     assert results["dataset"]["limit"] == 4 and results["dataset"]["images"] == 4
     assert list(results["metrics"]) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"]
     assert all(set(p["metrics"]) == set(results["metrics"]) for p in results["predictions"])
