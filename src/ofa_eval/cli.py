@@ -24,7 +24,14 @@ from .dataset import DatasetError, load_caption_set
 from .java import JavaError
 from .predict import EnginePredictor, PredictionError, ServedPredictor
 from .report import compare_table, scores_table
-from .results import PartialResults, ResultsError, load_predictions, load_results, write_results
+from .results import (
+    PartialResults,
+    ResultsError,
+    load_predictions,
+    load_results,
+    references_digest,
+    write_results,
+)
 from .scoring import METRIC_GROUPS, ScoringError, score_captions
 
 __all__ = ["main"]
@@ -138,6 +145,19 @@ def _metrics(args: argparse.Namespace) -> list[str]:
     return metrics
 
 
+def _load_baseline(path: Path | None, caption_set) -> dict[str, Any] | None:
+    """The ``--baseline`` results, checked before any captioning to be of the same images and references."""
+    if path is None:
+        return None
+    baseline = load_results(path)
+    if baseline["dataset"].get("references_sha256") != references_digest(caption_set.samples):
+        raise ResultsError(
+            f"--baseline {path} is not of the same caption set ({baseline['dataset'].get('images')} images of "
+            f"{baseline['dataset'].get('path')}; this run: {len(caption_set.samples)} images of {caption_set.path})"
+        )
+    return baseline
+
+
 def _finish(args, caption_set, source, captions, metrics, baseline) -> Path:
     """Score, write the results JSON, print the table (and the differences with the baseline)."""
     output = args.output or _default_output(args, source)
@@ -162,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.engine and (args.url or args.protocol):
         raise ValueError("--engine captions in-process; drop --url/--protocol")
     caption_set = load_caption_set(args.dataset, args.images, split=args.split, limit=args.limit)
-    baseline = load_results(args.baseline) if args.baseline else None
+    baseline = _load_baseline(args.baseline, caption_set)
 
     if args.engine:
         predictor: Any = EnginePredictor(
@@ -241,7 +261,7 @@ def _score(args: argparse.Namespace) -> int:
     caption_set = load_caption_set(
         args.dataset, args.images, split=args.split, limit=args.limit, check_images=False
     )
-    baseline = load_results(args.baseline) if args.baseline else None
+    baseline = _load_baseline(args.baseline, caption_set)
     captions = load_predictions(args.predictions, [s.image_id for s in caption_set.samples])
     source = {"kind": "file", "path": str(args.predictions)}
     _finish(args, caption_set, source, captions, metrics, baseline)

@@ -46,10 +46,17 @@ def pycocoevalcap_direct(references_file, predictions_file) -> dict[str, float]:
     return evaluator.eval
 
 
-def test_printed_scores_equal_pycocoevalcap(tmp_path):
-    output = tmp_path / "results.json"
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """``python -m ofa_eval score`` of the written captions: (results file, finished process)."""
+    output = tmp_path_factory.mktemp("scores") / "results.json"
     proc = run_eval("score", SAMPLES_SET, "--predictions", SAMPLES_PREDICTIONS, "-o", output)
     assert proc.returncode == 0, proc.stderr
+    return output, proc
+
+
+def test_printed_scores_equal_pycocoevalcap(scored):
+    output, proc = scored
 
     direct = pycocoevalcap_direct(SAMPLES_SET, SAMPLES_PREDICTIONS)
     results = json.loads(output.read_text())
@@ -69,6 +76,34 @@ def test_printed_scores_equal_pycocoevalcap(tmp_path):
     if not spice_models_present():
         assert "SPICE skipped: its Stanford CoreNLP 3.6.0 models are not in" in proc.stdout
         assert "SPICE" not in results["metrics"]
+
+
+def test_baseline_differences(scored, tmp_path):
+    baseline_file, _ = scored
+    baseline = json.loads(baseline_file.read_text())
+    captions = json.loads(SAMPLES_PREDICTIONS.read_text())
+    captions[0]["caption"] = "a photo of a dog"  # one caption worse
+    predictions = tmp_path / "worse.json"
+    predictions.write_text(json.dumps(captions))
+    output = tmp_path / "worse_results.json"
+    args = ["score", SAMPLES_SET, "--predictions", predictions, "--metrics", "cider", "-o", output]
+    proc = run_eval(*args, "--baseline", baseline_file)
+    assert proc.returncode == 0, proc.stderr
+    worse = json.loads(output.read_text())["metrics"]["CIDEr-D"]
+    assert worse < baseline["metrics"]["CIDEr-D"]
+    want = [
+        "CIDEr-D",
+        f"{100 * baseline['metrics']['CIDEr-D']:.2f}",
+        f"{100 * worse:.2f}",
+        f"{100 * (worse - baseline['metrics']['CIDEr-D']):+.2f}",
+    ]
+    assert want in [line.split() for line in proc.stdout.splitlines()], proc.stdout
+    assert "captions differ on 1 of 8 images" in proc.stdout
+
+    proc = run_eval(*args, "--limit", "4", "--baseline", baseline_file)  # another set: refused before scoring
+    assert proc.returncode == 1
+    assert f"error: --baseline {baseline_file} is not of the same caption set" in proc.stderr
+    assert "scoring" not in proc.stderr
 
 
 def test_per_image_and_subset_of_metrics():
