@@ -226,6 +226,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if todo:
             predictor.check()
+    except PredictionError:
+        predictor.close()
+        raise
+    try:
         partial.open(done)
         with _progress(len(caption_set.samples), len(done), args.no_progress) as bar:
             for prediction in predictor.predict(todo):
@@ -242,10 +246,11 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except PredictionError:
         partial.close()
-        print(
-            f"captions so far saved in {partial.path} ({len(done)} of {len(caption_set.samples)})",
-            file=sys.stderr,
-        )
+        if done:
+            print(
+                f"captions so far saved in {partial.path} ({len(done)} of {len(caption_set.samples)})",
+                file=sys.stderr,
+            )
         raise
     finally:
         predictor.close()

@@ -188,8 +188,9 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
         "run", SAMPLES_SET, "--images", SAMPLES_DIR, "--url", f"127.0.0.1:{port}", "-o", tmp_path / "r.json"
     )
     assert proc.returncode == 1
-    assert f"error: cannot reach the server at grpc://127.0.0.1:{port}" in proc.stderr
-    assert not (tmp_path / "r.json").exists()
+    want = f"error: cannot reach the server at grpc://127.0.0.1:{port} (is it running? `make serve`)\n"
+    assert proc.stderr == want
+    assert list(tmp_path.iterdir()) == []  # neither results nor a partial file
 
 
 def test_karpathy_format_and_split(tmp_path):
