@@ -71,18 +71,26 @@ bench-engine: setup-dev
 	$(PY) load_tests/bench_engine.py
 
 ## load-test: Locust against the caption ensemble (starts a server if none answers); CSV, HTML, PNG under load_tests/results/
+## p95 bound: LOAD_P95_MS when set, else LOAD_BOUND_FACTOR x largest step x a lone request's latency measured first
 LOAD_DURATION ?= 60
 LOAD_STEPS ?= 1,2,4,8,16
 LOAD_PROTOCOL ?= grpc
-LOAD_P95_MS ?= 30000
+LOAD_P95_MS ?=
+LOAD_BOUND_FACTOR ?= 1.5
 LOAD_ARGS ?=
 load-test: setup-dev
-	$(PY) load_tests/run_load_test.py --duration $(LOAD_DURATION) --steps $(LOAD_STEPS) --protocol $(LOAD_PROTOCOL) --max-p95-ms $(LOAD_P95_MS) $(LOAD_ARGS)
+	$(PY) load_tests/run_load_test.py --duration $(LOAD_DURATION) --steps $(LOAD_STEPS) --protocol $(LOAD_PROTOCOL) \
+		$(if $(LOAD_P95_MS),--max-p95-ms $(LOAD_P95_MS)) --bound-factor $(LOAD_BOUND_FACTOR) $(LOAD_ARGS)
 
-## bench: reference vs engine in-process vs served ensemble (gRPC); load_tests/results/bench.{json,md}
+## bench: reference vs engine in-process vs served ensemble (gRPC, closed and open loop); exits 1 when a target
+## is missed; load_tests/results/bench.{json,md}, bench_open_loop.png
 BENCH_ARGS ?=
 bench: setup-dev
 	$(PY) load_tests/bench.py $(BENCH_ARGS)
+
+## bench-gpu: the same on CUDA in float16 (engine and server); refuses (exit 2) where torch sees no CUDA device
+bench-gpu: setup-dev
+	$(PY) load_tests/bench.py --device cuda --dtype float16 --name bench_gpu $(BENCH_ARGS)
 
 ## soak: steady load for SOAK_SECONDS (default 600): zero failed requests, RSS of server + stubs flat; load_tests/results/soak.json
 SOAK_SECONDS ?= 600

@@ -9,7 +9,7 @@ is imported, and it imports this module.
 * latency statistics: :func:`latency_summary`; the user counts of a stepped load: :func:`parse_steps`;
 * the server: :func:`server_ready`, :func:`ensure_server` (use the server answering on the ports, or start one
   with ``ofa_serving``'s launcher and stop it afterwards);
-* Triton's Prometheus metrics: :func:`scrape_metrics`, :func:`model_metrics_delta`;
+* Triton's Prometheus metrics (``prometheus_client``'s parser): :func:`scrape_metrics`, :func:`model_metrics_delta`;
 * the command line the benchmark, the soak and the burst share: :func:`add_server_arguments`,
   :func:`assign_free_ports`, :func:`server_from_args`.
 """
@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import itertools
 import os
-import re
 import sys
 import threading
 import urllib.error
@@ -31,7 +30,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE_DIR = REPO_ROOT / "samples"
-DEFAULT_DEMO_CHECKPOINT = REPO_ROOT / "checkpoints" / "ofa-tiny-demo"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -203,6 +201,7 @@ def ensure_server(
         )
     ensure_import_paths()
     from ofa_serving.launcher import TritonServer
+    from ofa_serving.testing import running
 
     model_dir = resolve_model_dir(model_dir)
     kwargs = {} if response_cache_bytes is None else {"response_cache_bytes": response_cache_bytes}
@@ -223,9 +222,7 @@ def ensure_server(
         f"starting tritonserver (checkpoint {model_dir}{flags}, log {log_file or 'inherited'}) ...",
         flush=True,
     )
-    server.start()
-    try:
-        server.wait_ready(timeout=ready_timeout)
+    with running(server, ready_timeout):
         yield ServerHandle(
             host,
             http_port,
@@ -236,8 +233,6 @@ def ensure_server(
             log_file=str(log_file) if log_file else None,
             pid=server.pid,
         )
-    finally:
-        server.stop()
 
 
 def parse_steps(text: str) -> list[int]:
@@ -318,35 +313,22 @@ def resolve_model_dir(model_dir: str | os.PathLike | None = None) -> Path:
         return Path(os.environ["OFA_MODEL_DIR"])
     ensure_import_paths()
     from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
+    from ofa_serving.testing import demo_checkpoint_dir
 
-    demo = Path(os.environ.get("DEMO_CHECKPOINT") or DEFAULT_DEMO_CHECKPOINT)
-    return Path(ensure_demo_checkpoint(demo if demo.is_absolute() else REPO_ROOT / demo))
+    return Path(ensure_demo_checkpoint(demo_checkpoint_dir()))
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-
-_METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 MetricKey = tuple[str, frozenset[tuple[str, str]]]
 
 
 def parse_metrics(text: str) -> dict[MetricKey, float]:
-    """Prometheus text exposition -> ``{(name, frozenset(labels)): value}`` (comments skipped)."""
-    values: dict[MetricKey, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = _METRIC_LINE.match(line)
-        if not match:
-            continue
-        name, labels, value = match.groups()
-        try:
-            number = float(value)
-        except ValueError:
-            continue
-        values[(name, frozenset(_LABEL.findall(labels or "")))] = number
-    return values
+    """Prometheus text exposition -> ``{(name, frozenset(labels)): value}`` (``ofa_serving.testing``'s parser)."""
+    ensure_import_paths()
+    from ofa_serving.testing import parse_metrics as parse
+
+    return parse(text)
 
 
 def scrape_metrics(host: str, metrics_port: int, timeout: float = 5.0) -> dict[MetricKey, float]:
@@ -393,7 +375,9 @@ def settled_metrics(
 
 def model_metric(metrics: Mapping[MetricKey, float], name: str, model: str) -> float:
     """Sum of metric ``name`` over the series labelled ``model=<model>`` (all versions); 0 if absent."""
-    return sum(v for (n, labels), v in metrics.items() if n == name and ("model", model) in labels)
+    from ofa_serving.testing import metric_sum
+
+    return metric_sum(metrics, name, model=model) or 0.0
 
 
 MODEL_COUNTERS = (

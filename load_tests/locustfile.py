@@ -26,6 +26,7 @@ Options (command line, or the environment variable in brackets)::
                                              answers (default); off: send the files as they are
     --request-timeout  [OFA_LOAD_TIMEOUT]    seconds per request (60)
     --model-name       [OFA_LOAD_MODEL]      model to call (caption)
+    --final-stats      [OFA_LOAD_FINAL_STATS] JSON file of the final statistics, written when the run ends
 
 Run headless, e.g.::
 
@@ -37,6 +38,7 @@ Run headless, e.g.::
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -46,7 +48,6 @@ from pathlib import Path
 
 import grpc.experimental.gevent as grpc_gevent
 from locust import User, events, task
-from locust import stats as locust_stats
 from locust.runners import WorkerRunner
 
 # As in Locust's gRPC example: grpc imported beside locust (which monkey-patches the stdlib for gevent),
@@ -119,6 +120,12 @@ def _add_options(parser) -> None:
         "--request-timeout", env_var="OFA_LOAD_TIMEOUT", type=float, default=60.0, help="seconds per request"
     )
     group.add_argument("--model-name", env_var="OFA_LOAD_MODEL", default="caption", help="model to call")
+    group.add_argument(
+        "--final-stats",
+        env_var="OFA_LOAD_FINAL_STATS",
+        default="",
+        help="write the final statistics (totals, per type, errors) to this JSON file when the run ends",
+    )
 
 
 @events.init.add_listener
@@ -164,50 +171,65 @@ def _exit_now(exit_code: int, **_kwargs) -> None:
     start_thread(_watchdog, ())
 
 
-def _close_files_with_final_rows(self) -> None:
-    """``StatsCSVFileWriter.close_files`` that first writes the final statistics.
+_environment = None
 
-    Locust rewrites its ``--csv`` files once a second from a greenlet and only closes them at shutdown, so the
-    requests of the last second are missing from ``_stats.csv``/``_failures.csv`` (locustio/locust#1806 and
-    #2299; seen here: 881 requests in the CSV, 951 in the printed summary). This writes the final rows (and a
-    last history row) before the files are closed, so the CSVs agree with the summary.
+
+@events.init.add_listener
+def _keep_environment(environment, **_kwargs) -> None:
+    global _environment
+    _environment = environment
+
+
+def final_stats(stats) -> dict:
+    """Locust's statistics at the end of the run: per request type and in total, and the errors."""
+
+    def entry(e) -> dict:
+        return {
+            "type": e.method or "",
+            "name": e.name,
+            "requests": e.num_requests,
+            "failures": e.num_failures,
+            "requests_per_s": round(e.total_rps, 3),
+            "mean_ms": round(e.avg_response_time, 2),
+            "p50_ms": e.get_response_time_percentile(0.5) if e.num_requests else None,
+            "p95_ms": e.get_response_time_percentile(0.95) if e.num_requests else None,
+            "p99_ms": e.get_response_time_percentile(0.99) if e.num_requests else None,
+            "max_ms": e.max_response_time if e.num_requests else None,
+            "avg_content_length": round(e.avg_content_length, 2),
+        }
+
+    return {
+        "entries": [entry(e) for _key, e in sorted(stats.entries.items())],
+        "total": entry(stats.total),
+        "errors": [
+            {
+                "type": e.method,
+                "name": e.name,
+                "error": repr(e.error) if isinstance(e.error, BaseException) else str(e.error),
+                "occurrences": e.occurrences,
+            }
+            for e in stats.errors.values()
+        ],
+    }
+
+
+@events.quit.add_listener
+def _write_final_stats(exit_code: int, **_kwargs) -> None:
+    """Write the final statistics to ``--final-stats`` (a JSON file) when the run ends.
+
+    Locust rewrites its ``--csv`` files once a second and closes them at shutdown without a last write, so they
+    can miss the requests of the last second (locustio/locust#1806, #2299); ``quit`` fires after the runner has
+    stopped and the statistics are final, so this file holds every request. Workers leave it to the master.
     """
+    environment = _environment
+    path = getattr(getattr(environment, "parsed_options", None), "final_stats", None)
+    if not path or isinstance(environment.runner, WorkerRunner):
+        return
     try:
-        for handle, writer, columns, rows in (
-            (
-                self.requests_csv_filehandle,
-                self.requests_csv_writer,
-                self.requests_csv_columns,
-                self._requests_data_rows,
-            ),
-            (
-                self.failures_csv_filehandle,
-                self.failures_csv_writer,
-                self.failures_columns,
-                self._failures_data_rows,
-            ),
-            (
-                self.exceptions_csv_filehandle,
-                self.exceptions_csv_writer,
-                self.exceptions_columns,
-                self._exceptions_data_rows,
-            ),
-        ):
-            if handle.closed:
-                continue
-            handle.seek(0)
-            writer.writerow(columns)
-            rows(writer)
-            handle.truncate()
-        if not self.stats_history_csv_filehandle.closed:
-            self._stats_history_data_rows(self.stats_history_csv_writer, time.time())
-    except Exception as exc:  # keep Locust's own files rather than fail the shutdown
-        logger.warning("could not write the final CSV rows: %s", exc)
-    _original_close_files(self)
-
-
-_original_close_files = locust_stats.StatsCSVFileWriter.close_files
-locust_stats.StatsCSVFileWriter.close_files = _close_files_with_final_rows
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(final_stats(environment.stats), indent=2) + "\n")
+    except Exception as exc:  # the run's own exit code and reports stay Locust's
+        logger.warning("could not write the final statistics to %s: %s", path, exc)
 
 
 # --------------------------------------------------------------------------------------------- corpus
