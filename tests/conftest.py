@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,11 @@ from tests.images import image_corpus as _build_corpus
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def demo_checkpoint_dir() -> Path:
-    """Where the demo checkpoint lives: ``$DEMO_CHECKPOINT`` or ``checkpoints/ofa-tiny-demo``, under the repo root."""
-    p = Path(os.environ.get("DEMO_CHECKPOINT") or "checkpoints/ofa-tiny-demo")
-    return p if p.is_absolute() else REPO_ROOT / p
-
-
 @pytest.fixture(scope="session")
 def demo_checkpoint() -> Path:
     """Path of the demo checkpoint (built on first use, then reused across sessions)."""
     from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
+    from ofa_serving.testing import demo_checkpoint_dir
 
     return Path(ensure_demo_checkpoint(demo_checkpoint_dir()))
 

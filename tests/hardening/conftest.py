@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from ofa_serving.launcher import TritonServer, default_model_repository
+from ofa_serving.testing import running, started
 
 LOAD_TESTS = Path(__file__).resolve().parents[2] / "load_tests"
 if str(LOAD_TESTS) not in sys.path:
@@ -42,15 +43,6 @@ SMALL_QUEUES = {"ofa": 4, "preprocess": 8}
 FAST = {"beam_size": 2, "max_length": 3}
 
 
-def _start(server: TritonServer) -> TritonServer:
-    server.start()
-    try:
-        return server.wait_ready(READY_TIMEOUT_S)
-    except BaseException:
-        server.stop(timeout=10)
-        raise
-
-
 @pytest.fixture(scope="package")
 def hardened_server(demo_checkpoint, tmp_path_factory):
     """A ready server on the committed repository with configured (lowered) image limits."""
@@ -61,11 +53,8 @@ def hardened_server(demo_checkpoint, tmp_path_factory):
         exit_timeout_secs=5,
         env={"OFA_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES), "OFA_MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)},
     )
-    _start(server)
-    try:
+    with running(server, READY_TIMEOUT_S, stop_timeout=15):
         yield server
-    finally:
-        server.stop(timeout=15)
 
 
 def small_queue_repository(target: Path, queues: dict[str, int] = SMALL_QUEUES) -> Path:
@@ -98,13 +87,14 @@ class RestartableServer:
             self.close()  # exited, or draining after a SIGTERM
         if self.server is None:
             self.starts += 1
-            self.server = _start(
+            self.server = started(
                 TritonServer.on_free_ports(
                     self.repository,
                     self.model_dir,
                     log_file=self.log_dir / f"triton-{self.starts}.log",
                     exit_timeout_secs=self.exit_timeout_secs,
-                )
+                ),
+                READY_TIMEOUT_S,
             )
         return self.server
 

@@ -29,6 +29,7 @@ import tritonclient.grpc as grpcclient
 from reliabilitylib import caption_inputs, fire, is_running, stub_liveness_ok
 
 from ofa_serving.launcher import TritonServer
+from ofa_serving.testing import metric_sum, parse_metrics
 
 from .conftest import FAST, fresh_seed, models_ready, png, stub_pids
 
@@ -39,15 +40,8 @@ NOT_HEALTHY = "Stub process 'ofa_0_0' is not healthy."
 
 
 def _metric(server: TritonServer, name: str, model: str, reason: str | None = None) -> float:
-    total = 0.0
-    for line in server.metrics().splitlines():
-        if (
-            line.startswith(name + "{")
-            and f'model="{model}"' in line
-            and (reason is None or f'reason="{reason}"' in line)
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    labels = {"model": model} if reason is None else {"model": model, "reason": reason}
+    return metric_sum(parse_metrics(server.metrics()), name, **labels) or 0.0
 
 
 def _load_in_background(server: TritonServer, count: int) -> tuple[threading.Thread, list]:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import io
 import os
-import re
 
 import pytest
 
 from client import CaptionClient
 from ofa_serving.launcher import TritonServer
+from ofa_serving.testing import metric_sum, parse_metrics, running
 
 READY_TIMEOUT_S = 600  # model load + warm-up on a busy 2-core machine
 
@@ -23,15 +23,11 @@ def triton_server(demo_checkpoint, tmp_path_factory):
     """A running, ready :class:`TritonServer` (demo checkpoint, free ports); stopped by PID after the session."""
     log = tmp_path_factory.mktemp("triton") / "triton.log"
     server = TritonServer.on_free_ports(model_dir=demo_checkpoint, log_file=log, exit_timeout_secs=5)
-    server.start()
-    try:
-        server.wait_ready(READY_TIMEOUT_S)
-        yield server
-    finally:
+    with running(server, READY_TIMEOUT_S, stop_timeout=15):
         pid = server.pid
-        server.stop(timeout=15)
-        with pytest.raises(ProcessLookupError):  # really gone: no zombie, no orphan holding the ports
-            os.kill(pid, 0)
+        yield server
+    with pytest.raises(ProcessLookupError):  # really gone: no zombie, no orphan holding the ports
+        os.kill(pid, 0)
 
 
 @pytest.fixture(scope="session")
@@ -54,16 +50,12 @@ def http_client(triton_server):
         yield client
 
 
-_METRIC = re.compile(r"^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+)$")
-
-
 def metric(server: TritonServer, name: str, model: str) -> float:
     """The value of Prometheus metric ``name`` for ``model`` (version 1) on the server's metrics endpoint."""
-    for line in server.metrics().splitlines():
-        m = _METRIC.match(line)
-        if m and m.group(1) == name and f'model="{model}"' in m.group(2):
-            return float(m.group(3))
-    raise AssertionError(f"metric {name} for {model} not found")
+    value = metric_sum(parse_metrics(server.metrics()), name, model=model, version="1")
+    if value is None:
+        raise AssertionError(f"metric {name} for {model} not found")
+    return value
 
 
 def decode_error(data: bytes) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
 import bench
 import bench_report
@@ -238,3 +239,60 @@ def test_server_tools_share_the_server_options_and_pick_free_ports(tool):
     given = module.parse_args(["--http-port", "18000", "--grpc-port", "18001", "--metrics-port", "18002"])
     assign_free_ports(given)
     assert [given.http_port, given.grpc_port, given.metrics_port] == [18000, 18001, 18002]
+
+
+def test_metric_sum_matches_labels_and_tells_absent_from_zero():
+    from ofa_serving.testing import metric_sum
+
+    metrics = parse_metrics(
+        'nv_inference_request_failure{model="ofa",reason="BACKEND",version="1"} 2\n'
+        'nv_inference_request_failure{model="ofa",reason="REJECTED",version="1"} 3\n'
+        'nv_inference_request_failure{model="preprocess",reason="BACKEND",version="1"} 0\n'
+    )
+
+    assert metric_sum(metrics, "nv_inference_request_failure", model="ofa") == 5
+    assert metric_sum(metrics, "nv_inference_request_failure", model="ofa", reason="REJECTED") == 3
+    assert metric_sum(metrics, "nv_inference_request_failure", model="preprocess") == 0
+    assert metric_sum(metrics, "nv_inference_request_failure", model="caption") is None
+    assert metric_sum(metrics, "nv_inference_count", model="ofa") is None
+
+
+def test_demo_checkpoint_dir_is_the_setting_under_the_checkout():
+    from ofa_serving.testing import demo_checkpoint_dir
+
+    assert demo_checkpoint_dir({}) == REPO_ROOT / "checkpoints" / "ofa-tiny-demo"
+    assert demo_checkpoint_dir({"DEMO_CHECKPOINT": "elsewhere/demo"}) == REPO_ROOT / "elsewhere" / "demo"
+    assert demo_checkpoint_dir({"DEMO_CHECKPOINT": "/abs/demo"}) == Path("/abs/demo")
+
+
+class _Server:
+    """Records the lifecycle calls of :func:`ofa_serving.testing.running`; ``fail`` makes it never get ready."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.calls = fail, []
+
+    def start(self):
+        self.calls.append("start")
+
+    def wait_ready(self, timeout):
+        self.calls.append(f"wait {timeout:g}")
+        if self.fail:
+            raise RuntimeError("not ready")
+        return self
+
+    def stop(self, timeout=None):
+        self.calls.append(f"stop {timeout}")
+
+
+def test_running_starts_waits_and_always_stops():
+    from ofa_serving.testing import running
+
+    server = _Server()
+    with running(server, ready_timeout=7, stop_timeout=3) as inside:
+        assert inside is server and server.calls == ["start", "wait 7"]
+    assert server.calls[-1] == "stop 3"
+
+    never_ready = _Server(fail=True)
+    with pytest.raises(RuntimeError, match="not ready"), running(never_ready, ready_timeout=1):
+        pass
+    assert never_ready.calls == ["start", "wait 1", "stop 10"]  # stopped by its PID, not left behind
