@@ -1,4 +1,4 @@
-"""Shared helpers of the load test, the benchmark and their tests (standard library + numpy only).
+"""Shared helpers of the load test, the benchmark and their tests (standard library + numpy; ``ofa_serving`` on first use).
 
 Nothing here imports ``tritonclient``: the locustfile must patch gRPC for gevent *before* ``tritonclient.grpc``
 is imported, and it imports this module.
