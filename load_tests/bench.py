@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench_inprocess import bench_engine, bench_reference
-from bench_report import environment_info, log, markdown, print_red, print_verdict, summarize, verdict
+from bench_report import environment_info, log, markdown, print_red, print_verdict, summarize
 from bench_served import OPEN_LOOP_BOUND_FACTOR, bench_served
 from loadlib import UniqueImages, add_server_arguments, ensure_import_paths, load_images, resolve_model_dir
 
@@ -181,8 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     md_path.write_text(markdown(result))
     print("\n" + markdown(result))
     log(f"wrote {json_path} and {md_path}")
-    missed = verdict(result["summary"])
-    print_verdict(missed)
+    missed = print_verdict(result["summary"])
     return EXIT_MISSED if missed and not args.report_only else 0
 
 

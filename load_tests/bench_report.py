@@ -258,9 +258,18 @@ def print_red(line: str, stream=None) -> None:
     print(f"{RED}{line}{RESET}" if color else line, file=stream, flush=True)
 
 
-def print_verdict(missed: list[str], stream=None) -> None:
-    """One line: every target met, or a red ``FAIL`` line naming the missed ones."""
+def print_verdict(summary: dict, stream=None) -> list[str]:
+    """One line: a red ``FAIL`` line naming the missed targets, or the targets met, or that none could be
+    checked (the paths they compare were skipped). Returns the missed targets."""
+    missed = verdict(summary)
     if missed:
         print_red("FAIL: targets missed: " + "; ".join(missed), stream)
+    elif summary["targets"]:
+        print(
+            f"PASS: every target met ({len(summary['targets'])} checked)",
+            file=stream or sys.stderr,
+            flush=True,
+        )
     else:
-        print("PASS: every target met", file=stream or sys.stderr, flush=True)
+        print("no target checked: the paths they compare were skipped", file=stream or sys.stderr, flush=True)
+    return missed

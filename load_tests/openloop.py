@@ -146,7 +146,8 @@ def rate_row(run: RateRun, p99_bound_ms: float) -> dict:
         "seconds": run.seconds,
         "offered": run.offered,
         "completed": completed,
-        "achieved_per_s": round(completed / run.wall_s, 4) if run.wall_s > 0 else None,
+        # Answers per second over the offered window, or over the run when the last answers came after it.
+        "achieved_per_s": round(completed / max(run.seconds, run.wall_s), 4),
         **summary,
         "failures": run.failures,
         "not_sent": run.not_sent,
@@ -207,8 +208,6 @@ def plot_curve(rows: Sequence[dict], png: Path, title: str, reference_rate: floa
         if held is not None:
             ax.axvline(held, color="tab:green", linestyle=":", label=f"highest held {held:g}/s")
         ax.grid(True, alpha=0.3)
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
     for r in rows:
         if not r["held"]:
             left.plot([r["offered_per_s"]], [r["p99_ms"] or 0], "x", color="tab:red", markersize=10)
@@ -223,6 +222,9 @@ def plot_curve(rows: Sequence[dict], png: Path, title: str, reference_rate: floa
         )
     right.set(title="Throughput against offered rate", xlabel="offered requests/s", ylabel="answered/s")
     right.legend()
+    for ax in (left, right):  # after every line, so the limits fit them all
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
     fig.suptitle(title)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -228,7 +228,12 @@ def test_bench_exits_non_zero_when_a_target_is_missed(
     if served_rate < 3.6:
         assert "FAIL: targets missed: served c8 images/s >= 90% of engine best" in err
     else:
-        assert "PASS: every target met" in err
+        assert "PASS: every target met (3 checked)" in err
+
+
+def test_bench_says_when_no_target_could_be_checked(monkeypatch, capsys, bench_inputs):
+    assert bench.main([*bench_inputs, "--reference-images", "0", "--skip-engine", "--skip-served"]) == 0
+    assert "no target checked" in capsys.readouterr().err
 
 
 def test_gpu_bench_refuses_clearly_without_cuda(monkeypatch, capsys, bench_inputs):
