@@ -109,7 +109,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="report missed targets but exit 0 (default: exit 1 when a target is missed)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    open_loop = not (args.skip_served or args.skip_open_loop)
+    # Checked before anything starts: the open loop's default rates and bound come from the engine phase.
+    if open_loop and args.skip_engine and not (args.open_loop_rates and args.open_loop_p99_ms):
+        p.error("--skip-engine with the open loop needs --open-loop-rates and --open-loop-p99-ms")
+    return args
 
 
 def check_device(args: argparse.Namespace) -> str | None:

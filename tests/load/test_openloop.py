@@ -231,6 +231,15 @@ def test_bench_exits_non_zero_when_a_target_is_missed(
         assert "PASS: every target met (3 checked)" in err
 
 
+def test_open_loop_without_the_engine_needs_its_rates_and_bound_up_front(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--skip-engine", "--open-loop-rates", "1"])
+    assert "--open-loop-p99-ms" in capsys.readouterr().err
+    args = bench.parse_args(["--skip-engine", "--open-loop-rates", "1", "--open-loop-p99-ms", "900"])
+    assert (args.open_loop_rates, args.open_loop_p99_ms) == ("1", 900.0)
+    assert bench.parse_args(["--skip-engine", "--skip-open-loop"]).skip_open_loop
+
+
 def test_bench_says_when_no_target_could_be_checked(monkeypatch, capsys, bench_inputs):
     assert bench.main([*bench_inputs, "--reference-images", "0", "--skip-engine", "--skip-served"]) == 0
     assert "no target checked" in capsys.readouterr().err
