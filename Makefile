@@ -89,6 +89,7 @@ bench: setup-dev
 	$(PY) load_tests/bench.py $(BENCH_ARGS)
 
 ## bench-gpu: the same on CUDA in float16 (engine and server); refuses (exit 2) where torch sees no CUDA device
+.PHONY: bench-gpu
 bench-gpu: setup-dev
 	$(PY) load_tests/bench.py --device cuda --dtype float16 --name bench_gpu $(BENCH_ARGS)
 
