@@ -13,6 +13,7 @@ from client import CaptionClient
 from ofa_serving.launcher import free_ports
 from ofa_serving.repository import prepare_models
 from ofa_serving.settings import ServerSettings, load_settings
+from ofa_serving.testing import running
 from tests.conftest import REPO_ROOT
 
 from .conftest import READY_TIMEOUT_S, distinct_images, metric
@@ -53,12 +54,8 @@ def server(checkpoints, tmp_path_factory):
     assert [m.name for m in models] == list(NAMES)
     server.log_file = tmp / "triton.log"
     server.extra_env["OFA_WARMUP"] = "false"
-    server.start()
-    try:
-        server.wait_ready(READY_TIMEOUT_S)
+    with running(server, READY_TIMEOUT_S, stop_timeout=15):
         yield server
-    finally:
-        server.stop(timeout=15)
 
 
 @pytest.fixture(scope="module")
