@@ -7,6 +7,8 @@
 2. tritonserver in the foreground on ``HOST`` (127.0.0.1) and ``HTTP_PORT``/``GRPC_PORT``/``METRICS_PORT``
    (8000/8001/8002); once ready it prints how to call it. SIGINT/SIGTERM are forwarded to the server (graceful
    stop, in-flight requests finish); a second signal kills it.
+3. Unless ``OFA_SUPERVISE=0``, :mod:`ofa_serving.supervisor` probes every model and reloads one whose backend stub
+   died or hung (tritonserver 2.51 does not), logging ``[supervisor]`` lines (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import sys
 from pathlib import Path
 
 from .launcher import ServerStartError, TritonServer
-from .settings import ServerSettings, SettingsError, load_settings
+from .settings import ServerSettings, SettingsError, SupervisorSettings, load_settings
+from .supervisor import new_admin_key, run_supervised
 
 __all__ = ["prepare_checkpoint", "usage_text", "main"]
 
@@ -89,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     """Prepare the checkpoint, run tritonserver in the foreground, forward SIGINT/SIGTERM; its exit code."""
     try:
         settings = load_settings(ServerSettings)
+        supervision = load_settings(SupervisorSettings)
         model_dir, kind = prepare_checkpoint(settings)
-        server = TritonServer.from_settings(settings, model_dir=model_dir)
+        admin_key = new_admin_key() if supervision.supervise else None
+        server = TritonServer.from_settings(settings, model_dir=model_dir, admin_key=admin_key)
     except (SettingsError, ServerStartError) as exc:
         _log(f"error: {exc}")
         return 2
@@ -121,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             except ServerStartError:
                 if server.process.poll() is not None:
                     raise
+        if admin_key is not None and server.process.poll() is None and not signals["count"]:
+            return run_supervised(server, admin_key, lambda: signals["count"] > 0, supervision)
         return server.wait()
     except ServerStartError as exc:
         _log(f"error: {exc}")

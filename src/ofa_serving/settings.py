@@ -35,6 +35,7 @@ __all__ = [
     "OFASettings",
     "PreprocessSettings",
     "ServerSettings",
+    "SupervisorSettings",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -296,6 +297,28 @@ class ServerSettings:
     )
     log_verbose: int = setting(
         0, env="TRITON_LOG_VERBOSE", minimum=0, help="tritonserver --log-verbose level"
+    )
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    """Settings of the supervisor that heals dead or hung models (:mod:`ofa_serving.supervisor`); environment only."""
+
+    supervise: bool = setting(
+        True, env="OFA_SUPERVISE", help="probe every model and reload the ones whose stub died or hung"
+    )
+    probe_interval_s: float = setting(
+        5.0, env="OFA_PROBE_INTERVAL_S", minimum=0.1, help="seconds between the supervisor's probe rounds"
+    )
+    probe_timeout_s: float = setting(
+        10.0,
+        env="OFA_PROBE_TIMEOUT_S",
+        minimum=0.5,
+        help="seconds one model's probe may take; two unanswered in a row without progress = hung",
+    )
+    state_file: Path | None = setting(
+        env="OFA_SUPERVISOR_STATE",
+        help="JSON file with the heal counters; default <tmp>/ofa-supervisor-<HTTP_PORT>.json",
     )
 
 
