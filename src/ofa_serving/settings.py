@@ -235,6 +235,20 @@ class OFASettings:
         param="warmup",
         help="caption a random image in initialize, so that ready means warm",
     )
+    max_beam_tokens: int = setting(
+        320,
+        env="OFA_MAX_BEAM_TOKENS",
+        param="max_beam_tokens",
+        minimum=1,
+        help="cost bound: requests with beam_size x max_length above this get INVALID_ARG (default 5 x 64)",
+    )
+    unhealthy_after_failures: int = setting(
+        3,
+        env="OFA_UNHEALTHY_AFTER_FAILURES",
+        param="unhealthy_after_failures",
+        minimum=0,
+        help="engine batches failing in a row before the model unloads itself to be reloaded; 0 = never",
+    )
 
 
 @dataclass(frozen=True)

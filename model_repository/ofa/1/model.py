@@ -16,6 +16,9 @@ import triton_python_backend_utils as pb_utils
 
 from ofa_captioning.captioner import Captioner
 from ofa_serving.adapter import (
+    EngineHealth,
+    RequestCancelled,
+    cancelled,
     check_tensor_dims,
     input_array,
     model_config_dict,
@@ -46,6 +49,8 @@ class TritonPythonModel:
             [3, size, size],
             f"the checkpoint {settings.model_dir} (patch_image_size {size})",
         )
+        self.max_beam_tokens = settings.max_beam_tokens
+        self.health = EngineHealth(pb_utils, self.model_name, settings.unhealthy_after_failures)
         if settings.warmup:
             self.captioner.warmup(batch_sizes=(1,))
         pb_utils.Logger.log_info(
@@ -55,7 +60,11 @@ class TritonPythonModel:
 
     def execute(self, requests):
         """One engine batch per distinct settings; one response per request, in order."""
-        results = run_batched([self._read(request) for request in requests], self._generate)
+        rows = [self._read(request) for request in requests]
+        skipped = sum(isinstance(r, RequestCancelled) for r in rows)
+        if skipped:
+            pb_utils.Logger.log_info(f"{self.model_name}: {skipped} cancelled request(s) not computed")
+        results = run_batched(rows, self._generate)
         return responses(pb_utils, results, self._outputs, model_name=self.model_name)
 
     @staticmethod
@@ -67,6 +76,9 @@ class TritonPythonModel:
 
     def _read(self, request):
         """The request's rows as ``((beam_size, max_length), pixels)``, or the error that makes it invalid."""
+        gone = cancelled(request)  # its client gave up: no engine work for it
+        if gone is not None:
+            return gone
         try:
             pixels = input_array(pb_utils, request, "pixel_values")
             rows = len(pixels)
@@ -82,6 +94,12 @@ class TritonPythonModel:
                     keys.append(self.captioner.validate_settings(beam, length))
                 except ValueError as exc:
                     raise RequestError(str(exc)) from exc
+                cost = keys[-1][0] * keys[-1][1]
+                if cost > self.max_beam_tokens:
+                    raise RequestError(
+                        f"beam_size x max_length = {keys[-1][0]} x {keys[-1][1]} = {cost} is over this server's "
+                        f"limit of {self.max_beam_tokens} (setting OFA_MAX_BEAM_TOKENS / max_beam_tokens)"
+                    )
             return list(zip(keys, pixels, strict=True))
         except Exception as exc:  # noqa: BLE001 - becomes this request's error response
             return exc
@@ -90,7 +108,13 @@ class TritonPythonModel:
         """One engine call for all rows sharing the generation settings ``key``."""
         beam_size, max_length = key
         batch = torch.from_numpy(np.stack(pixels))
-        return self.captioner.generate(batch, beam_size=beam_size, max_length=max_length)
+        try:
+            captions = self.captioner.generate(batch, beam_size=beam_size, max_length=max_length)
+        except Exception:
+            self.health.failed()  # unloads the model when every batch fails (e.g. a poisoned CUDA context)
+            raise
+        self.health.succeeded()
+        return captions
 
     def finalize(self):
         """Release the engine (and CUDA memory where it used some)."""
