@@ -328,7 +328,13 @@ class SupervisorSettings:
         10.0,
         env="OFA_PROBE_TIMEOUT_S",
         minimum=0.5,
-        help="seconds one model's probe may take; two unanswered in a row without progress = hung",
+        help="seconds one model's probe may take before it counts as unanswered",
+    )
+    hang_after_s: float = setting(
+        60.0,
+        env="OFA_HANG_AFTER_S",
+        minimum=1.0,
+        help="a model whose probes go unanswered and that completes no execution for this long is hung",
     )
     state_file: Path | None = setting(
         env="OFA_SUPERVISOR_STATE",

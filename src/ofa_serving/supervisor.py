@@ -7,9 +7,9 @@ supervisor runs beside the server (a thread of ``make serve``; the entrypoint of
 * **Dead stub** (SIGKILL, OOM kill, segfault), **frozen stub** (SIGSTOP: Triton answers "not healthy" within a
   second), a model whose engine keeps failing (it unloads itself, see ``model_repository/ofa/1/model.py``), or
   any other error of a probe: the model is healed at once.
-* **Hung stub** (no answer): a probe that times out while the model completed no execution since the previous
-  probe, twice in a row, or whose stub is stopped (``T`` in ``/proc``); a busy model completes executions and is
-  left alone.
+* **Hung stub** (no answer): its stub is stopped (``T`` in ``/proc``), or its probes time out and it completes no
+  execution for ``hang_after_s`` (60 s by default, ``OFA_HANG_AFTER_S``); a busy model completes executions and is
+  left alone, however long its queue.
 
 Healing a model: SIGKILL its stubs (a hung stub would otherwise hold the unload), unload it through the
 model-repository API (its ensembles unload with it: readiness turns false, load balancers stop sending), load it
@@ -136,7 +136,7 @@ class Supervisor:
         admin_key: the secret of :data:`ADMIN_HEADER` the server was started with.
         interval_s: seconds between probe rounds.
         probe_timeout_s: how long one model's probe may take before it counts as unanswered.
-        hang_probes: unanswered probes in a row (with no execution completed meanwhile) that make a model hung.
+        hang_after_s: a model whose probes go unanswered and that completes no execution for this long is hung.
         state_file: JSON file with the counters and the last events (``None``: none).
         restart: called to restart the whole server when a model cannot be healed (``None``: give up).
         max_heal_failures: failed heals of one model in a row before ``restart``.
@@ -149,7 +149,7 @@ class Supervisor:
         *,
         interval_s: float = 5.0,
         probe_timeout_s: float = 10.0,
-        hang_probes: int = 2,
+        hang_after_s: float = 60.0,
         state_file: str | Path | None = None,
         restart: Callable[[], None] | None = None,
         max_heal_failures: int = 3,
@@ -157,7 +157,7 @@ class Supervisor:
     ) -> None:
         self.server = server
         self.headers = {ADMIN_HEADER: admin_key}
-        self.interval_s, self.probe_timeout_s, self.hang_probes = interval_s, probe_timeout_s, hang_probes
+        self.interval_s, self.probe_timeout_s, self.hang_after_s = interval_s, probe_timeout_s, hang_after_s
         self.state_file = Path(state_file) if state_file else None
         self.restart_server, self.max_heal_failures, self.log = restart, max_heal_failures, log
         #: heals per model; ``restarts``: server restarts
@@ -165,9 +165,11 @@ class Supervisor:
         self.restarts = 0
         self.events: list[dict[str, Any]] = []
         self.gave_up = False
-        self._unanswered: dict[str, tuple[int, int | None]] = {}
+        self._progress: dict[str, tuple[float, int | None]] = {}  # since when, at which execution count
         self._failed_heals: Counter[str] = Counter()
         self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._round = threading.Lock()
         self._thread: threading.Thread | None = None
         self._write_state()
 
@@ -209,7 +211,7 @@ class Supervisor:
 
     def _needs_heal(self, model: str, check: ModelCheck) -> str | None:
         if check.ok:
-            self._unanswered.pop(model, None)
+            self._progress.pop(model, None)
             return None
         if check.status == "not_ready":
             if not self._is_ensemble(model):
@@ -220,13 +222,14 @@ class Supervisor:
         pids = stub_pids(self.server.pid, model)
         if any(_stopped(pid) for pid in pids):
             return f"stub {pids} stopped (no answer within {self.probe_timeout_s:.0f} s)"
-        count, executions = self._unanswered.get(model, (0, None))
-        now = self._executions(model)
-        if executions is not None and now is not None and now > executions:
-            count = 0  # busy, not hung: it completed executions meanwhile
-        self._unanswered[model] = (count + 1, now if count == 0 or executions is None else executions)
-        if count + 1 >= self.hang_probes:
-            return f"hung: {count + 1} probes unanswered, no execution completed meanwhile"
+        # Unanswered: busy or hung. Busy models complete executions; a hung one completes none for hang_after_s.
+        now, executions = time.monotonic(), self._executions(model)
+        since, seen = self._progress.get(model, (now, None))
+        if seen is None or executions is None or executions != seen:
+            since, seen = now, executions
+        self._progress[model] = (since, seen)
+        if now - since >= self.hang_after_s:
+            return f"hung: no answer within {self.probe_timeout_s:.0f} s and no execution completed for {now - since:.0f} s"
         return None
 
     def _is_ensemble(self, model: str) -> bool:
@@ -276,7 +279,7 @@ class Supervisor:
         check = probe_model(self.base_url, model, timeout=max(self.probe_timeout_s, 30.0))
         seconds = time.monotonic() - start
         ok = status == 200 and check.ok
-        self._unanswered.pop(model, None)
+        self._progress.pop(model, None)
         if ok:
             self.heals[model] += 1
             self._failed_heals[model] = 0
@@ -345,10 +348,23 @@ class Supervisor:
     def run(self) -> None:
         """Probe rounds every ``interval_s`` until :meth:`stop` (or giving up)."""
         while not self._stop.wait(self.interval_s):
-            try:
-                self.check_once()
-            except Exception as exc:  # noqa: BLE001 - the supervisor must outlive any one round
-                self.log(f"probe round failed: {type(exc).__name__}: {exc}")
+            with self._round:
+                if self._paused.is_set():
+                    continue
+                try:
+                    self.check_once()
+                except Exception as exc:  # noqa: BLE001 - the supervisor must outlive any one round
+                    self.log(f"probe round failed: {type(exc).__name__}: {exc}")
+
+    def pause(self) -> None:
+        """No probe rounds until :meth:`resume`; returns once the round in progress (if any) is over."""
+        self._paused.set()
+        with self._round:
+            pass
+
+    def resume(self) -> None:
+        """Probe rounds again."""
+        self._paused.clear()
 
     def start(self) -> Supervisor:
         """Run :meth:`run` in a daemon thread."""
@@ -443,6 +459,7 @@ def run_supervised(server: Any, admin_key: str, stopping: Callable[[], bool], se
         admin_key,
         interval_s=settings.probe_interval_s,
         probe_timeout_s=settings.probe_timeout_s,
+        hang_after_s=settings.hang_after_s,
         state_file=state,
         restart=restart,
     )
