@@ -278,15 +278,17 @@ class Supervisor:
         self._reload_unloaded()
         check = probe_model(self.base_url, model, timeout=max(self.probe_timeout_s, 30.0))
         seconds = time.monotonic() - start
-        ok = status == 200 and check.ok
+        # loaded, and the probe answered, or is still waiting behind queued requests (the next rounds judge that)
+        ok = status == 200 and check.status in ("ok", "timeout")
         self._progress.pop(model, None)
         if ok:
             self.heals[model] += 1
             self._failed_heals[model] = 0
             total = sum(self.heals.values())
+            busy = "" if check.ok else f"; its probe is still queued after {check.seconds:.0f} s"
             self.log(
                 f"{model}: healed in {seconds:.1f} s (heals: {model}={self.heals[model]}, total={total}, "
-                f"server restarts={self.restarts})"
+                f"server restarts={self.restarts}){busy}"
             )
         else:
             self._failed_heals[model] += 1
