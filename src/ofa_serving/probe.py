@@ -49,7 +49,8 @@ _NUMPY_TYPES = {
 
 @dataclass(frozen=True)
 class ModelCheck:
-    """The outcome of probing one model: ``status`` is ``ok``, ``error``, ``timeout`` or ``not_ready``."""
+    """The outcome of probing one model: ``status`` is ``ok``, ``busy`` (refused by a full queue or its queue
+    timeout: overloaded, not broken), ``error``, ``timeout`` or ``not_ready``."""
 
     model: str
     status: str
@@ -59,6 +60,11 @@ class ModelCheck:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def alive(self) -> bool:
+        """Answered, or refused only because it is overloaded (a liveness probe must not restart a busy server)."""
+        return self.status in ("ok", "busy")
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ class ProbeResult:
 
     @property
     def ok(self) -> bool:
-        return self.ready and bool(self.checks) and all(c.ok for c in self.checks)
+        return self.ready and bool(self.checks) and all(c.alive for c in self.checks)
 
     def lines(self) -> list[str]:
         """Human-readable lines, one per model."""
@@ -203,6 +209,8 @@ def probe_model(base_url: str, model: str, *, timeout: float = 10.0) -> ModelChe
         return check("error", f"{type(reason).__name__}: {reason}")
     if status != 200:
         text = body[:300].decode(errors="replace")
+        if status == 503:  # "Exceeds maximum queue size" / "Request timeout expired": overloaded
+            return check("busy", f"HTTP 503: {text}")
         with contextlib.suppress(ValueError):
             text = json.loads(text).get("error", text)
         return check("error", f"HTTP {status}: {text}")

@@ -165,6 +165,7 @@ class Supervisor:
         self.restarts = 0
         self.events: list[dict[str, Any]] = []
         self.gave_up = False
+        self._ensembles: dict[str, bool] = {}
         self._progress: dict[str, tuple[float, int | None]] = {}  # since when, at which execution count
         self._failed_heals: Counter[str] = Counter()
         self._stop = threading.Event()
@@ -193,6 +194,7 @@ class Supervisor:
             if state != "READY":
                 checks[model] = ModelCheck(model, "not_ready", f"state {state or 'unknown'}", 0.0)
                 continue
+            self._is_ensemble(model)  # remember it while it has a config
 
             def run(name: str = model) -> None:
                 checks[name] = probe_model(self.base_url, name, timeout=self.probe_timeout_s)
@@ -218,7 +220,11 @@ class Supervisor:
                 return f"not loaded ({check.detail})"
             return None  # an ensemble comes back with its steps
         if check.status == "error":
-            return check.detail
+            if check.detail.startswith("HTTP 5"):  # INTERNAL: a dead or frozen stub, a failing engine
+                return check.detail
+            self.log(f"{model}: the probe was refused ({check.detail}); not a reason to reload it")
+            return None
+        # Unanswered or refused by a full queue: busy or hung.
         pids = stub_pids(self.server.pid, model)
         if any(_stopped(pid) for pid in pids):
             return f"stub {pids} stopped (no answer within {self.probe_timeout_s:.0f} s)"
@@ -233,11 +239,14 @@ class Supervisor:
         return None
 
     def _is_ensemble(self, model: str) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.base_url}/v2/models/{model}/config", timeout=5) as resp:
-                return json.loads(resp.read()).get("platform") == "ensemble"
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
+        """Whether ``model`` is an ensemble (remembered from when it was loaded: an unloaded model has no config)."""
+        if model not in self._ensembles:
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/v2/models/{model}/config", timeout=5) as resp:
+                    self._ensembles[model] = json.loads(resp.read()).get("platform") == "ensemble"
+            except (urllib.error.URLError, OSError, ValueError):
+                return False
+        return self._ensembles[model]
 
     def _executions(self, model: str) -> int | None:
         try:
