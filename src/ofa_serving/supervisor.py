@@ -378,7 +378,10 @@ class Supervisor:
         self._paused.clear()
 
     def start(self) -> Supervisor:
-        """Run :meth:`run` in a daemon thread."""
+        """Learn which models are ensembles (the server is ready: all are loaded), run :meth:`run` in a thread."""
+        with contextlib.suppress(RuntimeError, OSError, ValueError):
+            for model in list_models(self.base_url, headers=self.headers, timeout=self.probe_timeout_s):
+                self._is_ensemble(model)
         self._thread = threading.Thread(target=self.run, name="supervisor", daemon=True)
         self._thread.start()
         return self

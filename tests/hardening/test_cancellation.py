@@ -1,9 +1,13 @@
 """Cancellation (issue 10): a request whose client gave up is not computed.
 
-While ``ofa`` runs a slow batch, 12 more requests arrive with a client timeout of 1 s; their clients give up
-(DEADLINE_EXCEEDED) while the requests wait in ``ofa``'s queue. When their turn comes, the adapters check
+While ``ofa`` runs a slow batch, 12 more requests arrive with a client timeout of 0.5 s; their clients give up
+(DEADLINE_EXCEEDED) while the requests wait in ``ofa``'s queue. When their turn comes, the adapter checks
 ``request.is_cancelled()`` before building the engine batch: the server log says how many were skipped, and
 ``ofa``'s metrics count none of them as computed.
+
+The requests go to ``ofa`` directly: tritonserver 2.51 does not pass a client's cancellation of a ``caption``
+request on to the ensemble's steps (measured: all 12 were computed), so there the bound is the queue timeout,
+which Triton enforces before any model runs (test_overload.py).
 """
 
 from __future__ import annotations
@@ -12,15 +16,17 @@ import re
 import threading
 import time
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from reliabilitylib import caption_inputs, fire
+from reliabilitylib import fire
 
-from .conftest import FAST, fresh_seed, png
+from .conftest import FAST, fresh_seed
 
 pytestmark = pytest.mark.integration
 
-SLOW = 4  # default generation settings: a batch takes seconds on a CPU
+SLOW = 8  # with SLOW_SETTINGS: a batch takes seconds on a CPU
+SLOW_SETTINGS = {"beam_size": 5, "max_length": 64}  # at the cost bound (320)
 GIVING_UP = 12
 SKIPPED = re.compile(r"(ofa|preprocess): (\d+) cancelled request\(s\) not (?:computed|decoded)")
 
@@ -33,31 +39,41 @@ def _metric(server, name: str, model: str) -> float:
     return total
 
 
+def _ofa_inputs(seed: int, **settings) -> list:
+    rng = np.random.default_rng(seed)
+    pixels = grpcclient.InferInput("pixel_values", [1, 3, 480, 480], "FP32")
+    pixels.set_data_from_numpy(rng.standard_normal((1, 3, 480, 480)).astype(np.float32))
+    inputs = [pixels]
+    for name, value in settings.items():
+        tensor = grpcclient.InferInput(name, [1, 1], "INT32")
+        tensor.set_data_from_numpy(np.full((1, 1), value, dtype=np.int32))
+        inputs.append(tensor)
+    return inputs
+
+
 def test_requests_whose_clients_gave_up_are_not_computed(hardened_server):
     server = hardened_server
     log_start = len(server.log_file.read_bytes())
     seed = fresh_seed()
     computed_before = _metric(server, "nv_inference_request_success", "ofa")
-    preprocessed = _metric(server, "nv_inference_request_success", "preprocess")
     slow: list = []
     thread = threading.Thread(
         target=lambda: slow.extend(
             fire(
                 server.grpc_address,
-                [caption_inputs(grpcclient, [png(48, 36, seed + i)]) for i in range(SLOW)],
+                [_ofa_inputs(seed + i, **SLOW_SETTINGS) for i in range(SLOW)],
+                model="ofa",
                 timeout_s=600,
             )
         )
     )
     thread.start()
-    deadline = time.monotonic() + 120
-    while _metric(server, "nv_inference_request_success", "preprocess") < preprocessed + SLOW:
-        assert time.monotonic() < deadline, "the slow requests never reached ofa"
-        time.sleep(0.05)
+    time.sleep(0.3)  # the slow batch is running
     gave_up = fire(
         server.grpc_address,
-        [caption_inputs(grpcclient, [png(48, 36, seed + 100 + i)], **FAST) for i in range(GIVING_UP)],
-        client_timeout_s=1.0,
+        [_ofa_inputs(seed + 100 + i, **FAST) for i in range(GIVING_UP)],
+        model="ofa",
+        client_timeout_s=0.5,
         timeout_s=60,
     )
     thread.join(timeout=600)

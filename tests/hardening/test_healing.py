@@ -35,6 +35,7 @@ import yaml
 from reliabilitylib import Outcome, caption_inputs, fire
 
 from ofa_serving.launcher import TritonServer, default_model_repository
+from ofa_serving.probe import probe_server
 from ofa_serving.supervisor import Supervisor, new_admin_key, stub_pids
 
 from .conftest import FAST, _start, fresh_seed, png
@@ -282,6 +283,8 @@ def test_the_shipped_probe_command_fails_on_a_dead_stub(healing):
     commands = shipped_probe_commands()
     assert commands["kubernetes livenessProbe"] == commands["Dockerfile HEALTHCHECK"], "one probe command"
     server, supervisor = healing.server, healing.supervisor
+    # healthy, and warm: a model just reloaded without warm-up (an earlier test) answers its first call slowly here
+    _wait(lambda: probe_server(server.http_url, timeout=120).ok, 300, "the server answers every probe")
     for name, command in commands.items():
         code, seconds, output = _run_probe(command, server)
         print(

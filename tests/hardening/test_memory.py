@@ -135,7 +135,7 @@ def test_32_images_just_under_the_pixel_limit_at_once_stay_within_bounded_memory
 
     width = 4000
     height = MAX_IMAGE_PIXELS // width - 1  # just under the limit
-    assert MAX_IMAGE_PIXELS - width < width * height < MAX_IMAGE_PIXELS
+    assert MAX_IMAGE_PIXELS - width <= width * height < MAX_IMAGE_PIXELS
     images = _big_pngs(32, width, height)
     assert len(set(images)) == 32
     requests = []
