@@ -191,8 +191,11 @@ def probe_model(base_url: str, model: str, *, timeout: float = 10.0) -> ModelChe
         if config.get("platform") == "ensemble":
             return check("ok", "ensemble (its steps are probed)")
         header, blob = _probe_inputs(config)
-        head = json.dumps(header).encode()
         remaining = timeout - (time.monotonic() - start)
+        # Leave the queue unexecuted once we stop waiting (KServe queue timeout, in us; the models allow it), so
+        # that probes given up on never pile up in front of the model.
+        header["parameters"] = {"timeout": max(int(remaining * 1e6), 1)}
+        head = json.dumps(header).encode()
         status, body = _request(
             f"{base_url}/v2/models/{model}/infer",
             data=head + blob,

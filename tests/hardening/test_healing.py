@@ -286,10 +286,14 @@ def test_the_shipped_probe_command_fails_on_a_dead_stub(healing):
     # healthy, and warm: a model just reloaded without warm-up (an earlier test) answers its first call slowly here
     _wait(lambda: probe_server(server.http_url, timeout=120).ok, 300, "the server answers every probe")
     for name, command in commands.items():
-        code, seconds, output = _run_probe(command, server)
-        print(
-            f"\n{name} ({shlex.join(command)}) on the healthy server: exit {code} in {seconds:.1f} s\n{output}"
-        )
+        # a healthy server passes (up to 3 tries: on this shared 2-core machine one beam-1 call took over 20 s)
+        for _attempt in range(3):
+            code, seconds, output = _run_probe(command, server)
+            print(
+                f"\n{name} ({shlex.join(command)}) on the healthy server: exit {code} in {seconds:.1f} s\n{output}"
+            )
+            if code == 0:
+                break
         assert code == 0, output
     supervisor.pause()
     try:
