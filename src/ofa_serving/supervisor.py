@@ -491,6 +491,7 @@ def run_supervised(server: Any, admin_key: str, stopping: Callable[[], bool], se
                 time.sleep(0.2)
             if stopping() or supervisor.gave_up or server.process is process:
                 break
+        supervisor.stop()  # no probes while the server drains (its endpoints close)
         if supervisor.gave_up:
             server.stop(timeout=10)
             return 1

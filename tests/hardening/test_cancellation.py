@@ -25,8 +25,7 @@ from .conftest import FAST, fresh_seed
 
 pytestmark = pytest.mark.integration
 
-SLOW = 8  # with SLOW_SETTINGS: a batch takes seconds on a CPU
-SLOW_SETTINGS = {"beam_size": 5, "max_length": 64}  # at the cost bound (320)
+SLOW = 4  # default generation settings (beam 5, 16 tokens): a batch takes seconds on a CPU
 GIVING_UP = 12
 SKIPPED = re.compile(r"(ofa|preprocess): (\d+) cancelled request\(s\) not (?:computed|decoded)")
 
@@ -61,7 +60,7 @@ def test_requests_whose_clients_gave_up_are_not_computed(hardened_server):
         target=lambda: slow.extend(
             fire(
                 server.grpc_address,
-                [_ofa_inputs(seed + i, **SLOW_SETTINGS) for i in range(SLOW)],
+                [_ofa_inputs(seed + i) for i in range(SLOW)],
                 model="ofa",
                 timeout_s=600,
             )
