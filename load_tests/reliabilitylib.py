@@ -5,7 +5,7 @@ Standard library + numpy only at import time (``tritonclient`` is imported where
 
 * processes: :func:`server_processes` finds tritonserver's Python backend stubs (one per model instance, named by
   their command line ``.../<model>/1/model.py ... <model>_<group>_<index>``), :func:`rss_bytes`,
-  :func:`listening_addresses`, :func:`stub_liveness_ok` (the liveness check documented in docs/reliability.md);
+  :func:`listening_addresses` (the liveness check is ``ofa_serving.probe``, shipped in the image);
 * memory over time: :class:`RssSampler`;
 * bursts: :func:`fire` sends many ``caption`` requests at once over gRPC (asynchronous calls from one thread, so
   a burst really arrives within milliseconds) and returns one :class:`Outcome` per request.
@@ -16,37 +16,11 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-#: Where the container image keeps the model repository (docker/Dockerfile).
-IMAGE_MODEL_REPOSITORY = "/opt/ofa/model_repository"
-
-
-def stub_liveness_command(
-    repository: str = IMAGE_MODEL_REPOSITORY, models: Sequence[str] = ("preprocess", "ofa")
-) -> str:
-    """The liveness check of docs/reliability.md, a shell command: exit 0 when a Python backend stub runs for every
-    model of ``repository``, 1 when one is missing (tritonserver 2.51 neither restarts a dead stub nor reports the
-    model unready).
-
-    It greps /proc/*/cmdline (no procps, no Python needed, so it runs as a Kubernetes exec probe in the image);
-    ``model[.]py`` keeps grep from matching its own command line.
-    """
-    import shlex
-
-    escaped = re.sub(r"([.\[\]*^$\\])", r"\\\1", repository.rstrip("/"))
-    pattern = shlex.quote(escaped) + '"/$m/[0-9]*/model[.]py"'
-    return f"for m in {' '.join(models)}; do grep -qs {pattern} /proc/[0-9]*/cmdline || exit 1; done"
-
-
-#: The check for the container image.
-STUB_LIVENESS_COMMAND = stub_liveness_command()
-
 
 # ------------------------------------------------------------------------------------------- processes
 
@@ -215,12 +189,6 @@ def listening_addresses(pid: int) -> list[tuple[str, int]]:
     return sorted((addr, port) for addr, port, inode in _listening_sockets() if inode in owned)
 
 
-def stub_liveness_ok(repository: str = IMAGE_MODEL_REPOSITORY) -> bool:
-    """Run :func:`stub_liveness_command` for ``repository`` (as a Kubernetes exec probe would): True on exit 0."""
-    command = stub_liveness_command(repository)
-    return subprocess.run(["sh", "-c", command], check=False, timeout=30).returncode == 0
-
-
 # ------------------------------------------------------------------------------------------- memory
 
 
@@ -376,13 +344,15 @@ def fire(
     timeout_s: float = 600.0,
     queue_timeout_us: int | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
+    client_timeout_s: float | None = None,
 ) -> list[Outcome]:
     """Send every request at once (asynchronous gRPC calls) and wait for all answers, at most ``timeout_s``.
 
     ``requests`` are lists of tritonclient.grpc ``InferInput`` (see :func:`caption_inputs`). Returns one
     :class:`Outcome` per request, in order; a request without an answer by then gets status ``"NO_ANSWER"``.
     ``queue_timeout_us`` sets the request's own queue timeout (the models allow overriding theirs);
-    ``on_outcome`` is called with each outcome as it arrives (from tritonclient's callback thread).
+    ``on_outcome`` is called with each outcome as it arrives (from tritonclient's callback thread);
+    ``client_timeout_s`` makes the client give up on (cancel) each request after that many seconds.
     """
     import tritonclient.grpc as grpcclient
 
@@ -391,6 +361,8 @@ def fire(
     remaining = threading.Semaphore(0)
     client = grpcclient.InferenceServerClient(grpc_address)
     extra = {} if queue_timeout_us is None else {"timeout": queue_timeout_us}
+    if client_timeout_s is not None:
+        extra["client_timeout"] = client_timeout_s
 
     def callback(index: int, start: float):
         def done(result, error):

@@ -206,4 +206,5 @@ def preprocess_images(
                 raise
             raise ImageDecodeError(f"image {i}: {e}") from e
         _pixels_into(img, size, lut, out[i])
+        del img  # free this decoded image before the next one is decoded: one full-size image at a time
     return out

@@ -7,7 +7,9 @@ it, so that they run under a stand-in in the unit tests.
 from __future__ import annotations
 
 import json
+import threading
 import traceback
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +25,9 @@ __all__ = [
     "optional_int_rows",
     "error_response",
     "responses",
+    "RequestCancelled",
+    "cancelled",
+    "EngineHealth",
 ]
 
 _MAX_MESSAGE = 500
@@ -71,23 +76,43 @@ def optional_int_rows(array: np.ndarray | None, rows: int, name: str) -> list[in
     return [int(v) for v in array[:, 0]]
 
 
-def error_response(pb: Any, exc: BaseException, *, model_name: str) -> Any:
-    """One request's error response, logged: INVALID_ARG for a :class:`RequestError`, INTERNAL otherwise.
+class RequestCancelled(Exception):
+    """The client cancelled the request (or gave up on it) before it was computed."""
 
-    A bad request is logged in one line; an internal error is logged with its traceback and reported to the
-    client in a short message (exception type and text).
+
+def cancelled(request: Any) -> RequestCancelled | None:
+    """A :class:`RequestCancelled` when ``request.is_cancelled()`` (its client gave up), else ``None``."""
+    check = getattr(request, "is_cancelled", None)
+    return RequestCancelled("request cancelled before it was computed") if check and check() else None
+
+
+def error_response(pb: Any, exc: BaseException, *, model_name: str) -> Any:
+    """One request's error response, logged: INVALID_ARG for a :class:`RequestError`, CANCELLED for a
+    :class:`RequestCancelled`, INTERNAL otherwise.
+
+    A bad request is logged in one line. An internal error gets an error id: the client is told only
+    ``<model>: internal error, id <id>``; the server log has the id with the traceback (exception texts may hold
+    paths or memory figures that are not the client's business).
     """
     logger = getattr(pb, "Logger", None)
-    if isinstance(exc, RequestError):
+    if isinstance(exc, RequestCancelled):
+        message = f"{model_name}: {exc}"
+        code = getattr(pb.TritonError, "CANCELLED", None)
+    elif isinstance(exc, RequestError):
         message = str(exc)
         code = getattr(pb.TritonError, "INVALID_ARG", None)
         if logger is not None:
             logger.log_warn(f"{model_name}: bad request: {message}")
     else:
-        message = f"{model_name}: internal error: {type(exc).__name__}: {exc}"
+        # One id per failure: the requests of one failed engine batch share it, its traceback is logged once.
+        error_id = getattr(exc, "error_id", None)
+        if error_id is None:
+            error_id = exc.error_id = uuid.uuid4().hex[:16]
+            if logger is not None:
+                trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                logger.log_error(f"{model_name}: internal error, id {error_id}:\n{trace}")
+        message = f"{model_name}: internal error, id {error_id} (details in the server log)"
         code = getattr(pb.TritonError, "INTERNAL", None)
-        if logger is not None:
-            logger.log_error("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     if len(message) > _MAX_MESSAGE:
         message = message[: _MAX_MESSAGE - 3] + "..."
     error = pb.TritonError(message) if code is None else pb.TritonError(message, code)
@@ -127,3 +152,41 @@ def _drop_tracebacks(exc: BaseException | None) -> None:
         seen.add(id(current))
         current.__traceback__ = None
         pending += [current.__cause__, current.__context__]
+
+
+class EngineHealth:
+    """Counts engine batches that failed in a row; past ``limit`` the model unloads itself.
+
+    An engine failure that repeats on every batch (a poisoned CUDA context after an illegal memory access, a lost
+    device) would otherwise answer INTERNAL forever while the model reports ready. After ``limit`` failed batches
+    in a row (no success between them) :meth:`failed` logs it and asks Triton to unload the model
+    (``pb_utils.unload_model``, needs explicit model control): readiness turns false and the supervisor
+    (:mod:`ofa_serving.supervisor`) loads it again in a fresh stub process. ``limit`` 0 disables it.
+    """
+
+    def __init__(self, pb: Any, model_name: str, limit: int) -> None:
+        self.pb, self.model_name, self.limit = pb, model_name, limit
+        self.in_a_row = 0
+        self.unloading = False
+
+    def succeeded(self) -> None:
+        """An engine batch succeeded."""
+        self.in_a_row = 0
+
+    def failed(self) -> None:
+        """An engine batch failed; unload the model after ``limit`` of them in a row."""
+        self.in_a_row += 1
+        if not self.limit or self.in_a_row < self.limit or self.unloading:
+            return
+        self.unloading = True
+        message = (
+            f"{self.model_name}: the engine failed {self.in_a_row} batches in a row; unloading the model so that "
+            "it is reloaded in a fresh process"
+        )
+        logger = getattr(self.pb, "Logger", None)
+        if logger is not None:
+            logger.log_error(message)
+        unload = getattr(self.pb, "unload_model", None)
+        if unload is not None:
+            # From a thread: the unload waits for this execute() to return.
+            threading.Thread(target=unload, args=(self.model_name,), daemon=True).start()

@@ -190,6 +190,8 @@ class TritonServer:
         env: extra environment variables for the server and its models (e.g. ``{"OFA_WARMUP": "0"}``).
         extra_args: more tritonserver flags, appended last.
         die_with_parent: ask Linux to SIGTERM the server when the thread that started it exits.
+        admin_key: run under explicit model control with the model-repository API restricted to this secret
+            (what :class:`~ofa_serving.supervisor.Supervisor` needs to reload a model); ``None`` = no model control.
     """
 
     def __init__(
@@ -208,6 +210,7 @@ class TritonServer:
         env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
         die_with_parent: bool = True,
+        admin_key: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository or default_model_repository()).resolve()
         self.model_dir = Path(model_dir).resolve() if model_dir else None
@@ -220,6 +223,7 @@ class TritonServer:
         self.extra_env = dict(env or {})
         self.extra_args = list(extra_args)
         self.die_with_parent = die_with_parent
+        self.admin_key = admin_key
         self.process: subprocess.Popen | None = None
         self._log_handle = None
 
@@ -309,6 +313,11 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
         ]
+        if self.admin_key:  # supervised: only the supervisor (holding the key) may reload models
+            from .supervisor import model_control_flags
+
+            cmd.remove("--model-control-mode=none")
+            cmd += model_control_flags(self.admin_key)
         if self.response_cache_bytes > 0:
             cmd.append(f"--cache-config=local,size={self.response_cache_bytes}")
         return cmd + self.extra_args

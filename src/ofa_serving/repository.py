@@ -152,8 +152,10 @@ def generate_repository(
     return out
 
 
-def prepare_models(settings: ServerSettings, out_dir: str | Path | None = None):
+def prepare_models(settings: ServerSettings, out_dir: str | Path | None = None, **server_options):
     """The server of ``make serve`` with ``OFA_MODELS``: ``(TritonServer, models, generated repository)``.
+
+    ``server_options`` go to :meth:`TritonServer.from_settings` (e.g. ``admin_key``).
 
     The repository is generated into ``out_dir`` (default: a new temporary directory; the caller removes it)
     from ``OFA_MODEL_REPOSITORY`` (default ``model_repository/``). ``OFA_MODEL_DIR`` may not be set as well, and
@@ -175,7 +177,7 @@ def prepare_models(settings: ServerSettings, out_dir: str | Path | None = None):
             shutil.rmtree(out, ignore_errors=True)
         raise
     server = TritonServer.from_settings(
-        settings, model_repository=out, model_dir=None, env={"OFA_MODEL_DIR": ""}
+        settings, model_repository=out, model_dir=None, env={"OFA_MODEL_DIR": ""}, **server_options
     )
     return server, models, out
 

@@ -9,6 +9,8 @@
 2. tritonserver in the foreground on ``HOST`` (127.0.0.1) and ``HTTP_PORT``/``GRPC_PORT``/``METRICS_PORT``
    (8000/8001/8002); once ready it prints how to call it. SIGINT/SIGTERM are forwarded to the server (graceful
    stop, in-flight requests finish); a second signal kills it.
+3. Unless ``OFA_SUPERVISE=0``, :mod:`ofa_serving.supervisor` probes every model and reloads one whose backend stub
+   died or hung (tritonserver 2.51 does not), logging ``[supervisor]`` lines (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 
 from .launcher import ServerStartError, TritonServer
 from .repository import DEFAULT_NAME, prepare_models
-from .settings import ServerSettings, SettingsError, load_settings
+from .settings import ServerSettings, SettingsError, SupervisorSettings, load_settings
+from .supervisor import new_admin_key, run_supervised
 
 __all__ = ["prepare_checkpoint", "usage_text", "main"]
 
@@ -97,13 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     generated = None
     try:
         settings = load_settings(ServerSettings)
+        supervision = load_settings(SupervisorSettings)
+        admin_key = new_admin_key() if supervision.supervise else None
         if settings.models:
-            server, served, generated = prepare_models(settings)
+            server, served, generated = prepare_models(settings, admin_key=admin_key)
             kind, names = "configured", tuple(m.name for m in served)
             what = ", ".join(f"{m.name} <- {m.checkpoint}" for m in served) + f" (repository {generated})"
         else:
             model_dir, kind = prepare_checkpoint(settings)
-            server = TritonServer.from_settings(settings, model_dir=model_dir)
+            server = TritonServer.from_settings(settings, model_dir=model_dir, admin_key=admin_key)
             names, what = (DEFAULT_NAME,), f"{model_dir} ({kind})"
     except (SettingsError, ServerStartError, OSError) as exc:
         if generated is not None:
@@ -137,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             except ServerStartError:
                 if server.process.poll() is not None:
                     raise
+        if admin_key is not None and server.process.poll() is None and not signals["count"]:
+            return run_supervised(server, admin_key, lambda: signals["count"] > 0, supervision)
         return server.wait()
     except ServerStartError as exc:
         _log(f"error: {exc}")

@@ -35,6 +35,7 @@ __all__ = [
     "OFASettings",
     "PreprocessSettings",
     "ServerSettings",
+    "SupervisorSettings",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -234,6 +235,20 @@ class OFASettings:
         param="warmup",
         help="caption a random image in initialize, so that ready means warm",
     )
+    max_beam_tokens: int = setting(
+        320,
+        env="OFA_MAX_BEAM_TOKENS",
+        param="max_beam_tokens",
+        minimum=1,
+        help="cost bound: requests with beam_size x max_length above this get INVALID_ARG (default 5 x 64)",
+    )
+    unhealthy_after_failures: int = setting(
+        3,
+        env="OFA_UNHEALTHY_AFTER_FAILURES",
+        param="unhealthy_after_failures",
+        minimum=0,
+        help="engine batches failing in a row before the model unloads itself to be reloaded; 0 = never",
+    )
 
 
 @dataclass(frozen=True)
@@ -302,6 +317,34 @@ class ServerSettings:
     )
     log_verbose: int = setting(
         0, env="TRITON_LOG_VERBOSE", minimum=0, help="tritonserver --log-verbose level"
+    )
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    """Settings of the supervisor that heals dead or hung models (:mod:`ofa_serving.supervisor`); environment only."""
+
+    supervise: bool = setting(
+        True, env="OFA_SUPERVISE", help="probe every model and reload the ones whose stub died or hung"
+    )
+    probe_interval_s: float = setting(
+        5.0, env="OFA_PROBE_INTERVAL_S", minimum=0.1, help="seconds between the supervisor's probe rounds"
+    )
+    probe_timeout_s: float = setting(
+        10.0,
+        env="OFA_PROBE_TIMEOUT_S",
+        minimum=0.5,
+        help="seconds one model's probe may take before it counts as unanswered",
+    )
+    hang_after_s: float = setting(
+        60.0,
+        env="OFA_HANG_AFTER_S",
+        minimum=1.0,
+        help="a model whose probes go unanswered and that completes no execution for this long is hung",
+    )
+    state_file: Path | None = setting(
+        env="OFA_SUPERVISOR_STATE",
+        help="JSON file with the heal counters; default <tmp>/ofa-supervisor-<HTTP_PORT>.json",
     )
 
 

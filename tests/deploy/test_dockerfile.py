@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -43,13 +44,23 @@ def server():
     return parse_dockerfile(SERVER_DOCKERFILE)
 
 
+#: The image's command runs tritonserver under the healing supervisor (src/ofa_serving/supervisor.py).
+SUPERVISOR = ["python3", "-m", "ofa_serving.supervisor"]
+
+
 @pytest.fixture(scope="module")
 def cmd(server):
+    """The tritonserver command line of the image's CMD (after the supervisor that runs it)."""
     cmds = server.in_stage(server.final_stage, "CMD")
     assert len(cmds) == 1, "the runtime stage needs exactly one CMD"
     argv = cmds[0].exec_form()
-    assert argv, "CMD must be in exec form (JSON array) so that SIGTERM reaches tritonserver"
-    return argv
+    assert argv, (
+        "CMD must be in exec form (JSON array) so that SIGTERM reaches the supervisor (and tritonserver)"
+    )
+    assert argv[: len(SUPERVISOR)] == SUPERVISOR, (
+        "tritonserver runs under the supervisor, which heals dead stubs"
+    )
+    return argv[len(SUPERVISOR) :]
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +136,28 @@ def test_runtime_stage_is_non_root(server):
     )
 
 
-def test_healthcheck_probes_ready_on_the_http_port(server, flags):
+def test_healthcheck_is_the_deep_probe(server, flags):
+    # The deep probe (src/ofa_serving/probe.py), not the blind /v2/health/ready that stays green over a dead stub;
+    # tests/hardening/test_healing.py runs this very command against a server with a dead stub.
     checks = server.all("HEALTHCHECK")
     assert len(checks) == 1 and checks[0].stage == server.final_stage
-    text = checks[0].args
-    port = flags["--http-port"]
-    assert f"127.0.0.1:{port}/v2/health/ready" in text, text
-    assert re.search(r"--start-period=\d+", text), "a start period covers checkpoint loading and warm-up"
+    options, _, command = checks[0].args.partition(" CMD ")
+    argv = json.loads(command)
+    assert argv[:3] == ["python3", "-m", "ofa_serving.probe"], argv
+    assert flags["--http-port"] == "8000", "the probe's default port"
+    probe_timeout = float(argv[argv.index("--timeout") + 1])
+    docker_timeout = re.search(r"--timeout=(\d+)s", options)
+    assert docker_timeout and int(docker_timeout.group(1)) > probe_timeout, (
+        "the probe reports before Docker kills it"
+    )
+    assert re.search(r"--start-period=\d+", options), "a start period covers checkpoint loading and warm-up"
+
+
+def test_the_supervisor_module_ships_in_the_image():
+    from ofa_serving import probe, supervisor
+
+    for module in (probe, supervisor):
+        assert Path(module.__file__).resolve().is_relative_to(REPO / "src"), "copied with src/ (COPY src/)"
 
 
 def test_exposes_the_three_ports(server, flags):
@@ -169,14 +195,20 @@ def test_same_flags_as_the_launcher(flags):
     # behave the same. Paths and bind addresses differ by nature; the image may only add flags that state
     # tritonserver's defaults.
     from ofa_serving.launcher import TritonServer
-    from ofa_serving.settings import ServerSettings, load_settings
+    from ofa_serving.settings import ServerSettings, SupervisorSettings, load_settings
 
     settings = load_settings(ServerSettings, environ={})
+    # `make serve` supervises (OFA_SUPERVISE defaults to true): the launcher gets an admin key.
+    assert load_settings(SupervisorSettings, environ={}).supervise
     launcher = flag_map(
-        TritonServer.from_settings(settings, model_repository=REPO / "model_repository").command()
+        TritonServer.from_settings(
+            settings, model_repository=REPO / "model_repository", admin_key="key"
+        ).command()
     )
     local_only = {"--model-repository", "--backend-directory", "--cache-directory"}
     local_only |= {"--http-address", "--grpc-address", "--metrics-address"}
+    # a secret generated at each start, by the launcher or by the image's supervisor
+    local_only |= {"--http-restricted-api", "--grpc-restricted-protocol"}
     for key, value in launcher.items():
         if key in local_only:
             continue
@@ -188,7 +220,14 @@ def test_same_flags_as_the_launcher(flags):
 
 
 def test_hardening_flags(flags):
-    assert flags["--model-control-mode"] == "none"
+    # explicit model control so that the supervisor can reload a model; it adds the restricted-API flags itself
+    from ofa_serving.supervisor import model_control_flags
+
+    assert flags["--model-control-mode"] == "explicit" and flags["--load-model"] == "*"
+    assert flag_map(model_control_flags("k"))["--http-restricted-api"] == "model-repository:ofa-admin-key=k"
+    assert "--http-restricted-api" not in flags, (
+        "the secret is generated at start, never baked into the image"
+    )
     assert flags["--strict-readiness"] == "true"
     assert int(flags["--exit-timeout-secs"]) > 0
     assert re.fullmatch(r"local,size=\d+", flags["--cache-config"]), "the caption ensemble needs the cache"

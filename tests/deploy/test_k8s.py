@@ -3,6 +3,7 @@ consistent with each other, with the image and with Triton's metrics."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .deploylib import (
 )
 
 SERVER = parse_dockerfile(DOCKER / "Dockerfile")
-SERVER_FLAGS = flag_map(SERVER.in_stage(SERVER.final_stage, "CMD")[0].exec_form())
+SERVER_FLAGS = flag_map(SERVER.in_stage(SERVER.final_stage, "CMD")[0].exec_form())  # (after the supervisor)
 IMAGE_USER = int(SERVER.in_stage(SERVER.final_stage, "USER")[-1].args.split(":")[0])
 MANIFESTS = ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "locust.yaml", "podmonitor.yaml"]
 #: API versions of the kinds used here; stable in every Kubernetes since 1.25 (autoscaling/v2 GA in 1.23,
@@ -151,7 +152,23 @@ def test_probes_hit_triton_health_endpoints(container):
     http = int(SERVER_FLAGS["--http-port"])
     assert target(container["readinessProbe"]) == ("/v2/health/ready", http)
     assert target(container["startupProbe"]) == ("/v2/health/ready", http)
-    assert target(container["livenessProbe"]) == ("/v2/health/live", http)
+
+
+def test_liveness_is_the_images_deep_probe(container):
+    # Not the blind /v2/health/live, which stays green over a dead backend stub: the image's HEALTHCHECK command
+    # (tests/hardening/test_healing.py runs it against a server with a dead stub).
+    liveness = container["livenessProbe"]
+    command = liveness["exec"]["command"]
+    healthcheck = SERVER.all("HEALTHCHECK")[0].args.partition(" CMD ")[2]
+    assert command == json.loads(healthcheck)
+    assert command[:3] == ["python3", "-m", "ofa_serving.probe"]
+    probe_timeout = float(command[command.index("--timeout") + 1])
+    assert liveness["timeoutSeconds"] > probe_timeout, "the probe reports before the kubelet gives up on it"
+    # the supervisor heals within seconds; the kubelet restarts the container only when that fails for longer
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60
+
+
+def test_probe_timings(container):
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "loading + warm-up can take minutes"
 

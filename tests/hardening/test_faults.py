@@ -8,8 +8,9 @@ observed and asserted here (docs/reliability.md):
 * the Python backend does **not** restart the stub, and the server and the model keep reporting **ready**: the
   health endpoints do not see it (nothing is written to the log either);
 * ``preprocess`` is unaffected;
-* the failure is detected by the stub liveness check (``reliabilitylib.stub_liveness_command``, a Kubernetes exec
-  probe), and the recovery is a restart of the server, after which it captions again.
+* the failure is detected by the deep probe (``ofa_serving.probe``, the image's HEALTHCHECK and Kubernetes
+  liveness command); without the supervisor (this server runs without one, ``test_healing.py`` with one) the
+  recovery is a restart of the server, after which it captions again.
 
 SIGTERM during load: the requests in flight are completed (graceful drain, ``--exit-timeout-secs``), new ones are
 refused with UNAVAILABLE, readiness turns false, and the process exits with status 0 and frees its ports.
@@ -26,9 +27,10 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
-from reliabilitylib import caption_inputs, fire, is_running, stub_liveness_ok
+from reliabilitylib import caption_inputs, fire, is_running
 
 from ofa_serving.launcher import TritonServer
+from ofa_serving.probe import probe_server
 from ofa_serving.testing import metric_sum, parse_metrics
 
 from .conftest import FAST, fresh_seed, models_ready, png, stub_pids
@@ -85,9 +87,8 @@ def _one_caption(server: TritonServer):
 
 def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(queue_server):
     server = queue_server.get()
-    repository = str(server.model_repository)
     stubs = stub_pids(server)
-    assert stub_liveness_ok(repository)
+    assert probe_server(server.http_url).ok
     backend_failures = _metric(server, "nv_inference_request_failure", "ofa", "BACKEND")
     preprocessed = _metric(server, "nv_inference_request_success", "preprocess")
 
@@ -130,14 +131,15 @@ def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(
     (bad,) = fire(server.grpc_address, [caption_inputs(grpcclient, [b"not an image"], **FAST)])
     assert bad.status == "StatusCode.INVALID_ARGUMENT"
     assert _metric(server, "nv_inference_request_failure", "ofa", "BACKEND") >= backend_failures + 2
-    assert not stub_liveness_ok(repository)
+    probe = probe_server(server.http_url)
+    assert not probe.ok and [c.model for c in probe.checks if not c.ok] == ["ofa"], probe.lines()
 
-    # recovery: restart the server (what the liveness probe makes Kubernetes do)
+    # recovery without a supervisor: restart the server (what the liveness probe makes Kubernetes do)
     server = queue_server.restart()
     if region is not None and region.exists():  # 2.51 leaves the killed stub's pool behind: tidy up
         print(f"\n{region} was left behind by the killed stub ({region.stat().st_size} bytes); removed")
         region.unlink()
-    assert stub_liveness_ok(repository)
+    assert probe_server(server.http_url).ok
     assert stub_pids(server)["ofa"] != stubs["ofa"]
     recovered = _one_caption(server)
     assert recovered.ok, recovered

@@ -191,8 +191,45 @@ def test_past_capacity_requests_are_refused_at_once(burst):
     # fast: refused on arrival at a full queue, long before an accepted request's caption comes back
     assert statistics.median(o.latency_s for o in refused) < 1.0
     assert max(o.latency_s for o in refused) < min(o.latency_s for o in answered)
-    # a request that waited out the queue timeout (60 s) is refused too: the policy bounds every wait
-    assert all(o.latency_s >= 59 for o in timed_out)
+    # (queue timeouts: test_a_request_past_its_queue_timeout_is_refused_unexecuted)
+
+
+@pytest.mark.integration
+def test_a_request_past_its_queue_timeout_is_refused_unexecuted(queue_server):
+    """The queue timeout bounds every wait: requests asking for 0.3 s (KServe ``timeout``; the models allow
+    overriding the 60 s default) wait behind a slow batch in ``ofa`` and are refused with "Request timeout
+    expired" once it ends, after at least their timeout and before the slow requests' captions."""
+    server = queue_server.get()
+    seed = fresh_seed()
+    preprocessed = _success(server, "preprocess")
+    slow: list = []
+    firing = threading.Thread(
+        target=lambda: slow.extend(
+            fire(server.grpc_address, [caption_inputs(grpcclient, [png(46, 35, seed + i)]) for i in range(2)])
+        )
+    )
+    firing.start()
+    deadline = time.monotonic() + 120
+    while _success(server, "preprocess") < preprocessed + 2:  # the slow pair reached ofa
+        assert time.monotonic() < deadline, "the slow requests never reached ofa"
+        time.sleep(0.02)
+    timed = fire(
+        server.grpc_address,
+        [caption_inputs(grpcclient, [png(46, 35, seed + 10 + i)], **FAST) for i in range(3)],
+        queue_timeout_us=300_000,
+    )
+    firing.join(timeout=600)
+    print(f"\nqueue timeout 0.3 s: {[(o.status, round(o.latency_s, 2)) for o in timed]}; slow: {slow}")
+    assert [o.status for o in slow] == ["OK", "OK"]
+    assert timed and all(o.status == UNAVAILABLE and QUEUE_TIMEOUT in o.message for o in timed), timed
+    assert all(o.latency_s >= 0.3 for o in timed)
+
+
+def _success(server, model: str) -> float:
+    for line in server.metrics().splitlines():
+        if line.startswith("nv_inference_request_success{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 @pytest.mark.integration

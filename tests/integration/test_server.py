@@ -73,7 +73,12 @@ def test_32_concurrent_requests_each_get_their_own_caption_in_fewer_executions(
     executions = metric(triton_server, "nv_inference_exec_count", "ofa") - execs_before
     requests = metric(triton_server, "nv_inference_request_success", "ofa") - requests_before
     assert requests == 32
-    assert executions < 32, f"ofa ran {executions} executions for 32 requests: dynamic batching did not merge"
+    print(
+        f"\n32 concurrent requests: {executions:.0f} ofa executions, average batch {requests / executions:.1f}"
+    )
+    assert requests / executions >= 4, (
+        f"ofa ran {executions} executions for 32 requests: dynamic batching did not merge"
+    )
 
 
 def test_beam_size_and_max_length_change_the_output(grpc_client, captioner):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
 from ofa_serving.settings import SettingsError
@@ -101,8 +104,19 @@ def test_engine_failure_is_internal_for_its_batch_only_and_logged(pb, model):
     assert captions(pb, responses[1]) == ["image 1 beam 5 len 16"]
     for r in (responses[0], responses[2]):
         assert r.error().code() == pb.TritonError.INTERNAL
-        assert r.error().message() == "ofa: internal error: RuntimeError: stand-in engine failure"
-    assert any(level == "error" and "Traceback" in msg for level, msg in pb.Logger.records)
+        # the client gets an error id, not the exception text; the log has the id with the traceback
+        match = re.fullmatch(
+            r"ofa: internal error, id ([0-9a-f]{16}) \(details in the server log\)", r.error().message()
+        )
+        assert match, r.error().message()
+        assert any(
+            level == "error"
+            and match.group(1) in msg
+            and "Traceback" in msg
+            and "stand-in engine failure" in msg
+            for level, msg in pb.Logger.records
+        )
+    assert responses[0].error().message() == responses[2].error().message(), "one failed batch, one id"
 
 
 def test_initialize_loads_on_cpu_in_float32_and_warms_up(pb, engine, tmp_path, monkeypatch):
@@ -147,3 +161,56 @@ def test_bad_setting_fails_at_load(pb, engine, tmp_path, monkeypatch):
     monkeypatch.setenv("OFA_TORCH_THREADS", "two")
     with pytest.raises(SettingsError, match="OFA_TORCH_THREADS: expected an integer, got 'two'"):
         load_adapter("ofa").TritonPythonModel().initialize(init_args("ofa"))
+
+
+def test_cancelled_requests_are_not_computed(pb, model):
+    gone = pb.InferenceRequest(pixel_values=pixels(7))
+    gone.is_cancelled = lambda: True
+    live = request(pb, 1)
+    live.is_cancelled = lambda: False
+    responses = model.execute([gone, live, request(pb, 2)])
+    assert responses[0].error().code() == pb.TritonError.CANCELLED
+    assert "cancelled" in responses[0].error().message()
+    assert [captions(pb, r) for r in responses[1:]] == [["image 1 beam 5 len 16"], ["image 2 beam 5 len 16"]]
+    assert model.captioner.calls == [((2, 3, 480, 480), 5, 16)]  # image 7 never reached the engine
+    assert ("info", "ofa: 1 cancelled request(s) not computed") in pb.Logger.records
+
+
+def test_work_over_the_cost_bound_is_invalid_argument_naming_the_setting(pb, model):
+    responses = model.execute(
+        [request(pb, 1, beam_size=16, max_length=64), request(pb, 2, beam_size=5, max_length=64)]
+    )
+    assert responses[0].error().code() == pb.TritonError.INVALID_ARG
+    assert responses[0].error().message() == (
+        "beam_size x max_length = 16 x 64 = 1024 is over this server's limit of 320 "
+        "(setting OFA_MAX_BEAM_TOKENS / max_beam_tokens)"
+    )
+    assert captions(pb, responses[1]) == ["image 2 beam 5 len 64"]  # 5 x 64 = 320: at the bound
+
+
+def test_the_cost_bound_is_a_setting(pb, engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("OFA_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("OFA_MAX_BEAM_TOKENS", "1024")
+    m = load_adapter("ofa").TritonPythonModel()
+    m.initialize(init_args("ofa"))
+    (response,) = m.execute([request(pb, 1, beam_size=16, max_length=64)])
+    assert captions(pb, response) == ["image 1 beam 16 len 64"]
+
+
+def test_an_engine_failing_every_batch_unloads_its_model(pb, model, monkeypatch):
+    unloaded = []
+    monkeypatch.setattr(pb, "unload_model", unloaded.append, raising=False)
+    model.execute([request(pb, -1)])
+    model.execute([request(pb, 1)])  # a success resets the count
+    for _ in range(2):
+        model.execute([request(pb, -1)])
+    assert unloaded == []
+    model.execute([request(pb, -1)])  # the third failed batch in a row
+    for _ in range(50):
+        if unloaded:
+            break
+        time.sleep(0.01)
+    assert unloaded == ["ofa"]
+    assert any(level == "error" and "failed 3 batches in a row" in msg for level, msg in pb.Logger.records)
+    model.execute([request(pb, -1)])
+    assert unloaded == ["ofa"], "asked once"

@@ -17,6 +17,9 @@ import triton_python_backend_utils as pb_utils
 
 from ofa_captioning.captioner import Captioner
 from ofa_serving.adapter import (
+    EngineHealth,
+    RequestCancelled,
+    cancelled,
     check_tensor_dims,
     input_array,
     model_config_dict,
@@ -48,6 +51,8 @@ class TritonPythonModel:
             [3, size, size],
             f"the checkpoint {settings.model_dir} (patch_image_size {size})",
         )
+        self.max_beam_tokens = settings.max_beam_tokens
+        self.health = EngineHealth(pb_utils, self.model_name, settings.unhealthy_after_failures)
         if settings.warmup:
             self.captioner.warmup(batch_sizes=(1,))
         pb_utils.Logger.log_info(
@@ -57,7 +62,11 @@ class TritonPythonModel:
 
     def execute(self, requests):
         """One engine batch per distinct settings; one response per request, in order."""
-        results = run_batched([self._read(request) for request in requests], self._generate)
+        rows = [self._read(request) for request in requests]
+        skipped = sum(isinstance(r, RequestCancelled) for r in rows)
+        if skipped:
+            pb_utils.Logger.log_info(f"{self.model_name}: {skipped} cancelled request(s) not computed")
+        results = run_batched(rows, self._generate)
         return responses(pb_utils, results, self._outputs, model_name=self.model_name)
 
     @staticmethod
@@ -67,6 +76,9 @@ class TritonPythonModel:
 
     def _read(self, request):
         """The request's rows as ``((beam_size, max_length), (pixels, num_captions))``, or its error."""
+        gone = cancelled(request)  # its client gave up: no engine work for it
+        if gone is not None:
+            return gone
         try:
             pixels = input_array(pb_utils, request, "pixel_values")
             rows = len(pixels)
@@ -88,6 +100,12 @@ class TritonPythonModel:
                     counts.append(self.captioner.validate_num_captions(wanted, keys[-1][0]))
                 except ValueError as exc:
                     raise RequestError(str(exc)) from exc
+                cost = keys[-1][0] * keys[-1][1]
+                if cost > self.max_beam_tokens:
+                    raise RequestError(
+                        f"beam_size x max_length = {keys[-1][0]} x {keys[-1][1]} = {cost} is over this server's "
+                        f"limit of {self.max_beam_tokens} (setting OFA_MAX_BEAM_TOKENS / max_beam_tokens)"
+                    )
             return list(zip(keys, zip(pixels, counts, strict=True), strict=True))
         except Exception as exc:  # noqa: BLE001 - becomes this request's error response
             return exc
@@ -97,7 +115,12 @@ class TritonPythonModel:
         beam_size, max_length = key
         batch = torch.from_numpy(np.stack([pixels for pixels, _ in rows]))
         most = max(n for _, n in rows)
-        lists = self.captioner.generate_n_best(batch, beam_size, max_length, num_captions=most)
+        try:
+            lists = self.captioner.generate_n_best(batch, beam_size, max_length, num_captions=most)
+        except Exception:
+            self.health.failed()  # unloads the model when every batch fails (e.g. a poisoned CUDA context)
+            raise
+        self.health.succeeded()
         return [pad_captions(best, n) for best, (_, n) in zip(lists, rows, strict=True)]
 
     def finalize(self):

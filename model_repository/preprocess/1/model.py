@@ -1,8 +1,10 @@
 """Triton adapter `preprocess`: encoded image bytes -> ``pixel_values`` [3, S, S] float32.
 
-A thin adapter over ``ofa_captioning.preprocess`` (the same function the engine and the tests use). All images
-of one execute() are decoded one by one (an undecodable image fails only its own request, INVALID_ARG with
-the reason) and turned into pixels in one call; one response per request, in order.
+A thin adapter over ``ofa_captioning.preprocess`` (the same function the engine and the tests use). The images
+of one execute() are decoded one at a time and each is reduced to its pixel tensor at once, so that at most one
+full-size decoded image is alive besides the batch's tensors (32 images of up to ``max_image_pixels`` would
+otherwise be held together). An undecodable image fails only its own request (INVALID_ARG with the reason), a
+request whose client gave up is skipped; one response per request, in order.
 """
 
 from __future__ import annotations
@@ -11,8 +13,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ofa_captioning.config import load_task_config
-from ofa_captioning.preprocess import ImageDecodeError, load_image, preprocess_images
-from ofa_serving.adapter import check_tensor_dims, input_array, model_config_dict, responses
+from ofa_captioning.preprocess import ImageDecodeError, preprocess_image
+from ofa_serving.adapter import (
+    RequestCancelled,
+    cancelled,
+    check_tensor_dims,
+    input_array,
+    model_config_dict,
+    responses,
+)
 from ofa_serving.batching import RequestError, run_batched
 from ofa_serving.images import PayloadError, decode_image_payload
 from ofa_serving.settings import PreprocessSettings, load_settings
@@ -41,7 +50,11 @@ class TritonPythonModel:
 
     def execute(self, requests):
         """One response per request, in order; a bad image fails only its own request."""
-        results = run_batched([self._read(request) for request in requests], self._pixels)
+        rows = [self._read(request) for request in requests]
+        skipped = sum(isinstance(r, RequestCancelled) for r in rows)
+        if skipped:
+            pb_utils.Logger.log_info(f"{self.model_name}: {skipped} cancelled request(s) not decoded")
+        results = run_batched(rows, lambda _key, pixels: pixels)
         return responses(
             pb_utils,
             results,
@@ -50,7 +63,10 @@ class TritonPythonModel:
         )
 
     def _read(self, request):
-        """The request's decoded images as ``(None, PIL.Image)`` rows, or the error that makes it invalid."""
+        """The request's images as ``(None, pixels)`` rows, or the error that makes it invalid."""
+        gone = cancelled(request)  # its client gave up: nothing to decode
+        if gone is not None:
+            return gone
         try:
             images = input_array(pb_utils, request, "image")
             if images.ndim != 2 or images.shape[1] != 1:
@@ -59,18 +75,20 @@ class TritonPythonModel:
             for i, payload in enumerate(images[:, 0]):
                 try:
                     data = decode_image_payload(payload, max_bytes=self.settings.max_image_bytes)
-                    rows.append((None, load_image(data, max_pixels=self.settings.max_image_pixels)))
+                    pixels = preprocess_image(
+                        data,
+                        size=self.size,
+                        mean=self.mean,
+                        std=self.std,
+                        max_pixels=self.settings.max_image_pixels,
+                    )
+                    rows.append((None, pixels))
                 except (PayloadError, ImageDecodeError) as exc:
                     prefix = f"image {i}: " if len(images) > 1 else ""
                     raise RequestError(f"{prefix}{exc}") from exc
             return rows
         except Exception as exc:  # noqa: BLE001 - becomes this request's error response
             return exc
-
-    def _pixels(self, _key, images):
-        """All decoded images of this execute() -> their pixel values, in one call."""
-        pixels = preprocess_images(images, size=self.size, mean=self.mean, std=self.std, max_pixels=None)
-        return list(pixels)
 
     def finalize(self):
         """Nothing to release (no model weights here)."""

@@ -1,0 +1,285 @@
+"""Deep health probe: is every model of a running tritonserver really answering? ``python -m ofa_serving.probe``.
+
+tritonserver 2.51 keeps ``/v2/health/live`` and ``/v2/health/ready`` green when a Python backend stub dies or
+hangs (docs/reliability.md), so a blind HTTP probe cannot tell. This probe
+
+1. asks ``/v2/health/ready`` (strict readiness: false while a model is unloaded or loading);
+2. discovers the models the server holds (the repository index when given the model-control header, else the
+   statistics API, which needs no header), and reads each one's config;
+3. sends every non-ensemble model one direct inference with **fresh inputs** built from its config: a tiny PNG of
+   random pixels for a BYTES input, random values for FP32 tensors, 1 for integer settings (so ``ofa`` runs
+   beam 1 / max_length 1: the cheapest real engine call). Fresh inputs and direct calls (not the ``caption``
+   ensemble) mean the response cache never answers for a model.
+
+Exit status 0 when every model answered within ``--timeout`` seconds (whole probe), 1 otherwise, with one line per
+model on stdout. The Kubernetes livenessProbe, the image's HEALTHCHECK and the supervisor (:mod:`.supervisor`)
+use it. Standard library and numpy only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import struct
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = ["ModelCheck", "ProbeResult", "list_models", "probe_model", "probe_server", "tiny_png", "main"]
+
+_NUMPY_TYPES = {
+    "TYPE_FP32": ("FP32", "float32"),
+    "TYPE_FP16": ("FP16", "float16"),
+    "TYPE_FP64": ("FP64", "float64"),
+    "TYPE_INT8": ("INT8", "int8"),
+    "TYPE_INT16": ("INT16", "int16"),
+    "TYPE_INT32": ("INT32", "int32"),
+    "TYPE_INT64": ("INT64", "int64"),
+    "TYPE_UINT8": ("UINT8", "uint8"),
+    "TYPE_BOOL": ("BOOL", "bool"),
+}
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """The outcome of probing one model: ``status`` is ``ok``, ``busy`` (refused by a full queue or its queue
+    timeout: overloaded, not broken), ``error``, ``timeout`` or ``not_ready``."""
+
+    model: str
+    status: str
+    detail: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def alive(self) -> bool:
+        """Answered, or refused only because it is overloaded (a liveness probe must not restart a busy server)."""
+        return self.status in ("ok", "busy")
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The whole probe: server readiness and one :class:`ModelCheck` per probed model."""
+
+    ready: bool
+    checks: tuple[ModelCheck, ...]
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.ready and bool(self.checks) and all(c.alive for c in self.checks)
+
+    def lines(self) -> list[str]:
+        """Human-readable lines, one per model."""
+        out = [f"server ready: {self.ready}{' (' + self.detail + ')' if self.detail else ''}"]
+        out += [
+            f"{c.model}: {c.status} in {c.seconds:.2f} s{': ' + c.detail if c.detail else ''}"
+            for c in self.checks
+        ]
+        return out
+
+
+def tiny_png(size: int = 8) -> bytes:
+    """A valid ``size`` x ``size`` RGB PNG of random pixels: different bytes every call (never a cache hit)."""
+    rows = b"".join(b"\x00" + os.urandom(size * 3) for _ in range(size))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _request(
+    url: str, *, data: bytes | None = None, headers: Mapping[str, str] | None = None, timeout: float
+) -> tuple[int, bytes]:
+    req = urllib.request.Request(
+        url, data=data, headers=dict(headers or {}), method="POST" if data else "GET"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=max(timeout, 0.1)) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def list_models(
+    base_url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 10.0
+) -> dict[str, str]:
+    """``{model: state}`` of the server: the repository index with ``headers`` (every model, ``READY``,
+    ``UNAVAILABLE``, ``LOADING``, ...), else the statistics API (the loaded models, all ``READY``)."""
+    if headers:
+        status, body = _request(
+            f"{base_url}/v2/repository/index", data=b"{}", headers=headers, timeout=timeout
+        )
+        if status != 200:
+            raise RuntimeError(f"repository index: HTTP {status} {body[:200]!r}")
+        return {m["name"]: m.get("state", "") for m in json.loads(body)}
+    status, body = _request(f"{base_url}/v2/models/stats", timeout=timeout)
+    if status != 200:
+        raise RuntimeError(f"model statistics: HTTP {status} {body[:200]!r}")
+    return {m["name"]: "READY" for m in json.loads(body).get("model_stats", [])}
+
+
+def _probe_inputs(config: Mapping) -> tuple[dict, bytes]:
+    """The JSON header and the binary body of one fresh one-row request to a model with ``config``."""
+    import numpy as np
+
+    rng = np.random.default_rng(int.from_bytes(os.urandom(8), "little"))
+    batched = int(config.get("max_batch_size", 0)) > 0
+    inputs, blobs = [], []
+    for spec in config.get("input", []):
+        dims = [1 if int(d) < 0 else int(d) for d in spec.get("dims", [])]
+        shape = ([1] if batched else []) + dims
+        count = int(np.prod(shape)) if shape else 1
+        kind = spec.get("data_type", "")
+        if kind == "TYPE_STRING":
+            one = tiny_png()
+            blob = b"".join(struct.pack("<I", len(one)) + one for _ in range(count))
+            datatype = "BYTES"
+        elif kind in _NUMPY_TYPES:
+            datatype, dtype = _NUMPY_TYPES[kind]
+            if dtype.startswith("float"):
+                values = rng.standard_normal(count).astype(dtype)
+            elif dtype == "bool":
+                values = np.zeros(count, dtype=bool)
+            else:
+                values = np.ones(count, dtype=dtype)  # integer settings (beam_size, max_length): the cheapest
+            blob = values.tobytes()
+        else:
+            raise RuntimeError(f"input {spec.get('name')!r} has a data type the probe cannot fill: {kind}")
+        inputs.append(
+            {
+                "name": spec["name"],
+                "shape": shape,
+                "datatype": datatype,
+                "parameters": {"binary_data_size": len(blob)},
+            }
+        )
+        blobs.append(blob)
+    outputs = [{"name": o["name"], "parameters": {"binary_data": True}} for o in config.get("output", [])]
+    return {"inputs": inputs, "outputs": outputs}, b"".join(blobs)
+
+
+def probe_model(base_url: str, model: str, *, timeout: float = 10.0) -> ModelCheck:
+    """One direct inference with fresh inputs to ``model`` (ensembles: skipped, reported ``ok``)."""
+    start = time.monotonic()
+
+    def check(status: str, detail: str = "") -> ModelCheck:
+        return ModelCheck(model, status, detail, time.monotonic() - start)
+
+    try:
+        status, body = _request(f"{base_url}/v2/models/{model}/config", timeout=timeout)
+        if status != 200:
+            return check("not_ready", f"config: HTTP {status} {body[:200].decode(errors='replace')}")
+        config = json.loads(body)
+        if config.get("platform") == "ensemble":
+            return check("ok", "ensemble (its steps are probed)")
+        header, blob = _probe_inputs(config)
+        remaining = timeout - (time.monotonic() - start)
+        # Leave the queue unexecuted once we stop waiting (KServe queue timeout, in us; the models allow it), so
+        # that probes given up on never pile up in front of the model.
+        header["parameters"] = {"timeout": max(int(remaining * 1e6), 1)}
+        head = json.dumps(header).encode()
+        status, body = _request(
+            f"{base_url}/v2/models/{model}/infer",
+            data=head + blob,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Inference-Header-Content-Length": str(len(head)),
+            },
+            timeout=remaining,
+        )
+    except (TimeoutError, urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            return check("timeout", f"no answer within {timeout:.1f} s")
+        return check("error", f"{type(reason).__name__}: {reason}")
+    if status != 200:
+        text = body[:300].decode(errors="replace")
+        if status == 503:  # "Exceeds maximum queue size" / "Request timeout expired": overloaded
+            return check("busy", f"HTTP 503: {text}")
+        with contextlib.suppress(ValueError):
+            text = json.loads(text).get("error", text)
+        return check("error", f"HTTP {status}: {text}")
+    return check("ok")
+
+
+def probe_server(
+    base_url: str,
+    *,
+    timeout: float = 20.0,
+    headers: Mapping[str, str] | None = None,
+    models: Sequence[str] | None = None,
+) -> ProbeResult:
+    """Readiness, then :func:`probe_model` for every model (concurrently), all within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    try:
+        status, _ = _request(f"{base_url}/v2/health/ready", timeout=timeout)
+        ready = status == 200
+        states = (
+            {m: "READY" for m in models}
+            if models is not None
+            else list_models(base_url, headers=headers, timeout=max(deadline - time.monotonic(), 0.1))
+        )
+    except (urllib.error.URLError, OSError, RuntimeError, ValueError) as exc:
+        return ProbeResult(False, (), f"server unreachable: {exc}")
+    checks: dict[str, ModelCheck] = {}
+    threads = []
+    for model, state in states.items():
+        if state != "READY":
+            checks[model] = ModelCheck(model, "not_ready", f"state {state or 'unknown'}", 0.0)
+            continue
+
+        def run(name: str = model) -> None:
+            checks[name] = probe_model(base_url, name, timeout=max(deadline - time.monotonic(), 0.1))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        threads.append((model, thread))
+    for model, thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0) + 1.0)
+        if model not in checks:
+            checks[model] = ModelCheck(model, "timeout", f"no answer within {timeout:.1f} s", timeout)
+    return ProbeResult(
+        ready, tuple(checks[m] for m in sorted(checks)), "" if ready else "/v2/health/ready says no"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: exit 0 when the server is ready and every model answers, 1 otherwise."""
+    parser = argparse.ArgumentParser(prog="python -m ofa_serving.probe", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("OFA_PROBE_URL") or f"http://127.0.0.1:{os.environ.get('HTTP_PORT') or 8000}",
+        help="the server's HTTP endpoint (default: $OFA_PROBE_URL, else http://127.0.0.1:$HTTP_PORT, port 8000)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=20.0, help="seconds for the whole probe (default 20)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only failures")
+    args = parser.parse_args(argv)
+    result = probe_server(args.url.rstrip("/"), timeout=args.timeout)
+    for line in result.lines():
+        if not args.quiet or not result.ok:
+            print(line, flush=True)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
