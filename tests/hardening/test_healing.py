@@ -37,8 +37,9 @@ from reliabilitylib import Outcome, caption_inputs, fire
 from ofa_serving.launcher import TritonServer, default_model_repository
 from ofa_serving.probe import probe_server
 from ofa_serving.supervisor import Supervisor, new_admin_key, stub_pids
+from ofa_serving.testing import started
 
-from .conftest import FAST, _start, fresh_seed, png
+from .conftest import FAST, READY_TIMEOUT_S, fresh_seed, png
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +82,7 @@ def healing(demo_checkpoint, tmp_path_factory):
         admin_key=key,
         env={"OFA_WARMUP": "0", "OFA_TEST_POISON_FILE": str(poison)},
     )
-    _start(server)
+    started(server, READY_TIMEOUT_S)
     lines: list[str] = []
 
     def log(line: str) -> None:

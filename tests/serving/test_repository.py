@@ -264,11 +264,14 @@ def test_the_kubernetes_patch_in_the_docs_is_valid_and_keeps_the_images_flags():
     assert generate.split()[:3] == ["python3", "-m", "ofa_serving.repository"]
     out = generate.split()[3]
     cmd = re.search(
-        r'CMD \["tritonserver",(.*?)\]', (repo / "docker" / "Dockerfile").read_text(), re.S
+        r'CMD \["python3", "-m", "ofa_serving.supervisor",(.*?)\]',
+        (repo / "docker" / "Dockerfile").read_text(),
+        re.S,
     ).group(1)
     image_flags = set(re.findall(r'"(--[^"]+)"', cmd))
-    run_flags = set(run.split()[1:])
-    assert run.split()[0] == "tritonserver" and f"--model-repository={out}" in run_flags
+    supervised = ["python3", "-m", "ofa_serving.supervisor", "tritonserver"]
+    run_flags = set(run.split()[len(supervised) :])
+    assert run.split()[: len(supervised)] == supervised and f"--model-repository={out}" in run_flags
     assert run_flags - {f"--model-repository={out}"} == {
         f for f in image_flags if not f.startswith("--model-repository=")
     }
