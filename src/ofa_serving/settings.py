@@ -234,6 +234,12 @@ class OFASettings:
         param="warmup",
         help="caption a random image in initialize, so that ready means warm",
     )
+    warmup_batch_sizes: str = setting(
+        "",
+        env="OFA_WARMUP_BATCH_SIZES",
+        param="warmup_batch_sizes",
+        help="warm-up batch sizes, e.g. `1,64`; unset = 1 and max_batch_size on CUDA, 1 on the CPU",
+    )
 
 
 @dataclass(frozen=True)
@@ -302,6 +308,13 @@ class ServerSettings:
     )
     log_verbose: int = setting(
         0, env="TRITON_LOG_VERBOSE", minimum=0, help="tritonserver --log-verbose level"
+    )
+    profile: str = setting(
+        "auto",
+        env="OFA_PROFILE",
+        choices=("auto", "cpu", "gpu"),
+        help="serving profile: cpu = the committed configs, gpu = generated with GPU values "
+        "(ofa_serving.profiles); auto = gpu where torch sees a CUDA device",
     )
 
 

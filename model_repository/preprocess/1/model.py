@@ -1,4 +1,5 @@
-"""Triton adapter `preprocess`: encoded image bytes -> ``pixel_values`` [3, S, S] float32.
+"""Triton adapter `preprocess`: encoded image bytes -> ``pixel_values`` [3, S, S] uint8 (resized RGB; `ofa`
+normalizes them on the model's device, ``ofa_captioning.pixels``).
 
 A thin adapter over ``ofa_captioning.preprocess`` (the same function the engine and the tests use). All images
 of one execute() are decoded one by one (an undecodable image fails only its own request, INVALID_ARG with
@@ -11,7 +12,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ofa_captioning.config import load_task_config
-from ofa_captioning.preprocess import ImageDecodeError, load_image, preprocess_images
+from ofa_captioning.pixels import resized_pixels
+from ofa_captioning.preprocess import ImageDecodeError, load_image
 from ofa_serving.adapter import check_tensor_dims, input_array, model_config_dict, responses
 from ofa_serving.batching import RequestError, run_batched
 from ofa_serving.images import PayloadError, decode_image_payload
@@ -45,7 +47,7 @@ class TritonPythonModel:
         return responses(
             pb_utils,
             results,
-            lambda pixels: [pb_utils.Tensor("pixel_values", np.stack(pixels).astype(np.float32, copy=False))],
+            lambda pixels: [pb_utils.Tensor("pixel_values", np.stack(pixels))],
             model_name=self.model_name,
         )
 
@@ -68,8 +70,8 @@ class TritonPythonModel:
             return exc
 
     def _pixels(self, _key, images):
-        """All decoded images of this execute() -> their pixel values, in one call."""
-        pixels = preprocess_images(images, size=self.size, mean=self.mean, std=self.std, max_pixels=None)
+        """All decoded images of this execute() -> their resized uint8 pixels, in one call."""
+        pixels = resized_pixels(images, size=self.size, max_pixels=None)
         return list(pixels)
 
     def finalize(self):
