@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ofa_captioning.config import load_configs
+from ofa_captioning.pixels import _normalize_on_device, normalize_pixels, resized_pixels
 from ofa_captioning.preprocess import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -73,6 +74,56 @@ def test_first_frame_and_page_match_reference(reference) -> None:
     images = [animated_gif(40), multipage_tiff(41)]
     ours = preprocess_images(images, size=reference.patch_image_size, mean=HALF, std=HALF)
     assert torch.allclose(torch.from_numpy(ours), reference.pixels(images), rtol=0, atol=1e-5)
+
+
+@pytest.mark.reference
+def test_uint8_pixels_normalized_match_reference(reference, demo_checkpoint, image_corpus) -> None:
+    _, task = load_configs(demo_checkpoint)
+    images = [b for _, b in image_corpus]
+    ours = normalize_pixels(resized_pixels(images, size=task.patch_image_size), task.mean, task.std)
+    ref = reference.pixels(images)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert torch.allclose(ours, ref, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- the uint8 path (ofa_captioning.pixels)
+
+
+@pytest.mark.parametrize(("mean", "std"), [(HALF, HALF), (IMAGENET_MEAN, IMAGENET_STD)])
+def test_uint8_path_is_bit_exact_with_the_float32_path(image_corpus, mean, std) -> None:
+    images = [b for _, b in image_corpus] + [animated_gif(40), multipage_tiff(41)]
+    expected = preprocess_images(images, size=96, mean=mean, std=std)
+    resized = resized_pixels(images, size=96)
+    assert resized.dtype == np.uint8 and resized.shape == expected.shape
+    assert resized.nbytes * 4 == expected.nbytes
+    host = normalize_pixels(resized, mean, std)  # the CPU path (numpy table lookup)
+    gathered = _normalize_on_device(torch.from_numpy(resized), mean, std, torch.device("cpu"))  # the GPU path
+    for got in (host, gathered):
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert np.array_equal(
+            got.numpy().view(np.int32), expected.view(np.int32)
+        )  # same bits, not just close
+
+
+def test_uint8_path_accepts_one_image_and_refuses_other_types() -> None:
+    one = resized_pixels([encode(synthetic_rgb(50, 40, 3), "PNG")], size=32)[0]
+    assert normalize_pixels(one, HALF, HALF).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="pixels must be uint8, got torch.float32"):
+        normalize_pixels(torch.zeros(1, 3, 32, 32), HALF, HALF)
+    with pytest.raises(ValueError, match=r"shape \[B,3,H,W\], got \[1, 4, 32, 32\]"):
+        normalize_pixels(torch.zeros(1, 4, 32, 32, dtype=torch.uint8), HALF, HALF)
+    with pytest.raises(ImageDecodeError, match="image 1: "):
+        resized_pixels([encode(synthetic_rgb(50, 40, 3), "PNG"), b"not an image"], size=32)
+
+
+def test_captioner_normalizes_uint8_pixels_as_it_preprocesses(demo_checkpoint, image_corpus) -> None:
+    from ofa_captioning.captioner import Captioner
+
+    captioner = Captioner.from_pretrained(demo_checkpoint)
+    images = [b for _, b in image_corpus[:3]]
+    got = captioner.normalize_pixels(resized_pixels(images, size=captioner.patch_image_size))
+    assert got.device == captioner.device
+    assert np.array_equal(got.numpy().view(np.int32), captioner.preprocess(images).numpy().view(np.int32))
 
 
 def test_corpus_images_give_different_pixels(image_corpus) -> None:

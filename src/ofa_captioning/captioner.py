@@ -202,6 +202,13 @@ class Captioner:
         pixels = preprocess_images(images, size=cfg.patch_image_size, mean=cfg.mean, std=cfg.std)
         return torch.from_numpy(pixels)
 
+    def normalize_pixels(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 pixels [B,3,S,S] (``ofa_captioning.pixels.resized_pixels``) -> the reference's float32 pixels on
+        this model's device, bit for bit those of :meth:`preprocess` (the bytes are moved, then normalized)."""
+        from .pixels import normalize_pixels
+
+        return normalize_pixels(pixels, self.task_config.mean, self.task_config.std, device=self._device)
+
     def generate(
         self,
         pixel_values: torch.Tensor | np.ndarray,

@@ -7,7 +7,7 @@ hangs (docs/reliability.md), so a blind HTTP probe cannot tell. This probe
 2. discovers the models the server holds (the repository index when given the model-control header, else the
    statistics API, which needs no header), and reads each one's config;
 3. sends every non-ensemble model one direct inference with **fresh inputs** built from its config: a tiny PNG of
-   random pixels for a BYTES input, random values for FP32 tensors, 1 for integer settings (so ``ofa`` runs
+   random pixels for a BYTES input, random values for FP32 and UINT8 tensors, 1 for integer settings (so ``ofa`` runs
    beam 1 / max_length 1: the cheapest real engine call). Fresh inputs and direct calls (not the ``caption``
    ensemble) mean the response cache never answers for a model.
 
@@ -158,6 +158,8 @@ def _probe_inputs(config: Mapping) -> tuple[dict, bytes]:
                 values = rng.standard_normal(count).astype(dtype)
             elif dtype == "bool":
                 values = np.zeros(count, dtype=bool)
+            elif dtype == "uint8":  # pixels (preprocess's output, ofa's input): fresh random values
+                values = rng.integers(0, 255, count, endpoint=True, dtype=np.uint8)
             else:
                 values = np.ones(count, dtype=dtype)  # integer settings (beam_size, max_length): the cheapest
             blob = values.tobytes()

@@ -15,9 +15,14 @@ Without ``OFA_MODELS`` nothing is generated: the committed repository serves one
 ``OFA_MODEL_DIR``. The model settings' environment variables (``OFA_DEVICE``, ...) apply to every model;
 ``OFA_MODEL_DIR`` must be empty for the generated models (the environment wins over their ``model_dir``).
 
+The serving profile (``OFA_PROFILE``, :mod:`ofa_serving.profiles`) fills the generated configs: ``cpu`` keeps the
+committed values, ``gpu`` writes the GPU ones (bigger batches, short queue delays, several ``preprocess``
+instances, ``KIND_GPU`` instances of ``ofa``). With the ``gpu`` profile ``make serve`` generates a repository for
+its one checkpoint too (:func:`prepare_server`).
+
 Command line (e.g. in a container, before ``tritonserver --model-repository=OUT``)::
 
-    OFA_MODELS="caption=/models/en caption_b=/models/b" python -m ofa_serving.repository OUT
+    OFA_MODELS="caption=/models/en caption_b=/models/b" python -m ofa_serving.repository OUT [--profile gpu]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .profiles import PROFILES, apply_profile, resolve_profile
 from .settings import ServerSettings, SettingsError
 
 __all__ = [
@@ -44,6 +50,7 @@ __all__ = [
     "served_models",
     "generate_repository",
     "prepare_models",
+    "prepare_server",
     "main",
 ]
 
@@ -117,12 +124,16 @@ def served_models(spec: str | None = None) -> dict[str, tuple[str, ...]]:
 
 
 def generate_repository(
-    models: Sequence[ServedModel], out_dir: str | Path, source: str | Path | None = None
+    models: Sequence[ServedModel],
+    out_dir: str | Path,
+    source: str | Path | None = None,
+    profile: str = "cpu",
 ) -> Path:
     """Write the model repository serving ``models`` into ``out_dir`` (created, or rewritten if generated before).
 
     ``source`` is the committed repository (default: ``model_repository/`` of the checkout). Each checkpoint
-    must exist; its configuration.json gives the image size. Returns ``out_dir``.
+    must exist; its configuration.json gives the image size. ``profile`` (``cpu`` | ``gpu``) fills the configs
+    (:func:`ofa_serving.profiles.apply_profile`). Returns ``out_dir``.
     """
     from ofa_captioning.config import load_task_config
 
@@ -135,7 +146,10 @@ def generate_repository(
             raise SettingsError(f"{out} is not empty and was not generated here; refusing to overwrite it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    texts = {name: (source / name / "config.pbtxt").read_text(encoding="utf-8") for name in _SOURCE_MODELS}
+    texts = {
+        name: apply_profile(name, (source / name / "config.pbtxt").read_text(encoding="utf-8"), profile)
+        for name in _SOURCE_MODELS
+    }
     for model in models:
         if not (model.checkpoint / "config.json").is_file():
             raise SettingsError(f"model {model.name!r}: {model.checkpoint} is not a checkpoint directory")
@@ -144,10 +158,13 @@ def generate_repository(
         for step, text in (("preprocess", texts["preprocess"]), ("ofa", texts["ofa"])):
             target = out / getattr(model, step)
             config = _set_model_dir(_set_pixel_dims(text, size), model.checkpoint)
-            _write_model(target, _header(step, why) + config, source / step / "1" / "model.py")
+            _write_model(target, _header(step, why, profile) + config, source / step / "1" / "model.py")
         ensemble = _rename_steps(texts["caption"], model)
-        _write_model(out / model.name, _header("caption", why) + ensemble, None)
-    manifest = {m.name: {"checkpoint": str(m.checkpoint), "models": list(m.models)} for m in models}
+        _write_model(out / model.name, _header("caption", why, profile) + ensemble, None)
+    manifest = {
+        m.name: {"checkpoint": str(m.checkpoint), "models": list(m.models), "profile": profile}
+        for m in models
+    }
     (out / MARKER).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return out
 
@@ -171,7 +188,7 @@ def prepare_models(settings: ServerSettings, out_dir: str | Path | None = None, 
     models = parse_models(settings.models)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="ofa-model-repository-"))
     try:
-        generate_repository(models, out, settings.model_repository)
+        generate_repository(models, out, settings.model_repository, resolve_profile(settings.profile))
     except BaseException:
         if out_dir is None:
             shutil.rmtree(out, ignore_errors=True)
@@ -182,10 +199,41 @@ def prepare_models(settings: ServerSettings, out_dir: str | Path | None = None, 
     return server, models, out
 
 
-def _header(step: str, why: str) -> str:
+def prepare_server(settings: ServerSettings, model_dir: str | Path, **server_options):
+    """The server of ``make serve`` for one checkpoint: ``(TritonServer, generated repository or None)``.
+
+    The ``cpu`` profile serves the committed repository as it is. The ``gpu`` profile (``OFA_PROFILE``; ``auto``
+    where torch sees a CUDA device) generates a repository with the GPU values into a new temporary directory
+    (the caller removes it), with the public model ``caption`` and the checkpoint in its ``model_dir``.
+    """
+    from .launcher import TritonServer
+
+    profile = resolve_profile(settings.profile)
+    if profile == "cpu":
+        return TritonServer.from_settings(settings, model_dir=model_dir, **server_options), None
+    models = [ServedModel(DEFAULT_NAME, Path(model_dir).resolve(), *step_names(DEFAULT_NAME))]
+    out = Path(tempfile.mkdtemp(prefix="ofa-model-repository-"))
+    try:
+        generate_repository(models, out, settings.model_repository, profile)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    server = TritonServer.from_settings(
+        settings, model_repository=out, model_dir=None, env={"OFA_MODEL_DIR": ""}, **server_options
+    )
+    return server, out
+
+
+def _header(step: str, why: str, profile: str = "cpu") -> str:
+    filled = (
+        ""
+        if profile == "cpu"
+        else f"# Serving profile {profile}: the fields marked `{profile} profile` replace the committed (CPU) values;\n"
+        "# the committed comments about tuning describe those.\n"
+    )
     return (
         f"# Generated by ofa_serving.repository from model_repository/{step}/config.pbtxt for the {why};\n"
-        "# rewritten at every start: edit the committed file instead.\n"
+        "# rewritten at every start: edit the committed file instead.\n" + filled
     )
 
 
@@ -237,10 +285,16 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser.add_argument("out", type=Path, help="directory to write (created; rewritten if generated before)")
     parser.add_argument("--models", default=environ.get("OFA_MODELS", ""), help="default: $OFA_MODELS")
     parser.add_argument("--source", type=Path, default=None, help="committed model repository to start from")
+    parser.add_argument(
+        "--profile",
+        choices=("auto", *PROFILES),
+        default=(environ.get("OFA_PROFILE", "") or "auto").lower(),
+        help="serving profile filling the configs (default: $OFA_PROFILE, else auto: gpu where torch sees CUDA)",
+    )
     args = parser.parse_args(argv)
     try:
         models = parse_models(args.models)
-        generate_repository(models, args.out, args.source)
+        generate_repository(models, args.out, args.source, resolve_profile(args.profile))
     except (SettingsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

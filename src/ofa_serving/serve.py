@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from .launcher import ServerStartError, TritonServer
-from .repository import DEFAULT_NAME, prepare_models
+from .repository import DEFAULT_NAME, prepare_models, prepare_server
 from .settings import ServerSettings, SettingsError, SupervisorSettings, load_settings
 from .supervisor import new_admin_key, run_supervised
 
@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             what = ", ".join(f"{m.name} <- {m.checkpoint}" for m in served) + f" (repository {generated})"
         else:
             model_dir, kind = prepare_checkpoint(settings)
-            server = TritonServer.from_settings(settings, model_dir=model_dir, admin_key=admin_key)
+            server, generated = prepare_server(settings, model_dir, admin_key=admin_key)
             names, what = (DEFAULT_NAME,), f"{model_dir} ({kind})"
+            what += f" (gpu profile, repository {generated})" if generated else ""
     except (SettingsError, ServerStartError, OSError) as exc:
         if generated is not None:
             shutil.rmtree(generated, ignore_errors=True)

@@ -249,6 +249,12 @@ class OFASettings:
         minimum=0,
         help="engine batches failing in a row before the model unloads itself to be reloaded; 0 = never",
     )
+    warmup_batch_sizes: str = setting(
+        "",
+        env="OFA_WARMUP_BATCH_SIZES",
+        param="warmup_batch_sizes",
+        help="warm-up batch sizes, e.g. `1,64`; unset = 1 and max_batch_size on CUDA, 1 on the CPU",
+    )
 
 
 @dataclass(frozen=True)
@@ -317,6 +323,13 @@ class ServerSettings:
     )
     log_verbose: int = setting(
         0, env="TRITON_LOG_VERBOSE", minimum=0, help="tritonserver --log-verbose level"
+    )
+    profile: str = setting(
+        "auto",
+        env="OFA_PROFILE",
+        choices=("auto", "cpu", "gpu"),
+        help="serving profile: cpu = the committed configs, gpu = generated with GPU values "
+        "(ofa_serving.profiles); auto = gpu where torch sees a CUDA device",
     )
 
 

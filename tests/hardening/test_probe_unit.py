@@ -40,7 +40,7 @@ def test_probe_requests_follow_each_models_config(model):
     else:
         assert (
             inputs["pixel_values"]["shape"] == [1, 3, 480, 480]
-            and inputs["pixel_values"]["datatype"] == "FP32"
+            and inputs["pixel_values"]["datatype"] == "UINT8"
         )
         offset = inputs["pixel_values"]["parameters"]["binary_data_size"]
         settings = np.frombuffer(body[offset:], dtype=np.int32)

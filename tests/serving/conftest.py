@@ -116,6 +116,11 @@ class StandInCaptioner:
     def warmup(self, batch_sizes=(1,), beam_size=None, max_length=None):
         self.calls.append(("warmup", tuple(batch_sizes)))
 
+    def normalize_pixels(self, pixels):
+        """uint8 pixels -> float32 with the same values (so the image id survives), recorded."""
+        self.calls.append(("normalize", tuple(pixels.shape), str(pixels.dtype)))
+        return pixels.float()
+
     def generate(self, pixel_values, beam_size=None, max_length=None):
         self.calls.append((tuple(pixel_values.shape), beam_size, max_length))
         ids = [float(v) for v in pixel_values[:, 0, 0, 0]]

@@ -47,6 +47,12 @@ def test_ensemble_wires_the_steps_with_matching_tensors():
     assert caption["response_cache"]["enable"] is True
 
 
+def test_pixels_travel_as_uint8_between_the_steps():
+    pre, ofa = model_config("preprocess"), model_config("ofa")
+    assert tensors(pre, "output")["pixel_values"]["data_type"] == "TYPE_UINT8"
+    assert tensors(ofa, "input")["pixel_values"]["data_type"] == "TYPE_UINT8"
+
+
 def test_models_batch_and_place_themselves_as_documented():
     pre, ofa = model_config("preprocess"), model_config("ofa")
     assert "dynamic_batching" in pre and "dynamic_batching" in ofa

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 
+import numpy as np
 import pytest
 
 from ofa_serving.settings import SettingsError
@@ -61,6 +62,22 @@ def test_one_batch_per_distinct_settings_responses_stay_in_order(pb, model):
     assert sorted(model.captioner.calls) == sorted(
         [((2, 3, 480, 480), 5, 16), ((2, 3, 480, 480), 3, 16), ((1, 3, 480, 480), 5, 4)]
     )
+
+
+def test_uint8_pixels_are_normalized_by_the_engine_in_one_call(pb, model):
+    reqs = [
+        pb.InferenceRequest(pixel_values=pixels(7).astype(np.uint8)),
+        pb.InferenceRequest(pixel_values=pixels(8, rows=2).astype(np.uint8)),
+    ]
+    responses = model.execute(reqs)
+    assert [captions(pb, r) for r in responses] == [
+        ["image 7 beam 5 len 16"],
+        ["image 8 beam 5 len 16", "image 9 beam 5 len 16"],
+    ]
+    assert model.captioner.calls == [
+        ("normalize", (3, 3, 480, 480), "torch.uint8"),
+        ((3, 3, 480, 480), 5, 16),
+    ]
 
 
 def test_a_request_with_several_images_gets_all_its_captions(pb, model):

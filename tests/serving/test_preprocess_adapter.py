@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ofa_captioning.pixels import normalize_pixels
 from ofa_captioning.preprocess import ImageDecodeError, load_image, preprocess_images
 from ofa_serving.settings import SettingsError
 
@@ -39,14 +40,15 @@ def pixel_values(pb, response):
     return pb.get_output_tensor_by_name(response, "pixel_values").as_numpy()
 
 
-def test_pixels_equal_the_engine_preprocessing(pb, model):
+def test_pixels_are_uint8_and_normalize_to_the_engine_preprocessing(pb, model):
     red, blue = encoded((255, 0, 0)), encoded((0, 0, 255), fmt="JPEG")
     responses = model.execute([image_request(pb, red), image_request(pb, blue)])
     expected = preprocess_images([red, blue], size=480, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     got = [pixel_values(pb, r) for r in responses]
-    assert got[0].shape == (1, 3, 480, 480) and got[0].dtype == np.float32
-    np.testing.assert_array_equal(got[0][0], expected[0])
-    np.testing.assert_array_equal(got[1][0], expected[1])
+    assert got[0].shape == (1, 3, 480, 480) and got[0].dtype == np.uint8
+    assert got[0].nbytes * 4 == expected[0].nbytes  # a quarter of the float32 bytes through shared memory
+    normalized = normalize_pixels(np.concatenate(got), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).numpy()
+    np.testing.assert_array_equal(normalized.view(np.int32), expected.view(np.int32))  # bit for bit
 
 
 def test_undecodable_image_fails_alone_with_the_reason(pb, model):

@@ -28,7 +28,8 @@ from ofa_serving.adapter import (
 )
 from ofa_serving.batching import RequestError, run_batched
 from ofa_serving.nbest import n_best_arrays, pad_captions, request_num_captions
-from ofa_serving.settings import OFASettings, load_settings, resolve_device, resolve_dtype
+from ofa_serving.profiles import instance_device, warmup_batch_sizes
+from ofa_serving.settings import OFASettings, load_settings, resolve_dtype
 
 
 class TritonPythonModel:
@@ -41,7 +42,9 @@ class TritonPythonModel:
         settings = load_settings(OFASettings, config)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        device = resolve_device(settings.device, torch.cuda.is_available())
+        device = instance_device(args, settings.device, torch.cuda.is_available())
+        if device.startswith("cuda:"):  # a KIND_GPU instance: stray allocations go to its own GPU too
+            torch.cuda.set_device(device)
         dtype = getattr(torch, resolve_dtype(settings.dtype, device))
         self.captioner = Captioner.from_pretrained(settings.model_dir, device=device, dtype=dtype)
         size = self.captioner.patch_image_size
@@ -53,11 +56,12 @@ class TritonPythonModel:
         )
         self.max_beam_tokens = settings.max_beam_tokens
         self.health = EngineHealth(pb_utils, self.model_name, settings.unhealthy_after_failures)
+        sizes = warmup_batch_sizes(settings.warmup_batch_sizes, device, config.get("max_batch_size"))
         if settings.warmup:
-            self.captioner.warmup(batch_sizes=(1,))
+            self.captioner.warmup(batch_sizes=sizes)
         pb_utils.Logger.log_info(
             f"{self.model_name}: {settings.model_dir} on {device} ({dtype}), {torch.get_num_threads()} torch "
-            f"threads, warm-up {'done' if settings.warmup else 'off'}"
+            f"threads, warm-up {f'done at batch {sizes}' if settings.warmup else 'off'}"
         )
 
     def execute(self, requests):
@@ -114,6 +118,8 @@ class TritonPythonModel:
         """One engine call for all rows sharing the generation settings ``key``; each row keeps its n best."""
         beam_size, max_length = key
         batch = torch.from_numpy(np.stack([pixels for pixels, _ in rows]))
+        if batch.dtype == torch.uint8:  # preprocess's resized RGB bytes: normalized where the model runs
+            batch = self.captioner.normalize_pixels(batch)
         most = max(n for _, n in rows)
         try:
             lists = self.captioner.generate_n_best(batch, beam_size, max_length, num_captions=most)

@@ -1,4 +1,5 @@
-"""Triton adapter `preprocess`: encoded image bytes -> ``pixel_values`` [3, S, S] float32.
+"""Triton adapter `preprocess`: encoded image bytes -> ``pixel_values`` [3, S, S] uint8 (resized RGB; `ofa`
+normalizes them on the model's device, ``ofa_captioning.pixels``).
 
 A thin adapter over ``ofa_captioning.preprocess`` (the same function the engine and the tests use). The images
 of one execute() are decoded one at a time and each is reduced to its pixel tensor at once, so that at most one
@@ -13,7 +14,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ofa_captioning.config import load_task_config
-from ofa_captioning.preprocess import ImageDecodeError, preprocess_image
+from ofa_captioning.pixels import resized_pixels
+from ofa_captioning.preprocess import ImageDecodeError
 from ofa_serving.adapter import (
     RequestCancelled,
     cancelled,
@@ -36,7 +38,7 @@ class TritonPythonModel:
         self.model_name = args.get("model_name", "preprocess")
         self.settings = load_settings(PreprocessSettings, config)
         task = load_task_config(self.settings.model_dir)
-        self.size, self.mean, self.std = task.patch_image_size, task.mean, task.std
+        self.size = task.patch_image_size
         check_tensor_dims(
             config,
             "pixel_values",
@@ -58,7 +60,7 @@ class TritonPythonModel:
         return responses(
             pb_utils,
             results,
-            lambda pixels: [pb_utils.Tensor("pixel_values", np.stack(pixels).astype(np.float32, copy=False))],
+            lambda pixels: [pb_utils.Tensor("pixel_values", np.stack(pixels))],
             model_name=self.model_name,
         )
 
@@ -75,13 +77,9 @@ class TritonPythonModel:
             for i, payload in enumerate(images[:, 0]):
                 try:
                     data = decode_image_payload(payload, max_bytes=self.settings.max_image_bytes)
-                    pixels = preprocess_image(
-                        data,
-                        size=self.size,
-                        mean=self.mean,
-                        std=self.std,
-                        max_pixels=self.settings.max_image_pixels,
-                    )
+                    pixels = resized_pixels(
+                        [data], size=self.size, max_pixels=self.settings.max_image_pixels
+                    )[0]
                     rows.append((None, pixels))
                 except (PayloadError, ImageDecodeError) as exc:
                     prefix = f"image {i}: " if len(images) > 1 else ""
