@@ -122,15 +122,16 @@ class Bottleneck(nn.Module):
         return F.relu(identity + out)
 
 
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Conv weight and bias with an eval-mode BatchNorm folded in (computed in float64, cast back).
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Conv weight and bias with an eval-mode BatchNorm folded in, computed in float64 and rounded once to
+    ``dtype`` (default: the conv weight's).
 
     The weight is channels-last, the layout oneDNN/cuDNN convolutions run fastest in.
     """
     scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
     weight = conv.weight.double() * scale[:, None, None, None]
     bias = bn.bias.double() - bn.running_mean.double() * scale
-    dtype = conv.weight.dtype
+    dtype = dtype or conv.weight.dtype
     return weight.to(dtype).contiguous(memory_format=torch.channels_last), bias.to(dtype)
 
 
@@ -160,18 +161,19 @@ class ResNet(nn.Module):
         layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def fuse_batchnorm(self) -> None:
-        """Fold every eval-mode BatchNorm into its convolution (used by ``forward`` from then on)."""
-        self._fused_stem = _fold_bn(self.conv1, self.bn1)
+    def fuse_batchnorm(self, dtype: torch.dtype | None = None) -> None:
+        """Fold every eval-mode BatchNorm into its convolution (used by ``forward`` from then on), in float64,
+        rounded once to ``dtype`` (default: the weights' own)."""
+        self._fused_stem = _fold_bn(self.conv1, self.bn1, dtype)
         for stage in (self.layer1, self.layer2, self.layer3):
             for block in stage:
                 fused = [
-                    _fold_bn(block.conv1, block.bn1),
-                    _fold_bn(block.conv2, block.bn2),
-                    _fold_bn(block.conv3, block.bn3),
+                    _fold_bn(block.conv1, block.bn1, dtype),
+                    _fold_bn(block.conv2, block.bn2, dtype),
+                    _fold_bn(block.conv3, block.bn3, dtype),
                 ]
                 if block.downsample is not None:
-                    fused.append(_fold_bn(block.downsample[0], block.downsample[1]))
+                    fused.append(_fold_bn(block.downsample[0], block.downsample[1], dtype))
                 block._fused = fused
 
     def unfuse_batchnorm(self) -> None:
@@ -217,22 +219,25 @@ class OFAAttention(nn.Module):
 
         self._fused: dict[str, tuple[Tensor, Tensor]] | None = None
 
-    def fuse(self) -> None:
-        """Precompute inference weights: q scaling folded into q_proj, one q|k|v projection, c_attn in out_proj."""
+    def fuse(self, dtype: torch.dtype | None = None) -> None:
+        """Precompute inference weights: q scaling folded into q_proj, one q|k|v projection, c_attn in out_proj.
+
+        The products are taken in float32 and rounded once to ``dtype`` (default: the weights' own).
+        """
+        dtype = dtype or self.q_proj.weight.dtype
         s = self.scaling
-        wq, bq = self.q_proj.weight * s, self.q_proj.bias * s
-        head_scale = self.c_attn.repeat_interleave(self.head_dim)
-        self._fused = {
+        wq, bq = self.q_proj.weight.float() * s, self.q_proj.bias.float() * s
+        wk, bk = self.k_proj.weight.float(), self.k_proj.bias.float()
+        wv, bv = self.v_proj.weight.float(), self.v_proj.bias.float()
+        head_scale = self.c_attn.float().repeat_interleave(self.head_dim)
+        fused = {
             "q": (wq, bq),
-            "qkv": (
-                torch.cat([wq, self.k_proj.weight, self.v_proj.weight]),
-                torch.cat([bq, self.k_proj.bias, self.v_proj.bias]),
-            ),
-            "kv": (
-                torch.cat([self.k_proj.weight, self.v_proj.weight]),
-                torch.cat([self.k_proj.bias, self.v_proj.bias]),
-            ),
-            "out": ((self.out_proj.weight * head_scale).contiguous(), self.out_proj.bias),
+            "qkv": (torch.cat([wq, wk, wv]), torch.cat([bq, bk, bv])),
+            "kv": (torch.cat([wk, wv]), torch.cat([bk, bv])),
+            "out": (self.out_proj.weight.float() * head_scale, self.out_proj.bias.float()),
+        }
+        self._fused = {
+            name: (w.to(dtype).contiguous(), b.to(dtype).contiguous()) for name, (w, b) in fused.items()
         }
 
     def unfuse(self) -> None:
@@ -717,6 +722,7 @@ class OFAModel(nn.Module):
         super().__init__()
         config.check_supported()
         self.config = config
+        self._keep_derived = False  # see _apply
         shared = nn.Embedding(config.vocab_size, config.d_model, config.pad_token_id)
         self.encoder = OFAEncoder(config, shared)
         self.decoder = OFADecoder(config, shared)
@@ -738,22 +744,37 @@ class OFAModel(nn.Module):
                 module.unfuse()
 
     @torch.no_grad()
-    def prepare_for_inference(self, fuse_batchnorm: bool = True) -> OFAModel:
+    def prepare_for_inference(
+        self, fuse_batchnorm: bool = True, dtype: torch.dtype | None = None
+    ) -> OFAModel:
         """eval(), no grad, and derived inference weights: BatchNorm folded into the convolutions, fused attention
-        projections. Call it after loading, moving or changing the weights (those drop the derived weights)."""
+        projections. Call it after loading, moving or changing the weights (those drop the derived weights).
+
+        With ``dtype`` the model is also cast to it, after the derived weights were computed from the weights
+        as they are (float32 as loaded): BatchNorm folds (float64) and attention scales (float32) are rounded to
+        float16/bfloat16 once, not applied to already-rounded weights.
+        """
         self.eval()
         self.requires_grad_(False)
         self.clear_caches()
         if fuse_batchnorm:
-            self.encoder.embed_images.fuse_batchnorm()
+            self.encoder.embed_images.fuse_batchnorm(dtype)
         for module in self.modules():
             if isinstance(module, OFAAttention):
-                module.fuse()
+                module.fuse(dtype)
+        if dtype is not None:
+            self._keep_derived = True
+            try:
+                self.to(dtype)
+            finally:
+                self._keep_derived = False
         return self
 
     def _apply(self, fn, recurse=True):
-        # Moving or casting the model invalidates every derived tensor.
-        self.clear_caches()
+        # Moving or casting the model invalidates every derived tensor (except while prepare_for_inference
+        # casts the weights it has just derived from).
+        if not self._keep_derived:
+            self.clear_caches()
         return super()._apply(fn, recurse)
 
     # -- encoder --
