@@ -108,6 +108,16 @@ class Bottleneck(nn.Module):
         self._fused: list[tuple[Tensor, Tensor]] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._fused is not None and _use_onednn_fusion(x):
+            # oneDNN convolutions with the ReLU, and the residual add + ReLU, fused as post-ops (one pass over
+            # each output instead of two or three; the same arithmetic as the unfused path).
+            (w1, b1), (w2, b2), (w3, b3), *ds = self._fused
+            out = _conv_relu(x, w1, b1, 1, 0)
+            out = _conv_relu(out, w2, b2, self.stride, 1)
+            identity = F.conv2d(x, ds[0][0], ds[0][1], stride=self.stride) if ds else x
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                out, identity, w3, b3, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], ""
+            )
         if self._fused is not None:
             (w1, b1), (w2, b2), (w3, b3), *ds = self._fused
             out = F.relu_(F.conv2d(x, w1, b1))
@@ -120,6 +130,24 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         identity = self.downsample(x) if self.downsample is not None else x
         return F.relu(identity + out)
+
+
+def _use_onednn_fusion(x: Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _conv_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
+    """relu(conv2d(x)) as one oneDNN convolution with a ReLU post-op (CPU, channels-last)."""
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1, "relu", [], ""
+    )
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
@@ -190,7 +218,10 @@ class ResNet(nn.Module):
             return torch.cat([self(part) for part in x.split(chunk)])
         if self._fused_stem is not None:
             x = x.contiguous(memory_format=torch.channels_last)
-            x = F.relu_(F.conv2d(x, *self._fused_stem, stride=2, padding=3))
+            if _use_onednn_fusion(x):
+                x = _conv_relu(x, *self._fused_stem, stride=2, padding=3)
+            else:
+                x = F.relu_(F.conv2d(x, *self._fused_stem, stride=2, padding=3))
         else:
             x = F.relu(self.bn1(self.conv1(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
