@@ -619,27 +619,33 @@ class DecoderState:
     cross_v: list[Tensor]
     cross_pos_bias: Tensor  # [H,Tmax,N] for decoder positions 0..Tmax-1
     cross_mask: Tensor | None  # [B,1,1,N] additive padding mask, None without padding
-    self_k: list[Tensor]  # per layer [R,H,Tmax,hd]
-    self_v: list[Tensor]
+    self_kv: Tensor  # [2*layers,R,H,Tmax,hd]: every layer's self-attention keys, then every layer's values
     beam: int  # rows per image the caches were allocated for
     length: int = 0  # positions already in the self-attention cache
+
+    @property
+    def self_k(self) -> list[Tensor]:
+        """Per-layer self-attention key caches [R,H,Tmax,hd] (views of ``self_kv``)."""
+        return list(self.self_kv[: len(self.cross_k)])
+
+    @property
+    def self_v(self) -> list[Tensor]:
+        """Per-layer self-attention value caches [R,H,Tmax,hd] (views of ``self_kv``)."""
+        return list(self.self_kv[len(self.cross_k) :])
 
     def reorder(self, rows: Tensor, images: Tensor | None = None) -> None:
         """Keep/reorder beam rows (index into R) and, when given, the images (index into B) they belong to."""
         n = self.length
-        self.self_k = [_take_rows(k, rows, n) for k in self.self_k]
-        self.self_v = [_take_rows(v, rows, n) for v in self.self_v]
+        # One gather for the keys and values of every layer (their first n positions are filled).
+        kv = self.self_kv
+        out = kv.new_empty((kv.shape[0], rows.numel(), *kv.shape[2:]))
+        out[:, :, :, :n] = kv[:, :, :, :n].index_select(1, rows)
+        self.self_kv = out
         if images is not None:
             self.cross_k = [k.index_select(0, images) for k in self.cross_k]
             self.cross_v = [v.index_select(0, images) for v in self.cross_v]
             if self.cross_mask is not None:
                 self.cross_mask = self.cross_mask.index_select(0, images)
-
-
-def _take_rows(cache: Tensor, rows: Tensor, n: int) -> Tensor:
-    out = cache.new_empty((rows.numel(), *cache.shape[1:]))
-    out[:, :, :n] = cache[:, :, :n].index_select(0, rows)
-    return out
 
 
 class OFADecoder(nn.Module):
@@ -839,9 +845,8 @@ class OFAModel(nn.Module):
             ]
         heads, hd = self.decoder.num_heads, self.config.d_model // self.decoder.num_heads
         rows = bsz * beam
-        self_k = [enc.new_empty((rows, heads, max_positions, hd)) for _ in self.decoder.layers]
-        self_v = [enc.new_empty((rows, heads, max_positions, hd)) for _ in self.decoder.layers]
-        return DecoderState(cross_k, cross_v, cross_pos_bias, cross_mask, self_k, self_v, beam)
+        self_kv = enc.new_empty((2 * len(self.decoder.layers), rows, heads, max_positions, hd))
+        return DecoderState(cross_k, cross_v, cross_pos_bias, cross_mask, self_kv, beam)
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """Feed the next token of every row (images x beams, beam-major) and return logits [R,V].
@@ -859,7 +864,8 @@ class OFAModel(nn.Module):
         end = start + t_new
         dec = self.decoder
         x = dec.embed(tokens)
-        self_biases = dec.self_biases(state.self_k[0].shape[2], x.device, x.dtype)
+        self_biases = dec.self_biases(state.self_kv.shape[3], x.device, x.dtype)
+        n_layers = len(dec.layers)
         cross_bias = state.cross_pos_bias[:, start:end]  # [H,T,N]
         beam = tokens.shape[0] // state.cross_k[0].shape[0]
         if beam > 1 and t_new > 1:  # stacked beam queries are beam-major: repeat the T rows per beam
@@ -871,8 +877,8 @@ class OFAModel(nn.Module):
         for i, layer in enumerate(dec.layers):
             x = layer(
                 x,
-                state.self_k[i],
-                state.self_v[i],
+                state.self_kv[i],
+                state.self_kv[n_layers + i],
                 start,
                 self_biases[i][:, start:end, :end],
                 state.cross_k[i],
