@@ -135,7 +135,10 @@ class Bottleneck(nn.Module):
 def _use_onednn_fusion(x: Tensor) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (
+            x.dtype == torch.float32
+            or (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        )
         and not torch.is_grad_enabled()
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
