@@ -131,8 +131,9 @@ class Captioner:
             raise ValueError("float16 is only supported on CUDA; use float32 or bfloat16 on the CPU")
         model_config, task_config = load_configs(path)
         model = cls._load_model(path, model_config)
-        model.to(device=device, dtype=resolved)
-        model.prepare_for_inference()
+        model.to(device=device)
+        # BatchNorm folds and attention scales are derived from the float32 weights, then rounded once.
+        model.prepare_for_inference(dtype=resolved)
         tokenizer = load_tokenizer(path, task_config.language)
         return cls(model, tokenizer, task_config, device=device, dtype=resolved)
 

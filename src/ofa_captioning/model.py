@@ -108,6 +108,16 @@ class Bottleneck(nn.Module):
         self._fused: list[tuple[Tensor, Tensor]] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._fused is not None and _use_onednn_fusion(x):
+            # oneDNN convolutions with the ReLU, and the residual add + ReLU, fused as post-ops (one pass over
+            # each output instead of two or three; the same arithmetic as the unfused path).
+            (w1, b1), (w2, b2), (w3, b3), *ds = self._fused
+            out = _conv_relu(x, w1, b1, 1, 0)
+            out = _conv_relu(out, w2, b2, self.stride, 1)
+            identity = F.conv2d(x, ds[0][0], ds[0][1], stride=self.stride) if ds else x
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                out, identity, w3, b3, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], ""
+            )
         if self._fused is not None:
             (w1, b1), (w2, b2), (w3, b3), *ds = self._fused
             out = F.relu_(F.conv2d(x, w1, b1))
@@ -122,15 +132,37 @@ class Bottleneck(nn.Module):
         return F.relu(identity + out)
 
 
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Conv weight and bias with an eval-mode BatchNorm folded in (computed in float64, cast back).
+def _use_onednn_fusion(x: Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and (
+            x.dtype == torch.float32
+            or (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        )
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _conv_relu(x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int) -> Tensor:
+    """relu(conv2d(x)) as one oneDNN convolution with a ReLU post-op (CPU, channels-last)."""
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, bias, [padding] * 2, [stride] * 2, [1, 1], 1, "relu", [], ""
+    )
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Conv weight and bias with an eval-mode BatchNorm folded in, computed in float64 and rounded once to
+    ``dtype`` (default: the conv weight's).
 
     The weight is channels-last, the layout oneDNN/cuDNN convolutions run fastest in.
     """
     scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
     weight = conv.weight.double() * scale[:, None, None, None]
     bias = bn.bias.double() - bn.running_mean.double() * scale
-    dtype = conv.weight.dtype
+    dtype = dtype or conv.weight.dtype
     return weight.to(dtype).contiguous(memory_format=torch.channels_last), bias.to(dtype)
 
 
@@ -160,18 +192,19 @@ class ResNet(nn.Module):
         layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def fuse_batchnorm(self) -> None:
-        """Fold every eval-mode BatchNorm into its convolution (used by ``forward`` from then on)."""
-        self._fused_stem = _fold_bn(self.conv1, self.bn1)
+    def fuse_batchnorm(self, dtype: torch.dtype | None = None) -> None:
+        """Fold every eval-mode BatchNorm into its convolution (used by ``forward`` from then on), in float64,
+        rounded once to ``dtype`` (default: the weights' own)."""
+        self._fused_stem = _fold_bn(self.conv1, self.bn1, dtype)
         for stage in (self.layer1, self.layer2, self.layer3):
             for block in stage:
                 fused = [
-                    _fold_bn(block.conv1, block.bn1),
-                    _fold_bn(block.conv2, block.bn2),
-                    _fold_bn(block.conv3, block.bn3),
+                    _fold_bn(block.conv1, block.bn1, dtype),
+                    _fold_bn(block.conv2, block.bn2, dtype),
+                    _fold_bn(block.conv3, block.bn3, dtype),
                 ]
                 if block.downsample is not None:
-                    fused.append(_fold_bn(block.downsample[0], block.downsample[1]))
+                    fused.append(_fold_bn(block.downsample[0], block.downsample[1], dtype))
                 block._fused = fused
 
     def unfuse_batchnorm(self) -> None:
@@ -188,7 +221,10 @@ class ResNet(nn.Module):
             return torch.cat([self(part) for part in x.split(chunk)])
         if self._fused_stem is not None:
             x = x.contiguous(memory_format=torch.channels_last)
-            x = F.relu_(F.conv2d(x, *self._fused_stem, stride=2, padding=3))
+            if _use_onednn_fusion(x):
+                x = _conv_relu(x, *self._fused_stem, stride=2, padding=3)
+            else:
+                x = F.relu_(F.conv2d(x, *self._fused_stem, stride=2, padding=3))
         else:
             x = F.relu(self.bn1(self.conv1(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
@@ -217,22 +253,25 @@ class OFAAttention(nn.Module):
 
         self._fused: dict[str, tuple[Tensor, Tensor]] | None = None
 
-    def fuse(self) -> None:
-        """Precompute inference weights: q scaling folded into q_proj, one q|k|v projection, c_attn in out_proj."""
+    def fuse(self, dtype: torch.dtype | None = None) -> None:
+        """Precompute inference weights: q scaling folded into q_proj, one q|k|v projection, c_attn in out_proj.
+
+        The products are taken in float32 and rounded once to ``dtype`` (default: the weights' own).
+        """
+        dtype = dtype or self.q_proj.weight.dtype
         s = self.scaling
-        wq, bq = self.q_proj.weight * s, self.q_proj.bias * s
-        head_scale = self.c_attn.repeat_interleave(self.head_dim)
-        self._fused = {
+        wq, bq = self.q_proj.weight.float() * s, self.q_proj.bias.float() * s
+        wk, bk = self.k_proj.weight.float(), self.k_proj.bias.float()
+        wv, bv = self.v_proj.weight.float(), self.v_proj.bias.float()
+        head_scale = self.c_attn.float().repeat_interleave(self.head_dim)
+        fused = {
             "q": (wq, bq),
-            "qkv": (
-                torch.cat([wq, self.k_proj.weight, self.v_proj.weight]),
-                torch.cat([bq, self.k_proj.bias, self.v_proj.bias]),
-            ),
-            "kv": (
-                torch.cat([self.k_proj.weight, self.v_proj.weight]),
-                torch.cat([self.k_proj.bias, self.v_proj.bias]),
-            ),
-            "out": ((self.out_proj.weight * head_scale).contiguous(), self.out_proj.bias),
+            "qkv": (torch.cat([wq, wk, wv]), torch.cat([bq, bk, bv])),
+            "kv": (torch.cat([wk, wv]), torch.cat([bk, bv])),
+            "out": (self.out_proj.weight.float() * head_scale, self.out_proj.bias.float()),
+        }
+        self._fused = {
+            name: (w.to(dtype).contiguous(), b.to(dtype).contiguous()) for name, (w, b) in fused.items()
         }
 
     def unfuse(self) -> None:
@@ -583,27 +622,33 @@ class DecoderState:
     cross_v: list[Tensor]
     cross_pos_bias: Tensor  # [H,Tmax,N] for decoder positions 0..Tmax-1
     cross_mask: Tensor | None  # [B,1,1,N] additive padding mask, None without padding
-    self_k: list[Tensor]  # per layer [R,H,Tmax,hd]
-    self_v: list[Tensor]
+    self_kv: Tensor  # [2*layers,R,H,Tmax,hd]: every layer's self-attention keys, then every layer's values
     beam: int  # rows per image the caches were allocated for
     length: int = 0  # positions already in the self-attention cache
+
+    @property
+    def self_k(self) -> list[Tensor]:
+        """Per-layer self-attention key caches [R,H,Tmax,hd] (views of ``self_kv``)."""
+        return list(self.self_kv[: len(self.cross_k)])
+
+    @property
+    def self_v(self) -> list[Tensor]:
+        """Per-layer self-attention value caches [R,H,Tmax,hd] (views of ``self_kv``)."""
+        return list(self.self_kv[len(self.cross_k) :])
 
     def reorder(self, rows: Tensor, images: Tensor | None = None) -> None:
         """Keep/reorder beam rows (index into R) and, when given, the images (index into B) they belong to."""
         n = self.length
-        self.self_k = [_take_rows(k, rows, n) for k in self.self_k]
-        self.self_v = [_take_rows(v, rows, n) for v in self.self_v]
+        # One gather for the keys and values of every layer (their first n positions are filled).
+        kv = self.self_kv
+        out = kv.new_empty((kv.shape[0], rows.numel(), *kv.shape[2:]))
+        out[:, :, :, :n] = kv[:, :, :, :n].index_select(1, rows)
+        self.self_kv = out
         if images is not None:
             self.cross_k = [k.index_select(0, images) for k in self.cross_k]
             self.cross_v = [v.index_select(0, images) for v in self.cross_v]
             if self.cross_mask is not None:
                 self.cross_mask = self.cross_mask.index_select(0, images)
-
-
-def _take_rows(cache: Tensor, rows: Tensor, n: int) -> Tensor:
-    out = cache.new_empty((rows.numel(), *cache.shape[1:]))
-    out[:, :, :n] = cache[:, :, :n].index_select(0, rows)
-    return out
 
 
 class OFADecoder(nn.Module):
@@ -717,6 +762,7 @@ class OFAModel(nn.Module):
         super().__init__()
         config.check_supported()
         self.config = config
+        self._keep_derived = False  # see _apply
         shared = nn.Embedding(config.vocab_size, config.d_model, config.pad_token_id)
         self.encoder = OFAEncoder(config, shared)
         self.decoder = OFADecoder(config, shared)
@@ -738,22 +784,37 @@ class OFAModel(nn.Module):
                 module.unfuse()
 
     @torch.no_grad()
-    def prepare_for_inference(self, fuse_batchnorm: bool = True) -> OFAModel:
+    def prepare_for_inference(
+        self, fuse_batchnorm: bool = True, dtype: torch.dtype | None = None
+    ) -> OFAModel:
         """eval(), no grad, and derived inference weights: BatchNorm folded into the convolutions, fused attention
-        projections. Call it after loading, moving or changing the weights (those drop the derived weights)."""
+        projections. Call it after loading, moving or changing the weights (those drop the derived weights).
+
+        With ``dtype`` the model is also cast to it, after the derived weights were computed from the weights
+        as they are (float32 as loaded): BatchNorm folds (float64) and attention scales (float32) are rounded to
+        float16/bfloat16 once, not applied to already-rounded weights.
+        """
         self.eval()
         self.requires_grad_(False)
         self.clear_caches()
         if fuse_batchnorm:
-            self.encoder.embed_images.fuse_batchnorm()
+            self.encoder.embed_images.fuse_batchnorm(dtype)
         for module in self.modules():
             if isinstance(module, OFAAttention):
-                module.fuse()
+                module.fuse(dtype)
+        if dtype is not None:
+            self._keep_derived = True
+            try:
+                self.to(dtype)
+            finally:
+                self._keep_derived = False
         return self
 
     def _apply(self, fn, recurse=True):
-        # Moving or casting the model invalidates every derived tensor.
-        self.clear_caches()
+        # Moving or casting the model invalidates every derived tensor (except while prepare_for_inference
+        # casts the weights it has just derived from).
+        if not self._keep_derived:
+            self.clear_caches()
         return super()._apply(fn, recurse)
 
     # -- encoder --
@@ -787,9 +848,8 @@ class OFAModel(nn.Module):
             ]
         heads, hd = self.decoder.num_heads, self.config.d_model // self.decoder.num_heads
         rows = bsz * beam
-        self_k = [enc.new_empty((rows, heads, max_positions, hd)) for _ in self.decoder.layers]
-        self_v = [enc.new_empty((rows, heads, max_positions, hd)) for _ in self.decoder.layers]
-        return DecoderState(cross_k, cross_v, cross_pos_bias, cross_mask, self_k, self_v, beam)
+        self_kv = enc.new_empty((2 * len(self.decoder.layers), rows, heads, max_positions, hd))
+        return DecoderState(cross_k, cross_v, cross_pos_bias, cross_mask, self_kv, beam)
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """Feed the next token of every row (images x beams, beam-major) and return logits [R,V].
@@ -807,7 +867,8 @@ class OFAModel(nn.Module):
         end = start + t_new
         dec = self.decoder
         x = dec.embed(tokens)
-        self_biases = dec.self_biases(state.self_k[0].shape[2], x.device, x.dtype)
+        self_biases = dec.self_biases(state.self_kv.shape[3], x.device, x.dtype)
+        n_layers = len(dec.layers)
         cross_bias = state.cross_pos_bias[:, start:end]  # [H,T,N]
         beam = tokens.shape[0] // state.cross_k[0].shape[0]
         if beam > 1 and t_new > 1:  # stacked beam queries are beam-major: repeat the T rows per beam
@@ -819,8 +880,8 @@ class OFAModel(nn.Module):
         for i, layer in enumerate(dec.layers):
             x = layer(
                 x,
-                state.self_k[i],
-                state.self_v[i],
+                state.self_kv[i],
+                state.self_kv[n_layers + i],
                 start,
                 self_biases[i][:, start:end, :end],
                 state.cross_k[i],
