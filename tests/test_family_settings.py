@@ -50,7 +50,7 @@ def _check(path: Path, pictures: list[bytes], num: int = 1):
 def test_beam8_max_len_b_128(demo_checkpoint, tmp_path, pictures):
     """The Chinese MUGE model's evaluation settings: beam 8, max_len_b 128 (above the request bound of 64)."""
     path = demo_variant(demo_checkpoint, tmp_path / "muge", {"beam_size": 8, "max_len_b": 128})
-    engine, *_, got, want = _check(path, pictures)
+    engine, *_, got, want = _check(path, pictures[:1])  # one image: up to 129 steps of ModelScope's generator
     assert engine.validate_settings() == (8, 128)
     with pytest.raises(ValueError, match="max_length must be between 1 and 128"):
         engine.validate_settings(None, 129)
