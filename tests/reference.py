@@ -35,7 +35,7 @@ import tempfile
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -388,10 +388,15 @@ class Reference:
         return gen.generate([self.model], {"net_input": self.net_input(pixel_values)})
 
     @torch.no_grad()
-    def caption(
-        self, pixel_values: torch.Tensor, beam_size: int | None = None, max_length: int | None = None
-    ) -> list[tuple[str, float]]:
-        """(caption, score) per image: OfaForAllTasks.inference + postprocess, score of the top hypothesis."""
+    def results(
+        self,
+        pixel_values: torch.Tensor,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        num_return_sequences: int = 1,
+    ) -> list[list[RefHypothesis]]:
+        """Per image, the ``num_return_sequences`` best hypotheses as OfaForAllTasks returns them: its text
+        (``inference`` + ``postprocess`` with that many return sequences), the generator's score and tokens."""
         gen = self.make_generator(beam_size, max_length)
         captured: list[Any] = []
 
@@ -403,24 +408,193 @@ class Reference:
                 captured.append(out)
                 return out
 
-        saved = self.task_model.generator
+        saved = self.task_model.generator, self.task_model.num_return_sequences
         self.task_model.generator = _Capture()
+        self.task_model.num_return_sequences = num_return_sequences
         try:
             ret = self.task_model.inference({"net_input": self.net_input(pixel_values)})
         finally:
-            self.task_model.generator = saved
+            self.task_model.generator, self.task_model.num_return_sequences = saved
         ret = self.task_model.postprocess(ret)
-        caps = ret[self._caption_key]  # per image: [text] (num_return_sequences = 1)
+        caps = ret[self._caption_key]  # per image: [text, ...] (num_return_sequences of them)
         if pixel_values.shape[0] == 1:
-            # postprocess unwraps one-element lists: a batch of one comes back as [text], not [[text]].
+            # postprocess unwraps one-element lists: a batch of one comes back as [texts], not [[texts]].
             caps = [caps]
-        texts = [c[0] for c in caps]
-        assert all(isinstance(t, str) for t in texts), caps
-        scores = [float(hyps[0]["score"]) for hyps in captured[0]]
-        return list(zip(texts, scores, strict=True))
+        out = []
+        for texts, hyps in zip(caps, captured[0], strict=True):
+            texts = [texts] if isinstance(texts, str) else texts
+            assert len(texts) == num_return_sequences and all(isinstance(t, str) for t in texts), texts
+            out.append(
+                [
+                    RefHypothesis(tuple(h["tokens"].tolist()), float(h["score"]), text)
+                    for text, h in zip(texts, hyps[:num_return_sequences], strict=True)
+                ]
+            )
+        return out
+
+    @torch.no_grad()
+    def caption(
+        self, pixel_values: torch.Tensor, beam_size: int | None = None, max_length: int | None = None
+    ) -> list[tuple[str, float]]:
+        """(caption, score) per image: OfaForAllTasks.inference + postprocess, score of the top hypothesis."""
+        return [(h[0].text, h[0].score) for h in self.results(pixel_values, beam_size, max_length)]
+
+    @torch.no_grad()
+    def score_tokens(
+        self, pixel_values: torch.Tensor, tokens: Sequence[int], beam_size: int | None = None
+    ) -> float:
+        """The score the reference generator would give the hypothesis ``tokens`` (no bos, ending with eos) of
+        one image, by teacher forcing ModelScope's model over ``<s>`` + tokens: per-token log-softmax of the
+        logits divided by ``temperature``, ``unk_penalty`` subtracted for ``<unk>``, summed, and divided by
+        ``len(tokens) ** len_penalty`` when ``normalize_scores`` (the generator's own bans never hit a token it
+        chose, so they do not enter)."""
+        gen = self.make_generator(beam_size)
+        assert pixel_values.shape[0] == 1
+        toks = torch.tensor([list(tokens)], dtype=torch.long)
+        prefix = torch.cat(
+            [torch.full((1, 1), self.tokenizer.bos_token_id, dtype=torch.long), toks[:, :-1]], 1
+        )
+        logits = self.decoder_logits(pixel_values, prefix)[0].float() / gen.temperature
+        lprobs = torch.log_softmax(logits, dim=-1).gather(1, toks[0][:, None])[:, 0]
+        lprobs = lprobs - gen.unk_penalty * toks[0].eq(gen.unk).float()
+        score = float(lprobs.sum())
+        if gen.normalize_scores:
+            score /= len(tokens) ** gen.len_penalty
+        return score
 
     def caption_images(
         self, images: Sequence[bytes], beam_size: int | None = None, max_length: int | None = None
     ) -> list[tuple[str, float]]:
         """Encoded images -> (caption, score), the whole reference path."""
         return self.caption(self.pixels(images), beam_size=beam_size, max_length=max_length)
+
+
+class RefHypothesis(NamedTuple):
+    """One hypothesis: token ids (no bos, ending with eos), the generator's score, the caption text."""
+
+    tokens: tuple[int, ...]
+    score: float
+    text: str
+
+
+#: Parity tolerance on scores, and how much worse than the reference's best an engine caption may score where a
+#: beam-search near-tie made the two searches diverge (issue 9).
+SCORE_ATOL = 1e-4
+TIE_MARGIN = 0.02
+
+
+def engine_results(
+    engine: Any,
+    pixel_values: torch.Tensor,
+    beam_size: int | None = None,
+    max_length: int | None = None,
+    num_captions: int = 1,
+) -> list[list[RefHypothesis]]:
+    """The engine's ``num_captions`` best hypotheses per image in the same form (tokens, score, caption text)."""
+    hyps = engine.generate_hypotheses(pixel_values, beam_size, max_length)
+    return [
+        [
+            RefHypothesis(
+                tuple(h.tokens), float(h.score), engine.postprocess(engine.tokenizer.decode(h.tokens))
+            )
+            for h in per_image[:num_captions]
+        ]
+        for per_image in hyps
+    ]
+
+
+def assert_tie_aware_parity(
+    reference: Reference,
+    pixel_values: torch.Tensor,
+    got: list[list[RefHypothesis]],
+    want: list[list[RefHypothesis]],
+    beam_size: int | None = None,
+    names: Sequence[str] | None = None,
+) -> list[str]:
+    """The one parity rule of the project, for every parity test: per image, the engine's hypothesis list
+    ``got`` equals the reference's ``want`` (same tokens and texts, scores within ``SCORE_ATOL``), except where a
+    beam-search near-tie made the searches diverge. Where lists differ, each engine hypothesis is re-scored with
+    ModelScope's model (teacher forcing, :meth:`Reference.score_tokens`) and the image passes only if every
+    engine score equals the reference model's score of the engine's tokens (``SCORE_ATOL``) and the engine's best
+    is not worse than the reference's best by more than ``TIE_MARGIN``.
+
+    Returns the names of the images that diverged this way (tests assert such divergences stay rare).
+    """
+    assert len(got) == len(want) == pixel_values.shape[0], (len(got), len(want), pixel_values.shape)
+    names = list(names) if names is not None else [str(i) for i in range(len(got))]
+    diverged, failures = [], []
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        same = len(g) == len(w) and all(
+            a.tokens == b.tokens and a.text == b.text and abs(a.score - b.score) <= SCORE_ATOL
+            for a, b in zip(g, w, strict=True)
+        )
+        if same:
+            continue
+        # Equal tokens must give equal text and score: only a different search path is excused.
+        if len(g) == len(w) and all(a.tokens == b.tokens for a, b in zip(g, w, strict=True)):
+            failures.append((names[i], "same tokens, different text or score", g, w))
+            continue
+        pix = pixel_values[i : i + 1]
+        rescored = [reference.score_tokens(pix, h.tokens, beam_size) for h in g]
+        bad_scores = [(h.score, r) for h, r in zip(g, rescored, strict=True) if abs(h.score - r) > SCORE_ATOL]
+        worse = bool(g and w) and g[0].score < w[0].score - TIE_MARGIN
+        if bad_scores or worse or not g or len(g) != len(w):
+            failures.append((names[i], f"rescored {rescored}", g, w))
+        else:
+            diverged.append(names[i])
+    assert not failures, failures
+    return diverged
+
+
+def build_modelscope_checkpoint(
+    out_dir: str | os.PathLike,
+    model_config: dict[str, Any],
+    task_config: dict[str, Any],
+    tokenizer_dir: str | os.PathLike,
+    seed: int = 0,
+) -> Path:
+    """A random-weight checkpoint built and saved by ModelScope: ``OFAModel(OFAConfig(**model_config))`` with the
+    demo checkpoint's weight recipe (``ofa_captioning.demo_checkpoint._init_weights``: peaked attention, random
+    norms and tables, EOS competing), written by ``OFAModel.save_pretrained`` (``config.json`` and
+    ``pytorch_model.bin``), plus ``configuration.json`` and the tokenizer files of ``tokenizer_dir``."""
+    import json
+    import shutil
+
+    from ofa_captioning.demo_checkpoint import _init_weights
+
+    _quiet_modelscope()
+    install_stand_ins()
+    from modelscope.models.multi_modal.ofa import OFAModel as RefOFAModel
+    from modelscope.models.multi_modal.ofa.configuration_ofa import OFAConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = RefOFAModel(OFAConfig(**model_config)).eval()
+    _init_weights(model, seed)  # duck-typed: ModelScope's module names are the engine's
+    model.save_pretrained(str(out), safe_serialization=False)
+    (out / "configuration.json").write_text(json.dumps(task_config, indent=2) + "\n", encoding="utf-8")
+    for name in ("vocab.json", "merges.txt", "vocab.txt"):
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy(Path(tokenizer_dir) / name, out / name)
+    return out
+
+
+def write_prefixed_copy(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """``src_dir`` with its weights re-saved as ModelScope's trainer writes them: ``OfaForAllTasks.state_dict()``,
+    i.e. every key prefixed ``model.`` (the other files are linked)."""
+    src, out = Path(src_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if (
+            f.is_file()
+            and f.name not in ("pytorch_model.bin", "model.safetensors")
+            and not f.name.startswith(".")
+        ):
+            (out / f.name).unlink(missing_ok=True)
+            (out / f.name).symlink_to(f.resolve())
+    from ofa_captioning.checkpoint import load_state_dict
+
+    state = load_state_dict(src)
+    torch.save({f"model.{k}": v for k, v in state.items()}, out / "pytorch_model.bin")
+    return out

@@ -232,3 +232,66 @@ def test_other_sizes_have_reference_keys(size, reference, monkeypatch):
         model = OFAModel(ModelConfig.from_dict(SIZES[size]))
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == ref_shapes
+
+
+# The remaining implemented switches, away from OFA-tiny's values: post-LN layers (no final encoder/decoder
+# LayerNorm), no type embedding, an untied output projection, and the config.json aliases of OFAConfig.
+VARIANT_POST_LN = dict(
+    vocab_size=600,
+    hidden_size=64,
+    num_attention_heads=4,
+    encoder_layers=2,
+    decoder_layers=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=96,
+    decoder_ffn_dim=80,
+    resnet_type="resnet34",
+    encoder_normalize_before=False,
+    decoder_normalize_before=False,
+    add_type_embedding=False,
+    share_decoder_input_output_embed=False,
+    activation_function="gelu_new",
+    token_bucket_size=16,
+    image_bucket_size=10,
+    max_position_embeddings=32,
+)
+
+
+def test_post_ln_untied_variant_parity(reference):
+    """Post-LN, no type embedding, separate output projection, tanh-GELU: same encoder output and logits."""
+    torch.manual_seed(1)
+    ref = _reference_model(VARIANT_POST_LN)
+    assert ref.config.d_model == 64 and ref.encoder.layer_norm is None and ref.encoder.type_embedding is None
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "rel_pos_table" in name or "c_attn" in name or "layer_norm" in name:
+                p.normal_(0.5, 0.3)
+        ref.decoder.output_projection.weight.normal_(0, 0.5)  # differs from the token embedding
+    assert not torch.equal(ref.decoder.output_projection.weight, ref.encoder.embed_tokens.weight)
+    model = OFAModel(ModelConfig.from_dict(VARIANT_POST_LN)).eval()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    model.prepare_for_inference()
+    images = torch.rand(2, 3, 128, 96) * 2 - 1
+    ids = torch.tensor([[0, 11, 12, 13, 2], [0, 14, 15, 2, 1]])
+    prefix = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
+    with torch.no_grad():
+        r = ref.encoder(input_ids=ids, patch_images=images, patch_masks=torch.tensor([True, True]))
+    r_logits = _ref_decoder_logits(ref, r, prefix)
+    with torch.inference_mode():
+        out = model.encode(ids, images)
+        logits = model.decoder_logits(prefix, out)
+    keep = ~r.padding_mask
+    torch.testing.assert_close(out.last_hidden_state[keep], r.last_hidden_state[keep], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits, r_logits, atol=ATOL, rtol=0)
+
+
+def test_activations_are_transformers_act2fn():
+    """Every activation_function the engine accepts computes what ModelScope's layers use (transformers ACT2FN)."""
+    from transformers.activations import ACT2FN
+
+    from ofa_captioning.config import ACTIVATIONS
+    from ofa_captioning.model import _activation
+
+    x = torch.linspace(-6, 6, 2001)
+    for name in ACTIVATIONS:
+        torch.testing.assert_close(_activation(name)(x), ACT2FN[name](x), atol=1e-6, rtol=0, msg=name)

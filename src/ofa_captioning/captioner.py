@@ -186,13 +186,16 @@ class Captioner:
     ) -> tuple[int, int]:
         """Resolve ``None`` to the checkpoint's defaults and check the bounds.
 
-        ``beam_size`` must be in 1..16 and ``max_length`` (tokens before EOS, the reference's ``max_len_b``) in
-        1..64; otherwise ``ValueError`` names the bound, e.g. "beam_size must be between 1 and 16, got 0".
+        ``beam_size`` must be in 1..16 (or up to the checkpoint's own larger default) and ``max_length`` (the
+        reference's ``max_len_b``: tokens before EOS when ``max_len_a`` is 0) in 1..64 (or up to the checkpoint's
+        own larger default, e.g. 128); otherwise ``ValueError`` names the bound, e.g. "beam_size must be between 1
+        and 16, got 0".
         """
-        beam = self.task_config.beam_size if beam_size is None else beam_size
-        length = self.task_config.max_len_b if max_length is None else max_length
-        beam = _check_int("beam_size", beam, MIN_BEAM_SIZE, MAX_BEAM_SIZE)
-        length = _check_int("max_length", length, MIN_LENGTH, MAX_LENGTH)
+        cfg = self.task_config
+        beam = cfg.beam_size if beam_size is None else beam_size
+        length = cfg.max_len_b if max_length is None else max_length
+        beam = _check_int("beam_size", beam, MIN_BEAM_SIZE, max(MAX_BEAM_SIZE, cfg.beam_size))
+        length = _check_int("max_length", length, MIN_LENGTH, max(MAX_LENGTH, cfg.max_len_b))
         return beam, length
 
     def preprocess(self, images: Sequence[ImageInput] | ImageInput) -> torch.Tensor:
@@ -264,22 +267,38 @@ class Captioner:
         pixels = self._as_pixels(pixel_values)
         if pixels.shape[0] == 0:
             return []
+        settings = self.search_settings(beam, length)
+        with torch.inference_mode():
+            input_ids = self._prompt_ids.unsqueeze(0).expand(pixels.shape[0], -1)
+            encoder_out = self.model.encode(input_ids, pixels)
+            return beam_search(self.model, encoder_out, settings)
+
+    def search_settings(self, beam_size: int, max_length: int) -> BeamSearchSettings:
+        """The beam-search settings of a request: configuration.json's generator fields with the request's beam
+        size and ``max_len_b``; the longest caption is ``int(max_len_a * prompt_length + max_len_b)`` tokens, where
+        the prompt length counts ``<s>`` and ``</s>`` (the reference's source length)."""
         cfg = self.task_config
-        settings = BeamSearchSettings(
-            beam_size=beam,
-            max_len_b=length,
+        max_len = cfg.max_len(int(self._prompt_ids.shape[0]), max_length)
+        if max_len < 1:
+            raise ValueError(
+                f"max_len_a={cfg.max_len_a} and max_length={max_length} leave no room for a caption "
+                f"(max_len {max_len})"
+            )
+        return BeamSearchSettings(
+            beam_size=beam_size,
+            max_len_b=max_len,
             # The reference asserts min_len <= max_len; a short max_length lowers min_len with it.
-            min_len=min(cfg.min_len, length),
+            min_len=min(cfg.min_len, max_len),
             no_repeat_ngram_size=cfg.no_repeat_ngram_size,
             len_penalty=cfg.len_penalty,
             bos_id=self.tokenizer.bos_id,
             pad_id=self.tokenizer.pad_id,
             eos_id=self.tokenizer.eos_id,
+            temperature=cfg.temperature,
+            unk_penalty=cfg.unk_penalty,
+            unk_id=self.tokenizer.unk_id,
+            normalize_scores=cfg.normalize_scores,
         )
-        with torch.inference_mode():
-            input_ids = self._prompt_ids.unsqueeze(0).expand(pixels.shape[0], -1)
-            encoder_out = self.model.encode(input_ids, pixels)
-            return beam_search(self.model, encoder_out, settings)
 
     def warmup(
         self, batch_sizes: Sequence[int] = (1,), beam_size: int | None = None, max_length: int | None = None

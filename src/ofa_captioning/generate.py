@@ -2,12 +2,13 @@
 
 Per step, for every live sentence (image), exactly as the reference:
 
-1. log-softmax (float32) of the newest position's logits; EOS banned while ``step < min_len``; NaN -> -inf;
-   pad banned; at ``step == max_len`` everything but EOS is banned; no-repeat-ngram blocking over the whole
-   prefix including its leading BOS;
+1. log-softmax (float32) of the newest position's logits divided by ``temperature``; EOS banned while
+   ``step < min_len``; NaN -> -inf; pad banned; ``unk_penalty`` subtracted from ``<unk>``; at ``step == max_len``
+   everything but EOS is banned; no-repeat-ngram blocking over the whole prefix including its leading BOS;
 2. candidates: at step 0 only beam 0, later cumulative score + log-prob over beam x vocabulary, top ``2*beam``;
 3. finite EOS candidates among ranks ``0..beam-1`` are finalised with score ``cum / (step+1) ** len_penalty``
-   (while the sentence has fewer than ``beam`` finished hypotheses); EOS in lower ranks is dropped;
+   (``cum`` itself without ``normalize_scores``), while the sentence has fewer than ``beam`` finished
+   hypotheses; EOS in lower ranks is dropped;
 4. a sentence is done when it has ``beam`` finished hypotheses or when ``step == max_len``; done sentences leave
    the batch, so their images stop costing compute;
 5. the first ``beam`` non-EOS candidates in rank order continue.
@@ -33,7 +34,8 @@ __all__ = ["BeamSearchSettings", "Hypothesis", "beam_search", "block_repeated_ng
 class BeamSearchSettings:
     """Generation settings; defaults are the reference's (configuration.json normally overrides them).
 
-    ``max_len_b`` is the most tokens a hypothesis may have before its EOS (the reference's ``max_len_a`` is 0).
+    ``max_len_b`` is the most tokens a hypothesis may have before its EOS: the reference's ``max_len``, i.e.
+    ``int(max_len_a * source_length + max_len_b)`` already worked out (see ``TaskConfig.max_len``).
     """
 
     beam_size: int = 5
@@ -44,10 +46,16 @@ class BeamSearchSettings:
     bos_id: int = 0
     pad_id: int = 1
     eos_id: int = 2
+    temperature: float = 1.0
+    unk_penalty: float = 0.0
+    unk_id: int = 3
+    normalize_scores: bool = True
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be greater than 0, got {self.temperature}")
         if self.max_len_b < 1:
             raise ValueError(f"max_len_b must be at least 1, got {self.max_len_b}")
         if self.min_len > self.max_len_b:
@@ -110,11 +118,16 @@ def beam_search(
         n_live = len(active)
         width = 1 if step == 0 else beam  # decoder rows per sentence
         logits = model.decode_step(tokens[:, :width, step].reshape(-1), state)
-        lprobs = torch.log_softmax(logits.float(), dim=-1)
+        logits = logits.float()
+        if settings.temperature != 1.0:
+            logits = logits / settings.temperature
+        lprobs = torch.log_softmax(logits, dim=-1)
         vocab = lprobs.shape[-1]
         if step < settings.min_len:
             lprobs[:, eos] = neg_inf
         lprobs[:, pad] = neg_inf
+        if settings.unk_penalty:
+            lprobs[:, settings.unk_id] -= settings.unk_penalty
         if step >= max_len:
             lprobs[:, :eos] = neg_inf
             lprobs[:, eos + 1 :] = neg_inf
@@ -142,7 +155,10 @@ def beam_search(
         final_mask = eos_mask[:, :beam]
         if bool(final_mask.any()):
             rows_ranks = final_mask.nonzero().tolist()  # sentence-major, then rank: the reference's order
-            norm = (cand_scores[:, :beam] / float(step + 1) ** settings.len_penalty).tolist()
+            norm = cand_scores[:, :beam]
+            if settings.normalize_scores:
+                norm = norm / float(step + 1) ** settings.len_penalty
+            norm = norm.tolist()
             parents = cand_beams[:, :beam].tolist()
             prefixes = tokens[:, :, 1 : step + 1].tolist()
             touched: list[int] = []
