@@ -40,8 +40,8 @@ def _metric(server, name: str, model: str, label: str = "") -> float:
 
 def _ofa_inputs(seed: int, **settings) -> list:
     rng = np.random.default_rng(seed)
-    pixels = grpcclient.InferInput("pixel_values", [1, 3, 480, 480], "FP32")
-    pixels.set_data_from_numpy(rng.standard_normal((1, 3, 480, 480)).astype(np.float32))
+    pixels = grpcclient.InferInput("pixel_values", [1, 3, 480, 480], "UINT8")
+    pixels.set_data_from_numpy(rng.integers(0, 255, (1, 3, 480, 480), endpoint=True, dtype=np.uint8))
     inputs = [pixels]
     for name, value in settings.items():
         tensor = grpcclient.InferInput(name, [1, 1], "INT32")
