@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageInput, load_image, normalize_lut
+from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, decoded_images, normalize_lut
 
 __all__ = ["normalize_pixels", "resized_pixels"]
 
@@ -37,14 +37,9 @@ def resized_pixels(
         raise ValueError(f"size must be positive, got {size}")
     items = list(images)
     out = np.empty((len(items), 3, size, size), dtype=np.uint8)
-    for i, item in enumerate(items):
-        try:
-            img = load_image(item, max_pixels=max_pixels)
-        except ImageDecodeError as e:
-            if len(items) == 1:
-                raise
-            raise ImageDecodeError(f"image {i}: {e}") from e
+    for i, img in decoded_images(items, max_pixels):
         resized = img.resize((size, size), Image.Resampling.BICUBIC)
+        del img  # free this decoded image before the next one is decoded
         out[i] = np.asarray(resized).transpose(2, 0, 1)  # HWC -> CHW
     return out
 

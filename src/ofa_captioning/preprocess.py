@@ -198,6 +198,19 @@ def preprocess_images(
     lut = normalize_lut(mean, std)
     items = list(images)
     out = np.empty((len(items), 3, size, size), dtype=np.float32)
+    for i, img in decoded_images(items, max_pixels):
+        _pixels_into(img, size, lut, out[i])
+        del img  # free this decoded image before the next one is decoded
+    return out
+
+
+def decoded_images(
+    items: Sequence[ImageInput], max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Iterator[tuple[int, Image.Image]]:
+    """``(index, image)`` for each item, decoded by :func:`load_image` one at a time: the caller reduces each to
+    its pixels before asking for the next, so one full-size decoded image is alive at a time. A bad image raises
+    :class:`ImageDecodeError`, naming its index when there are several. Callers drop their reference to an
+    image before the next iteration (``del``), or two full-size images are alive while the next one decodes."""
     for i, item in enumerate(items):
         try:
             img = load_image(item, max_pixels=max_pixels)
@@ -205,6 +218,5 @@ def preprocess_images(
             if len(items) == 1:
                 raise
             raise ImageDecodeError(f"image {i}: {e}") from e
-        _pixels_into(img, size, lut, out[i])
-        del img  # free this decoded image before the next one is decoded: one full-size image at a time
-    return out
+        yield i, img
+        del img  # this generator's reference
