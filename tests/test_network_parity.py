@@ -197,17 +197,7 @@ def test_variant_config_parity(reference):
     model.load_state_dict(ref.state_dict(), strict=True)
     model.prepare_for_inference()
     images = torch.rand(2, 3, 160, 192) * 2 - 1
-    ids = torch.tensor([[0, 11, 12, 13, 2], [0, 14, 15, 2, 1]])
-    prefix = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
-    with torch.no_grad():
-        r = ref.encoder(input_ids=ids, patch_images=images, patch_masks=torch.tensor([True, True]))
-    r_logits = _ref_decoder_logits(ref, r, prefix)
-    with torch.inference_mode():
-        out = model.encode(ids, images)
-        logits = model.decoder_logits(prefix, out)
-    keep = ~r.padding_mask
-    torch.testing.assert_close(out.last_hidden_state[keep], r.last_hidden_state[keep], atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits, r_logits, atol=ATOL, rtol=0)
+    _assert_variant_parity(ref, model, images)
 
 
 # OFA-Sys size presets (models/ofa/ofa.py) as OFAConfig fields.
@@ -272,17 +262,7 @@ def test_post_ln_untied_variant_parity(reference):
     model.load_state_dict(ref.state_dict(), strict=True)
     model.prepare_for_inference()
     images = torch.rand(2, 3, 128, 96) * 2 - 1
-    ids = torch.tensor([[0, 11, 12, 13, 2], [0, 14, 15, 2, 1]])
-    prefix = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
-    with torch.no_grad():
-        r = ref.encoder(input_ids=ids, patch_images=images, patch_masks=torch.tensor([True, True]))
-    r_logits = _ref_decoder_logits(ref, r, prefix)
-    with torch.inference_mode():
-        out = model.encode(ids, images)
-        logits = model.decoder_logits(prefix, out)
-    keep = ~r.padding_mask
-    torch.testing.assert_close(out.last_hidden_state[keep], r.last_hidden_state[keep], atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits, r_logits, atol=ATOL, rtol=0)
+    _assert_variant_parity(ref, model, images)
 
 
 def test_activations_are_transformers_act2fn():
@@ -295,3 +275,19 @@ def test_activations_are_transformers_act2fn():
     x = torch.linspace(-6, 6, 2001)
     for name in ACTIVATIONS:
         torch.testing.assert_close(_activation(name)(x), ACT2FN[name](x), atol=1e-6, rtol=0, msg=name)
+
+
+def _assert_variant_parity(ref, model, images: torch.Tensor) -> None:
+    """Encoder output (unpadded positions) and decoder logits of ``model`` equal ModelScope's ``ref`` within
+    ATOL, on two fixed prompts (one padded) and decoder prefixes."""
+    ids = torch.tensor([[0, 11, 12, 13, 2], [0, 14, 15, 2, 1]])
+    prefix = torch.tensor([[0, 5, 6, 7], [0, 8, 9, 10]])
+    with torch.no_grad():
+        r = ref.encoder(input_ids=ids, patch_images=images, patch_masks=torch.tensor([True, True]))
+    r_logits = _ref_decoder_logits(ref, r, prefix)
+    with torch.inference_mode():
+        out = model.encode(ids, images)
+        logits = model.decoder_logits(prefix, out)
+    keep = ~r.padding_mask
+    torch.testing.assert_close(out.last_hidden_state[keep], r.last_hidden_state[keep], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits, r_logits, atol=ATOL, rtol=0)

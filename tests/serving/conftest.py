@@ -152,6 +152,16 @@ def engine(monkeypatch):
     return StandInCaptioner
 
 
+@pytest.fixture
+def model(pb, engine, tmp_path, monkeypatch):
+    """The ``ofa`` adapter, initialized on the stand-in engine (its warm-up calls forgotten)."""
+    monkeypatch.setenv("OFA_MODEL_DIR", str(tmp_path))
+    m = load_adapter("ofa").TritonPythonModel()
+    m.initialize(init_args("ofa"))
+    m.captioner.calls.clear()  # forget the warm-up
+    return m
+
+
 def load_adapter(name: str):
     """A fresh import of model_repository/<name>/1/model.py (needs the ``pb`` fixture)."""
     path = MODEL_REPOSITORY / name / "1" / "model.py"

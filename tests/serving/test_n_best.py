@@ -11,16 +11,7 @@ import pytest
 from ofa_serving.batching import RequestError
 from ofa_serving.nbest import EMPTY, n_best_arrays, pad_captions, request_num_captions
 
-from .conftest import StandInCaption, init_args, int_input, load_adapter, pixels
-
-
-@pytest.fixture
-def model(pb, engine, tmp_path, monkeypatch):
-    monkeypatch.setenv("OFA_MODEL_DIR", str(tmp_path))
-    m = load_adapter("ofa").TritonPythonModel()
-    m.initialize(init_args("ofa"))
-    m.captioner.calls.clear()  # forget the warm-up
-    return m
+from .conftest import StandInCaption, int_input, pixels
 
 
 def request(pb, image_id, rows=1, num_captions=None, beam_size=None):

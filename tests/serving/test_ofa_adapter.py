@@ -13,15 +13,6 @@ from ofa_serving.settings import SettingsError
 from .conftest import init_args, int_input, load_adapter, model_config, pixels
 
 
-@pytest.fixture
-def model(pb, engine, tmp_path, monkeypatch):
-    monkeypatch.setenv("OFA_MODEL_DIR", str(tmp_path))
-    m = load_adapter("ofa").TritonPythonModel()
-    m.initialize(init_args("ofa"))
-    m.captioner.calls.clear()  # forget the warm-up
-    return m
-
-
 def request(pb, image_id, rows=1, beam_size=None, max_length=None):
     return pb.InferenceRequest(
         pixel_values=pixels(image_id, rows),
