@@ -73,7 +73,7 @@ def test_requests_whose_clients_gave_up_are_not_computed(hardened_server):
         server.grpc_address,
         [_ofa_inputs(seed + 100 + i, **FAST) for i in range(GIVING_UP)],
         model="ofa",
-        client_timeout_s=0.5,
+        client_timeout_s=0.2,  # well inside the slow batch, so that no batch can start while a client still waits
         timeout_s=60,
     )
     thread.join(timeout=600)
