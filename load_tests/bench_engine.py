@@ -39,18 +39,25 @@ TARGETS = {("float32", 1): 5.0, ("float32", 8): 10.0, ("bfloat16", 8): 15.0}
 SCORE_ATOL = 1e-4
 RED, RESET = "\033[31m", "\033[0m"
 
-# Operator families of the beam-search profile (first match wins).
+# Operator families of the beam-search profile (first match wins). The output projection is the matrix product
+# with a vocabulary-sized operand; prepacked oneDNN linears are ``mkldnn::_linear_pointwise``.
+_MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
 _OP_FAMILIES = (
-    ("output projection (mm)", ("aten::mm",)),
-    ("linear layers (addmm)", ("aten::addmm",)),
+    ("output projection", _MATMULS, True),
+    ("linear layers", _MATMULS, False),
     (
         "attention (bmm, softmax, sdpa)",
         ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu"),
+        None,
     ),
-    ("top-k", ("aten::topk",)),
-    ("log-softmax", ("aten::_log_softmax",)),
-    ("copies, gathers, index_select", ("aten::copy_", "aten::index_select", "aten::gather", "aten::cat")),
-    ("host syncs (item, bool)", ("aten::_local_scalar_dense",)),
+    ("top-k", ("aten::topk",), None),
+    ("log-softmax", ("aten::_log_softmax",), None),
+    (
+        "copies, gathers, index_select",
+        ("aten::copy_", "aten::index_select", "aten::gather", "aten::cat"),
+        None,
+    ),
+    ("host syncs (item, bool)", ("aten::_local_scalar_dense",), None),
 )
 
 
@@ -158,15 +165,26 @@ def _beam_op_profile(model, enc, settings, steps: int) -> list[dict]:
     from ofa_captioning.generate import beam_search
 
     per_step = max(steps, 1)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    vocab = model.config.vocab_size
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         _, wall_s = _timed(lambda: beam_search(model, enc, settings))
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events = [
+        e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith(("aten::", "mkldnn::"))
+    ]
+
+    def projects(e) -> bool:
+        return any(shape[:1] == [vocab] for shape in e.input_shapes)
+
     rows, seen = [], set()
-    for family, names in _OP_FAMILIES:
-        hit = [e for e in events if e.key in names]
-        seen.update(e.key for e in hit)
+    for family, names, vocab_sized in _OP_FAMILIES:
+        hit = [
+            e
+            for e in events
+            if e.key in names and id(e) not in seen and (vocab_sized is None or projects(e) == vocab_sized)
+        ]
+        seen.update(id(e) for e in hit)
         rows.append(_op_row(family, hit, per_step))
-    rows.append(_op_row("other operators", [e for e in events if e.key not in seen], per_step))
+    rows.append(_op_row("other operators", [e for e in events if id(e) not in seen], per_step))
     self_ms = sum(e.self_cpu_time_total for e in events) / 1e3
     rows.append(
         {

@@ -29,7 +29,7 @@ def test_batchnorm_folded_before_the_cast(engines):
     assert bf16.model.encoder.embed_images.conv1.weight.dtype == torch.bfloat16
     block32 = fp32.model.encoder.embed_images.layer2[0]
     block16 = bf16.model.encoder.embed_images.layer2[0]
-    for (conv, bn), (w16, b16) in zip(
+    for (conv, bn), (w16, b16, _packed) in zip(
         [(block32.conv1, block32.bn1), (block32.conv2, block32.bn2), (block32.conv3, block32.bn3)],
         block16._fused[:3],
         strict=True,
