@@ -4,7 +4,7 @@ when a target is missed.
 
 One run, one machine, the same images and the same generation settings for every path:
 
-(a) ``reference``: ModelScope's OFA in-process (``tests/reference.py``), sequential, one image per call, on a
+(a) ``reference``: ModelScope's OFA in-process (``ofa_testkit.reference``), sequential, one image per call, on a
     few images only (it is slow);
 (b) ``engine``: ``ofa_captioning.Captioner`` in-process on encoded bytes, at batch 1 and at batches 4, 8 and 16;
     the best batch is the engine's best throughput (``bench_inprocess.py``);
@@ -34,12 +34,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench_inprocess import bench_engine, bench_reference
-from bench_report import environment_info, log, markdown, print_red, print_verdict, summarize
-from bench_served import OPEN_LOOP_BOUND_FACTOR, bench_served
-from loadlib import UniqueImages, add_server_arguments, ensure_import_paths, load_images, resolve_model_dir
-
-ensure_import_paths()
+from load_tests.bench_inprocess import bench_engine, bench_reference
+from load_tests.bench_report import environment_info, log, markdown, print_red, print_verdict, summarize
+from load_tests.bench_served import OPEN_LOOP_BOUND_FACTOR, bench_served
+from load_tests.loadlib import UniqueImages, add_server_arguments, load_images, resolve_model_dir
 
 EXIT_MISSED = 1
 EXIT_NO_DEVICE = 2

@@ -31,9 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # tests.reference and tests.images
-
 # (dtype, batch size) -> minimum engine images/s over reference images/s (issue 11).
 TARGETS = {("float32", 1): 5.0, ("float32", 8): 10.0, ("bfloat16", 8): 15.0}
 SCORE_ATOL = 1e-4
@@ -235,12 +232,11 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     from ofa_captioning.captioner import Captioner
     from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
-    from tests.images import image_corpus
-    from tests.reference import Reference
+    from ofa_serving.testing import demo_checkpoint_dir
+    from ofa_testkit.images import image_corpus
+    from ofa_testkit.reference import Reference
 
-    checkpoint = args.checkpoint or ensure_demo_checkpoint(
-        REPO_ROOT / os.environ.get("DEMO_CHECKPOINT", "checkpoints/ofa-tiny-demo")
-    )
+    checkpoint = args.checkpoint or ensure_demo_checkpoint(demo_checkpoint_dir())
     corpus = image_corpus()
     if args.images > len(corpus):
         raise SystemExit(f"--images: the corpus has {len(corpus)} images")

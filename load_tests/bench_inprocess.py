@@ -1,6 +1,6 @@
 """The in-process phases of ``make bench``: ModelScope's reference and the engine, on the same encoded images.
 
-(a) ``reference``: ModelScope's OFA (``tests/reference.py``), sequential, one image per call;
+(a) ``reference``: ModelScope's OFA (``ofa_testkit.reference``), sequential, one image per call;
 (b) ``engine``: ``ofa_captioning.Captioner`` on encoded bytes (decode + preprocess + generate), at batch 1 and at
     each of ``--batches``; the best batch is the engine's best throughput, the yardstick of the served phases.
 """
@@ -12,8 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_report import ints, log, phase_result
-from loadlib import ensure_import_paths
+from load_tests.bench_report import ints, log, phase_result
 
 
 def timed_calls(
@@ -36,8 +35,7 @@ def timed_calls(
 
 def bench_reference(model_dir: Path, images: list[bytes], args: argparse.Namespace) -> list[dict]:
     """(a) ModelScope's OFA in-process, sequential, one image per call."""
-    ensure_import_paths()  # tests.reference lives in the checkout's tests/ package
-    from tests.reference import Reference
+    from ofa_testkit.reference import Reference
 
     log("reference: loading ModelScope's OFA")
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from loadlib import REPO_ROOT, latency_summary
+from load_tests.loadlib import REPO_ROOT, latency_summary
 
 TARGET_THROUGHPUT_RATIO = (
     0.90  # served images/s (closed loop at concurrency 8, and open loop) vs the engine's best

@@ -16,8 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-from bench_report import display_path, ints, log, phase_result
-from loadlib import (
+from load_tests.bench_report import display_path, ints, log, phase_result
+from load_tests.loadlib import (
     REPO_ROOT,
     UniqueImages,
     assign_free_ports,
@@ -25,8 +25,8 @@ from loadlib import (
     server_from_args,
     settled_metrics,
 )
-from openloop import highest_held, plot_curve, rate_row, rates_from, run_rate
-from reliabilitylib import caption_inputs
+from load_tests.openloop import highest_held, plot_curve, rate_row, rates_from, run_rate
+from load_tests.reliabilitylib import caption_inputs
 
 #: Default open-loop bound: this many times the engine's in-process latency at its best batch (one call). An
 #: arrival at a busy, stable server waits for the batch in progress, then runs in the next one: about two batch

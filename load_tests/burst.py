@@ -33,12 +33,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadlib import (  # noqa: E402
+from load_tests.loadlib import (
     UniqueImages,
     add_server_arguments,
     assign_free_ports,
-    ensure_import_paths,
     latency_summary,
     load_images,
     model_metrics_delta,
@@ -46,9 +44,7 @@ from loadlib import (  # noqa: E402
     server_from_args,
     server_ready,
 )
-from reliabilitylib import caption_inputs, fire, server_pid_on_port, stub_processes  # noqa: E402
-
-ensure_import_paths()
+from load_tests.reliabilitylib import caption_inputs, fire, server_pid_on_port, stub_processes
 
 QUEUE_FULL = "Exceeds maximum queue size"
 QUEUE_TIMEOUT = "Request timeout expired"

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import itertools
 import os
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -37,13 +36,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 # Appended after the encoded image. Every decoder the engine uses (Pillow's JPEG, PNG, WebP, BMP, GIF and TIFF
 # readers) stops at the end of the image data and ignores trailing bytes; UniqueImages checks that per image.
 _NONCE_MARKER = b"\x00ofa-load-test-nonce:"
-
-
-def ensure_import_paths() -> None:
-    """Make ``ofa_captioning``, ``ofa_serving``, ``client`` and ``tests`` importable from a plain checkout."""
-    for path in (REPO_ROOT / "src", REPO_ROOT):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
 
 
 def find_images(folder: str | os.PathLike) -> list[Path]:
@@ -199,7 +191,6 @@ def ensure_server(
         raise RuntimeError(
             f"no Triton server answers on http://{host}:{http_port} and starting one was not asked"
         )
-    ensure_import_paths()
     from ofa_serving.launcher import TritonServer
     from ofa_serving.testing import running
 
@@ -311,7 +302,6 @@ def resolve_model_dir(model_dir: str | os.PathLike | None = None) -> Path:
         return Path(model_dir)
     if os.environ.get("OFA_MODEL_DIR"):
         return Path(os.environ["OFA_MODEL_DIR"])
-    ensure_import_paths()
     from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
     from ofa_serving.testing import demo_checkpoint_dir
 
@@ -325,7 +315,6 @@ MetricKey = tuple[str, frozenset[tuple[str, str]]]
 
 def parse_metrics(text: str) -> dict[MetricKey, float]:
     """Prometheus text exposition -> ``{(name, frozenset(labels)): value}`` (``ofa_serving.testing``'s parser)."""
-    ensure_import_paths()
     from ofa_serving.testing import parse_metrics as parse
 
     return parse(text)

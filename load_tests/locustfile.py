@@ -59,8 +59,7 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadlib import DEFAULT_IMAGE_DIR, UniqueImages, load_images  # noqa: E402
+from load_tests.loadlib import DEFAULT_IMAGE_DIR, UniqueImages, load_images  # noqa: E402
 
 logger = logging.getLogger("ofa.locust")
 

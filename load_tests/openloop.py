@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadlib import latency_summary
+from load_tests.loadlib import latency_summary
 
 #: ``start(i, done)`` starts request ``i`` without blocking and calls ``done(error)`` (``None`` on success) once
 #: it completes, from any thread.

@@ -29,8 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadlib import (  # noqa: E402
+from load_tests.loadlib import (
     DEFAULT_IMAGE_DIR,
     REPO_ROOT,
     RESULTS_DIR,
@@ -203,7 +202,8 @@ def probe_latency(args: argparse.Namespace) -> dict:
     """A lone request's served latency: one warm-up, then ``--probe-requests`` sequential gRPC requests with the
     run's settings and distinct images; their latency summary (ms)."""
     import tritonclient.grpc as grpcclient
-    from reliabilitylib import caption_inputs
+
+    from load_tests.reliabilitylib import caption_inputs
 
     corpus = UniqueImages(load_images(args.image_dir))
     settings = (args.beam_size or None, args.max_length or None)

@@ -34,12 +34,10 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadlib import (  # noqa: E402
+from load_tests.loadlib import (
     UniqueImages,
     add_server_arguments,
     assign_free_ports,
-    ensure_import_paths,
     latency_summary,
     load_images,
     model_metrics_delta,
@@ -47,15 +45,13 @@ from loadlib import (  # noqa: E402
     server_from_args,
     server_ready,
 )
-from reliabilitylib import (  # noqa: E402
+from load_tests.reliabilitylib import (
     RssSampler,
     is_process_key,
     rss_growth,
     server_pid_on_port,
     stub_processes,
 )
-
-ensure_import_paths()
 
 WINDOW_S = 30.0
 

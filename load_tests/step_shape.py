@@ -13,14 +13,10 @@ lets the workers finish those requests and report them first.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from locust import LoadTestShape, events
 from locust.runners import WORKER_REPORT_INTERVAL, MasterRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadlib import parse_steps  # noqa: E402
+from load_tests.loadlib import parse_steps
 
 
 @events.init_command_line_parser.add_listener

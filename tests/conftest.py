@@ -5,8 +5,8 @@
 * ``demo_checkpoint_zh``: the Chinese demo checkpoint (``--language zh``), under ``checkpoints/ofa-tiny-demo-zh``
   (or ``$DEMO_CHECKPOINT_ZH``).
 * ``image_corpus``: ``[(name, encoded bytes), ...]``, 18 synthetic images covering formats, modes, sizes,
-  aspect ratios and EXIF orientations (see ``tests/images.py``).
-* ``reference``: ModelScope's OFA (``tests/reference.py``) on the demo checkpoint. ``make test`` always
+  aspect ratios and EXIF orientations (see ``ofa_testkit.images``).
+* ``reference``: ModelScope's OFA (``ofa_testkit.reference``) on the demo checkpoint. ``make test`` always
   installs it, so a failing import is an error of every test that uses it, never a skip.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.images import image_corpus as _build_corpus
+from ofa_testkit.images import image_corpus as _build_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def image_corpus() -> list[tuple[str, bytes]]:
 
 @pytest.fixture(scope="session")
 def reference(demo_checkpoint: Path):
-    """ModelScope's OFA captioning reference (tests.reference.Reference) on the demo checkpoint."""
-    from tests.reference import Reference
+    """ModelScope's OFA captioning reference (ofa_testkit.reference.Reference) on the demo checkpoint."""
+    from ofa_testkit.reference import Reference
 
     return Reference(demo_checkpoint)

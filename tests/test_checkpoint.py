@@ -88,7 +88,7 @@ def test_ensure_demo_checkpoint_is_idempotent(demo_checkpoint: Path):
 @pytest.mark.reference
 def test_modelscope_loads_demo_checkpoint_unchanged(demo_checkpoint: Path, state):
     """The layout proof: ModelScope's own OFAModel/OFATokenizer.from_pretrained read the directory as is."""
-    from tests.reference import install_stand_ins
+    from ofa_testkit.reference import install_stand_ins
 
     install_stand_ins()
     from modelscope.models.multi_modal.ofa import OFAModel as RefOFAModel

@@ -32,8 +32,8 @@ def engine(demo_checkpoint_zh: Path) -> Captioner:
 
 @pytest.fixture(scope="module")
 def reference_zh(demo_checkpoint_zh: Path):
-    """ModelScope's OFA captioning (tests.reference.Reference) on the Chinese demo checkpoint."""
-    from tests.reference import Reference
+    """ModelScope's OFA captioning (ofa_testkit.reference.Reference) on the Chinese demo checkpoint."""
+    from ofa_testkit.reference import Reference
 
     return Reference(demo_checkpoint_zh)
 
@@ -84,7 +84,7 @@ def test_engine_loads_demo_zh(engine: Captioner) -> None:
 @pytest.mark.reference
 def test_modelscope_loads_demo_zh(demo_checkpoint_zh: Path) -> None:
     """ModelScope's own OFAModel.from_pretrained and OFATokenizerZH.from_pretrained load the directory unchanged."""
-    from tests.reference import install_stand_ins
+    from ofa_testkit.reference import install_stand_ins
 
     install_stand_ins()
     from modelscope.models.multi_modal.ofa import OFAModel

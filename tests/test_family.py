@@ -25,14 +25,14 @@ import torch
 from ofa_captioning.captioner import Captioner
 from ofa_captioning.checkpoint import load_state_dict
 from ofa_captioning.demo_checkpoint import DEMO_TASK_CONFIG
-from tests.conftest import REPO_ROOT
-from tests.reference import (
+from ofa_testkit.reference import (
     Reference,
     assert_tie_aware_parity,
     build_modelscope_checkpoint,
     engine_results,
     write_prefixed_copy,
 )
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.reference
 

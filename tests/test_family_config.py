@@ -111,7 +111,7 @@ def test_refused_generator_fields_cover_the_reference_keywords():
     import inspect
 
     from ofa_captioning.config import BEAM_SEARCH_FIELDS, BEAM_SEARCH_INERT
-    from tests.reference import install_stand_ins
+    from ofa_testkit.reference import install_stand_ins
 
     install_stand_ins()
     from modelscope.models.multi_modal.ofa.generate.sequence_generator import SequenceGenerator

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from ofa_captioning.captioner import Captioner
-from tests.reference import (
+from ofa_testkit.reference import (
     Reference,
     _quiet_modelscope,
     assert_tie_aware_parity,

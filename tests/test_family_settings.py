@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ofa_captioning.captioner import Caption, Captioner
-from tests.reference import Reference, assert_tie_aware_parity, engine_results
+from ofa_testkit.reference import Reference, assert_tie_aware_parity, engine_results
 
 pytestmark = pytest.mark.reference
 

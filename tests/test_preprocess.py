@@ -23,7 +23,7 @@ from ofa_captioning.preprocess import (
     preprocess_image,
     preprocess_images,
 )
-from tests.images import animated_gif, encode, multipage_tiff, synthetic_rgb
+from ofa_testkit.images import animated_gif, encode, multipage_tiff, synthetic_rgb
 
 HALF = (0.5, 0.5, 0.5)
 PIL_DEFAULT_BOMB_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Image.MAX_IMAGE_PIXELS unless someone changed it

@@ -19,20 +19,14 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from load_tests.reliabilitylib import stub_processes
 from ofa_serving.launcher import TritonServer, default_model_repository
 from ofa_serving.testing import running, started
-
-LOAD_TESTS = Path(__file__).resolve().parents[2] / "load_tests"
-if str(LOAD_TESTS) not in sys.path:
-    sys.path.insert(0, str(LOAD_TESTS))
-
-from reliabilitylib import stub_processes  # noqa: E402
 
 READY_TIMEOUT_S = 600  # model load + warm-up on a busy 2-core machine
 MAX_IMAGE_BYTES = 2 * 1024 * 1024
@@ -154,7 +148,7 @@ def models_ready(server: TritonServer) -> dict[str, bool]:
 
 def png(width: int, height: int, seed: int) -> bytes:
     """A small distinct PNG (different seed = different bytes, so the response cache never answers it)."""
-    from tests.images import synthetic_rgb
+    from ofa_testkit.images import synthetic_rgb
 
     buffer = io.BytesIO()
     synthetic_rgb(width, height, seed=seed).save(buffer, format="PNG")

@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from tests.images import (
+from ofa_testkit.images import (
     animated_gif,
     cmyk_jpeg,
     encode,

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from reliabilitylib import caption_inputs, fire, rss_bytes
 from tritonclient.utils import InferenceServerException
 
+from load_tests.reliabilitylib import caption_inputs, fire, rss_bytes
 from ofa_captioning.preprocess import ImageDecodeError, load_image
 
 from . import inputs

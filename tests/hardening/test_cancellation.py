@@ -19,7 +19,8 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from reliabilitylib import fire
+
+from load_tests.reliabilitylib import fire
 
 from .conftest import FAST, fresh_seed
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
-from reliabilitylib import caption_inputs, fire, is_running
 
+from load_tests.reliabilitylib import caption_inputs, fire, is_running
 from ofa_serving.launcher import TritonServer
 from ofa_serving.probe import probe_server
 from ofa_serving.testing import metric_sum, parse_metrics

@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 import yaml
-from reliabilitylib import Outcome, caption_inputs, fire
 
+from load_tests.reliabilitylib import Outcome, caption_inputs, fire
 from ofa_serving.launcher import TritonServer, default_model_repository
 from ofa_serving.probe import probe_server
 from ofa_serving.supervisor import Supervisor, new_admin_key, stub_pids

@@ -127,8 +127,8 @@ def test_32_images_just_under_the_pixel_limit_at_once_stay_within_bounded_memory
     configured pixel limit: all answered, and the stub's resident memory rises by far less than 32 decoded images
     (each image is reduced to its pixel tensor as soon as it is decoded)."""
     import tritonclient.grpc as grpcclient
-    from reliabilitylib import fire, memory_status
 
+    from load_tests.reliabilitylib import fire, memory_status
     from ofa_serving.supervisor import stub_pids
 
     from .conftest import MAX_IMAGE_PIXELS

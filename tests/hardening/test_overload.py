@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from reliabilitylib import caption_inputs, fire
 
 from client import Caption, CaptionClient
+from load_tests.reliabilitylib import caption_inputs, fire
 from ofa_serving.launcher import default_model_repository
 
 from .conftest import FAST, SMALL_QUEUES, fresh_seed, models_ready, png, stub_pids

@@ -16,9 +16,9 @@ import urllib.request
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from reliabilitylib import caption_inputs, fire, listening_addresses
 from tritonclient.utils import InferenceServerException
 
+from load_tests.reliabilitylib import caption_inputs, fire, listening_addresses
 from ofa_serving.launcher import TritonServer
 from ofa_serving.settings import ServerSettings, load_settings
 

@@ -71,7 +71,7 @@ def decode_error(data: bytes) -> str:
 
 def distinct_images(count: int, start_seed: int = 1000) -> list[bytes]:
     """``count`` different small PNG images (distinct bytes, so the response cache never answers them)."""
-    from tests.images import synthetic_rgb
+    from ofa_testkit.images import synthetic_rgb
 
     out = []
     for i in range(count):

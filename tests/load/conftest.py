@@ -1,4 +1,4 @@
-"""Fixtures of the load-test tests: the load_tests/ modules on sys.path and a real server for the smoke run.
+"""Fixtures of the load-test tests: a real server for the smoke run.
 
 ``load_server`` is the session's ``triton_server`` fixture where one is visible from here (tests/integration's
 fixture is not, by pytest's conftest scoping, unless it moves to tests/conftest.py); otherwise it starts its own
@@ -7,14 +7,9 @@ real tritonserver (``ofa_serving``'s launcher, demo checkpoint, free 127.0.0.1 p
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-LOAD_TESTS = Path(__file__).resolve().parents[2] / "load_tests"
-if str(LOAD_TESTS) not in sys.path:
-    sys.path.insert(0, str(LOAD_TESTS))
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +17,7 @@ def load_server(
     request: pytest.FixtureRequest, demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ):
     """A ready tritonserver serving the demo checkpoint, as a ``loadlib.ServerHandle``."""
-    from loadlib import ServerHandle, ensure_server
-
+    from load_tests.loadlib import ServerHandle, ensure_server
     from ofa_serving.launcher import free_ports
 
     try:

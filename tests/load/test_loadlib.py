@@ -6,14 +6,12 @@ import csv
 import io
 from pathlib import Path
 
-import bench
-import bench_report
-import bench_served
 import numpy as np
 import pytest
-import run_load_test
-from loadlib import REPO_ROOT, UniqueImages, latency_summary, model_metrics_delta, parse_metrics
 from PIL import Image
+
+from load_tests import bench, bench_report, bench_served, run_load_test
+from load_tests.loadlib import REPO_ROOT, UniqueImages, latency_summary, model_metrics_delta, parse_metrics
 
 
 def _encoded(fmt: str, seed: int) -> bytes:
@@ -226,9 +224,9 @@ def test_bench_options_and_recorded_configs():
 def test_server_tools_share_the_server_options_and_pick_free_ports(tool):
     import importlib
 
-    from loadlib import assign_free_ports
+    from load_tests.loadlib import assign_free_ports
 
-    module = importlib.import_module(tool)
+    module = importlib.import_module(f"load_tests.{tool}")
     args = module.parse_args(["--host", "127.0.0.1", "--model-repository", "/tmp/variant"])
     assert args.name == tool and args.model_repository == "/tmp/variant"
     assert (args.http_port, args.grpc_port, args.metrics_port) == (0, 0, 0)

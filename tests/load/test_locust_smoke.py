@@ -73,7 +73,7 @@ def _final(path: Path) -> dict[str, dict]:
 
 
 def _caption_successes(server) -> float:
-    from loadlib import model_metric, scrape_metrics
+    from load_tests.loadlib import model_metric, scrape_metrics
 
     return model_metric(
         scrape_metrics(server.host, server.metrics_port), "nv_inference_request_success", "caption"

@@ -6,14 +6,11 @@ from __future__ import annotations
 import argparse
 import io
 
-import bench
-import bench_report
-import bench_served
 import numpy as np
-import openloop
 import pytest
-import run_load_test
 from PIL import Image
+
+from load_tests import bench, bench_report, bench_served, openloop, run_load_test
 
 
 class FakeClock:

@@ -1,0 +1,9 @@
+"""Test and benchmark kit of the OFA captioning project: what the tests and ``load_tests/`` share.
+
+Modules:
+    reference  ModelScope's OFA captioning run in-process (``Reference``), the stand-ins for the packages it
+               imports but never calls (``install_stand_ins``) and the tie-aware parity helpers; needs the dev
+               requirements (``make setup-dev``: requirements/dev.txt, ModelScope and fairseq)
+    images     deterministic synthetic images (``image_corpus``, ``synthetic_rgb``, encoders);
+               ``python -m ofa_testkit.images samples/`` regenerates the committed sample images
+"""
