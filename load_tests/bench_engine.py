@@ -17,7 +17,10 @@ The profile splits one call per batch size into stages, timed without a profiler
 (``preprocess``, on the encoded images), the ResNet, the rest of the encoder, and beam search; then, from one
 ``torch.profiler`` run of beam search, where a decoder step's time goes by operator family (the output
 projection, the layers' linears, attention, top-k, log-softmax, copies, host syncs: ``.item()``/``bool()``)
-and how many operators a step runs. On a CUDA host the engine is also timed on the GPU (``--gpu-dtype``).
+and how many operators a step runs. With the profile comes the arithmetic floor: the multiply-adds of a call
+(``torch.utils.flop_counter``: ResNet, encoder layers, beam search) at this CPU's best measured multiply-add rate,
+and the share of that peak each target would need, so that a target out of reach on a machine says so. On a CUDA
+host the engine is also timed on the GPU (``--gpu-dtype``).
 """
 
 from __future__ import annotations
@@ -78,7 +81,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="parity-corpus images for bfloat16 vs float32 agreement (default: all; 0 = skip)",
     )
-    p.add_argument("--no-profile", action="store_true", help="skip the per-stage profile")
+    p.add_argument(
+        "--no-profile", action="store_true", help="skip the per-stage profile and the arithmetic floor"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--gpu-dtype", default="float16", help="engine dtype on CUDA, if CUDA is available")
     p.add_argument(
@@ -208,6 +213,88 @@ def _op_row(family: str, events, steps: int) -> dict:
     }
 
 
+def gemm_peak(dtype: str) -> float:
+    """This CPU's best measured multiply-add rate (GMAC/s) in ``dtype``: the faster of a 2048^3 matrix product and
+    a 3x3, 256-channel channels-last convolution (oneDNN), best of five each. On a busy machine this is low."""
+    import torch
+    import torch.nn.functional as F
+
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+    x = torch.randn(2, 256, 60, 60, dtype=dt).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, dtype=dt).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        a @ b, F.conv2d(x, w, padding=1)
+        gemm = 2048**3 / min(_timed(lambda: a @ b)[1] for _ in range(5))
+        conv = (
+            2 * 256 * 256 * 9 * 60 * 60 / min(_timed(lambda: F.conv2d(x, w, padding=1))[1] for _ in range(5))
+        )
+    return max(gemm, conv) / 1e9
+
+
+def arithmetic(checkpoint, pixels) -> dict:
+    """Multiply-adds per image of one call on ``pixels`` (all images, one batch): the ResNet, the encoder's
+    layers and beam search, counted by ``torch.utils.flop_counter`` on the float32 model without derived
+    weights (plain convolutions and linears; SDPA counted by its shapes)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from ofa_captioning.captioner import Captioner
+    from ofa_captioning.generate import beam_search
+
+    engine = Captioner.from_pretrained(checkpoint)
+    model = engine.model
+    model.clear_caches()  # plain modules: every multiply goes through an operator the counter knows
+    n = pixels.shape[0]
+    ids = engine._prompt_ids.unsqueeze(0).expand(n, -1)
+    settings = engine.search_settings(engine.default_beam_size, engine.default_max_length)
+
+    def sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}
+
+    def count(fn) -> float:
+        counter = FlopCounterMode(display=False, custom_mapping=mapping)
+        with counter:
+            fn()
+        return counter.get_total_flops() / 2 / n / 1e9  # GMAC per image
+
+    with torch.inference_mode():
+        model.encode(ids, pixels)  # position biases cached, as in steady state
+        resnet = count(lambda: model.encoder.embed_images(pixels))
+        encoder = count(lambda: model.encode(ids, pixels)) - resnet
+        enc = model.encode(ids, pixels)
+        search = count(lambda: beam_search(model, enc, settings))
+    return {"resnet_gmac": resnet, "encoder_layers_gmac": encoder, "beam_search_gmac": search}
+
+
+def floors(res_rows: list[dict], gmac: dict, peaks: dict) -> list[dict]:
+    """Per timed row: the least time the arithmetic needs at the CPU's peak, and the share of that peak the
+    row's target would need sustained through the whole call."""
+    total = sum(gmac.values())
+    out = []
+    for r in res_rows:
+        peak = peaks.get(r["dtype"])
+        target = TARGETS.get((r["dtype"], r["batch_size"]))
+        if not peak:
+            continue
+        floor_s = total / peak
+        row = {
+            "dtype": r["dtype"],
+            "batch_size": r["batch_size"],
+            "gmac_per_image": total,
+            "peak_gmac_per_s": peak,
+            "floor_s_per_image": floor_s,
+            "ceiling_speedup": r["reference_s_per_image"] / floor_s,
+            "engine_share_of_peak": floor_s / r["engine_s_per_image"],
+            "target": target,
+            "target_share_of_peak": None if target is None else floor_s * target / r["reference_s_per_image"],
+        }
+        out.append(row)
+    return out
+
+
 def agreement(engines: dict, corpus: list[tuple[str, bytes]], count: int, batch: int = 8) -> dict:
     """bfloat16 vs float32 captions on the first ``count`` corpus images (engine preprocessing)."""
     fp32, bf16 = engines["float32"], engines["bfloat16"]
@@ -302,6 +389,20 @@ def run(args: argparse.Namespace) -> dict:
     if "float32" in engines and "bfloat16" in engines and n_agree > 0:
         agree = agreement(engines, corpus, n_agree)
 
+    floor_rows, gmac, peaks = [], None, {}
+    if not args.no_profile:
+        gmac = arithmetic(checkpoint, pixels)
+        # The peak is at least what the engine's own ResNet sustained in the profile (a busy machine lowers the
+        # microbenchmark, and an underestimated peak would make a target look out of reach).
+        peaks = {
+            dt: max(
+                [gemm_peak(dt)]
+                + [gmac["resnet_gmac"] / p["resnet_s_per_image"] for p in profile if p["dtype"] == dt]
+            )
+            for dt in engines
+        }
+        floor_rows = floors(rows, gmac, peaks)
+
     gpu = _gpu_rows(args, checkpoint, pixels, engines) if torch.cuda.is_available() else []
 
     checks: dict[str, bool | None] = {}
@@ -330,6 +431,9 @@ def run(args: argparse.Namespace) -> dict:
         "load_average_after": os.getloadavg(),
         "rows": rows,
         "profile": profile,
+        "arithmetic": gmac,
+        "peak_gmac_per_s": peaks,
+        "floors": floor_rows,
         "bfloat16_agreement": agree,
         "gpu": gpu,
         "checks": checks,
@@ -418,6 +522,31 @@ def markdown(res: dict) -> str:
                 for o in p["beam_search_ops"]
             ]
             lines.append(f"| {p['dtype']} | {p['batch_size']} | " + " | ".join(cells) + " |")
+    if res.get("floors"):
+        g = res["arithmetic"]
+        lines += [
+            "",
+            f"Arithmetic per image (torch.utils.flop_counter): ResNet {g['resnet_gmac']:.2f} GMAC, encoder layers "
+            f"{g['encoder_layers_gmac']:.2f}, beam search {g['beam_search_gmac']:.2f}. This CPU's best measured "
+            "multiply-add rate (GEMM or 3x3 convolution): "
+            + ", ".join(f"{dt} {v:.0f} GMAC/s" for dt, v in res["peak_gmac_per_s"].items())
+            + ". The floor is the arithmetic at that rate; a target needs the share of the peak shown, sustained "
+            "through the whole call (memory-bound decoding included):",
+            "",
+            "| dtype | batch | floor s/img | ceiling (reference / floor) | engine's share of peak | target "
+            "| target's share of peak |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for f in res["floors"]:
+            need = f["target_share_of_peak"]
+            lines.append(
+                f"| {f['dtype']} | {f['batch_size']} | {f['floor_s_per_image']:.3f} | {f['ceiling_speedup']:.1f}x "
+                f"| {100 * f['engine_share_of_peak']:.0f} % | "
+                + ("" if f["target"] is None else f"{f['target']:g}x")
+                + " | "
+                + ("" if need is None else f"{100 * need:.0f} %" + (" (above the peak)" if need > 1 else ""))
+                + " |"
+            )
     agree = res["bfloat16_agreement"]
     if agree:
         diff = agree["max_score_diff_when_identical"]

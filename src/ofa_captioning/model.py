@@ -205,7 +205,7 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(128, layers[1], stride=2)
         self.layer3 = self._make_layer(256, layers[2], stride=2)
         self._fused_stem: FoldedConv | None = None
-        self.cpu_chunk_size = 2
+        self.cpu_chunk_size = 1
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None
@@ -244,7 +244,7 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         chunk = self.cpu_chunk_size
         if x.device.type == "cpu" and chunk and x.shape[0] > chunk:
-            # Small chunks keep a chunk's activations in cache; batch 8 in one go is slower per image.
+            # One image at a time keeps its activations in cache: measured faster per image than 2, 4 or 8.
             return torch.cat([self(part) for part in x.split(chunk)])
         if self._fused_stem is not None:
             x = x.contiguous(memory_format=torch.channels_last)

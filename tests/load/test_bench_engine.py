@@ -1,0 +1,89 @@
+"""bench_engine's profile and arithmetic floor, without the reference timing run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from load_tests import bench_engine
+
+
+def _row(dtype: str, batch: int, reference_s: float, engine_s: float) -> dict:
+    return {
+        "dtype": dtype,
+        "batch_size": batch,
+        "reference_s_per_image": reference_s,
+        "engine_s_per_image": engine_s,
+    }
+
+
+def test_floor_is_the_arithmetic_at_the_peak_and_each_target_gets_its_share_of_it():
+    gmac = {"resnet_gmac": 15.0, "encoder_layers_gmac": 5.0, "beam_search_gmac": 2.0}
+    rows = [_row("float32", 1, 2.0, 0.4), _row("float32", 8, 2.2, 0.3), _row("float32", 4, 2.0, 0.3)]
+
+    floors = bench_engine.floors(rows, gmac, {"float32": 100.0})
+
+    b1, b8, b4 = floors
+    assert b1["floor_s_per_image"] == pytest.approx(0.22)
+    assert b1["ceiling_speedup"] == pytest.approx(2.0 / 0.22)
+    assert b1["engine_share_of_peak"] == pytest.approx(0.22 / 0.4)
+    # 5x of a 2.0 s reference leaves 0.4 s: 55 % of the peak; 10x of 2.2 s leaves 0.22 s: all of it.
+    assert b1["target"] == 5.0 and b1["target_share_of_peak"] == pytest.approx(0.55)
+    assert b8["target"] == 10.0 and b8["target_share_of_peak"] == pytest.approx(1.0)
+    assert b4["target"] is None and b4["target_share_of_peak"] is None
+
+
+def test_a_row_without_a_measured_peak_gets_no_floor():
+    gmac = {"resnet_gmac": 1.0, "encoder_layers_gmac": 1.0, "beam_search_gmac": 1.0}
+    assert bench_engine.floors([_row("bfloat16", 8, 2.0, 0.2)], gmac, {"float32": 100.0}) == []
+
+
+def test_the_report_says_when_a_target_needs_more_than_the_peak():
+    gmac = {"resnet_gmac": 15.0, "encoder_layers_gmac": 5.0, "beam_search_gmac": 2.0}
+    rows = [_row("float32", 1, 2.0, 0.4), _row("float32", 8, 2.0, 0.3)]
+    res = {
+        "images": ["a"],
+        "settings": {"beam_size": 5, "max_length": 16},
+        "torch": torch.__version__,
+        "threads": 2,
+        "cpus": 2,
+        "load_average_before": [0.1, 0.1, 0.1],
+        "load_average_after": [0.1, 0.1, 0.1],
+        "rows": [],
+        "profile": [],
+        "arithmetic": gmac,
+        "peak_gmac_per_s": {"float32": 100.0},
+        "floors": bench_engine.floors(rows, gmac, {"float32": 100.0}),
+        "bfloat16_agreement": None,
+        "gpu": [],
+        "checks": {},
+    }
+
+    text = bench_engine.markdown(res)
+
+    assert "float32 100 GMAC/s" in text
+    assert "| float32 | 1 | 0.220 | 9.1x | 55 % | 5x | 55 % |" in text
+    assert "| float32 | 8 | 0.220 | 9.1x | 73 % | 10x | 110 % (above the peak) |" in text
+
+
+def test_beam_profile_tells_the_output_projection_from_the_layers(demo_checkpoint):
+    from ofa_captioning.captioner import Captioner
+    from ofa_captioning.generate import beam_search
+
+    engine = Captioner.from_pretrained(demo_checkpoint)
+    model = engine.model
+    pixels = engine.normalize_pixels(torch.zeros(1, 3, 480, 480, dtype=torch.uint8))
+    settings = engine.search_settings(2, 3)
+    with torch.inference_mode():
+        enc = model.encode(engine._prompt_ids.unsqueeze(0), pixels)
+        hyps = beam_search(model, enc, settings)
+    steps = max(len(h.tokens) for h in hyps[0])  # as stage_profile counts them
+
+    rows = {r["family"]: r for r in bench_engine._beam_op_profile(model, enc, settings, steps)}
+
+    layers = model.config.decoder_layers
+    # One projection per step; per layer and step: self q|k|v and out, cross q and out, fc1 and fc2 (plus, once
+    # per search, the cross-attention keys/values and the position-bias projections).
+    assert rows["output projection"]["calls_per_step"] == pytest.approx(1.0)
+    assert 6 * layers <= rows["linear layers"]["calls_per_step"] < 6 * layers + 3
+    assert rows["output projection"]["ms_per_step"] > 0
