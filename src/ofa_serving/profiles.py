@@ -9,7 +9,7 @@ repository (``make serve`` generates it at start when the profile is ``gpu``). V
 field                      cpu (committed)  gpu
 =========================  ===============  ===========================================================
 ``ofa`` max_batch_size     16               64 (``caption`` the same: at most its steps' smallest)
-``ofa`` queue delay        20 ms            2 ms
+``ofa`` queue delay        10 ms            2 ms
 ``ofa`` instance_group     KIND_MODEL x 1   KIND_GPU x 1 (one instance per visible GPU, on its device)
 ``preprocess`` max batch   32               64
 ``preprocess`` queue delay 10 ms            1 ms
