@@ -122,7 +122,16 @@ def test_resume_after_interruption_gives_the_same_scores(
     assert not partial.exists()
 
     resumed, full = json.loads(output.read_text()), full_run[0]
-    assert resumed["predictions"] == full["predictions"]
+
+    # The resumed images ran as a smaller engine batch; the GEMM kernels oneDNN picks for a different row count
+    # may round the last bits differently, so the model's own score may move by ~1e-6 (nothing else may).
+    def without_score(predictions: list[dict]) -> list[dict]:
+        return [{k: v for k, v in p.items() if k != "score"} for p in predictions]
+
+    assert [p["score"] for p in resumed["predictions"]] == pytest.approx(
+        [p["score"] for p in full["predictions"]], abs=1e-5
+    )
+    assert without_score(resumed["predictions"]) == without_score(full["predictions"])
     assert resumed["metrics"] == full["metrics"]
 
 
