@@ -94,7 +94,72 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in lines]  # type: ignore[misc]
 
 
-class OFATokenizer:
+class _OFATokenizerBase:
+    """What the English and Chinese tokenizers share: prompt encoding and decoding to the reference's text.
+
+    A subclass sets ``bos_id``/``eos_id``, ``_special_ids``, ``_tk`` (the ``tokenizers`` pipeline) and implements
+    :meth:`tokenize`, :meth:`_piece` (an id's token and whether it is an added OFA token) and :meth:`_run_to_text`
+    (the text of a run of vocabulary tokens).
+    """
+
+    bos_id: int
+    eos_id: int
+    _special_ids: frozenset[int]
+    _tk: Tokenizer
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _piece(self, i: int) -> tuple[str, bool]:
+        raise NotImplementedError
+
+    def _run_to_text(self, tokens: list[str]) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token string (vocabulary entry, special or added token), or None."""
+        return self._tk.token_to_id(token)
+
+    def encode_prompt(self, text: str, max_src_length: int = 256) -> list[int]:
+        """``<s>`` + :meth:`tokenize` (text) truncated to ``max_src_length`` tokens + ``</s>``, as ModelScope's OFA
+        preprocessor. ``max_src_length`` 0 means no truncation, as in transformers (which truncates only for a
+        truthy length)."""
+        return [self.bos_id, *_truncate(self.tokenize(text), max_src_length), self.eos_id]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of a generated id sequence, as the reference's ``batch_decode(skip_special_tokens=True)`` + ``strip()``.
+
+        Special tokens (``<s> <pad> </s> <unk> <mask>``) are dropped wherever they are; each run of vocabulary
+        tokens becomes text (:meth:`_run_to_text`); every added ``<code_*>``/``<bin_*>`` token becomes its own
+        piece and the pieces are joined with one space (so ``" a"``, ``<bin_1>``, ``" b"`` gives ``"a <bin_1>  b"``
+        in English).
+        """
+        pieces: list[str] = []
+        run: list[str] = []
+        for i in ids:
+            i = int(i)
+            if i in self._special_ids:
+                continue
+            tok, added = self._piece(i)
+            if not added:
+                run.append(tok)
+                continue
+            if run:
+                text = self._run_to_text(run)
+                if text:
+                    pieces.append(text)
+                run = []
+            pieces.append(tok)
+        if run:
+            pieces.append(self._run_to_text(run))
+        return " ".join(pieces).strip()
+
+    def batch_decode(self, sequences: Iterable[Sequence[int]]) -> list[str]:
+        """:meth:`decode` for each sequence."""
+        return [self.decode(s) for s in sequences]
+
+
+class OFATokenizer(_OFATokenizerBase):
     """BART byte-level BPE plus OFA's ``<code_*>``/``<bin_*>`` tokens, identical to ModelScope's tokenizer.
 
     Build it with :meth:`from_pretrained` on a checkpoint directory holding ``vocab.json`` and
@@ -165,58 +230,23 @@ class OFATokenizer:
         """Size of the BPE vocabulary without the added OFA tokens (50265 for BART)."""
         return len(self._vocab)
 
-    def token_to_id(self, token: str) -> int | None:
-        """Id of a token string (vocabulary entry or added token), or None."""
-        return self._tk.token_to_id(token)
-
     def tokenize(self, text: str) -> list[int]:
         """BPE ids of ``text`` without any special tokens (special and added tokens in the text are kept whole)."""
         return self._tk.encode(text, add_special_tokens=False).ids
 
-    def encode_prompt(self, text: str, max_src_length: int = 256) -> list[int]:
-        """``<s>`` + BPE(text) truncated to ``max_src_length`` tokens + ``</s>``, as ModelScope's OFA preprocessor.
+    def _piece(self, i: int) -> tuple[str, bool]:
+        added = self._added_ids.get(i)
+        if added is not None:
+            return added, True
+        tok = self._id_to_token.get(i)
+        if tok is None:
+            raise ValueError(f"token id {i} is outside the vocabulary (size {len(self)})")
+        return tok, False
 
-        ``max_src_length`` 0 means no truncation, as in transformers (which truncates only for a truthy length).
-        """
-        return [self.bos_id, *_truncate(self.tokenize(text), max_src_length), self.eos_id]
-
-    def _bpe_to_text(self, tokens: list[str]) -> str:
+    def _run_to_text(self, tokens: list[str]) -> str:
+        # Byte-level BPE: invalid UTF-8 becomes U+FFFD.
         dec = _byte_decoder()
         return bytes(dec[c] for c in "".join(tokens)).decode("utf-8", errors="replace")
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of a generated id sequence, as the reference's ``batch_decode(skip_special_tokens=True)`` + ``strip()``.
-
-        Special tokens (``<s> <pad> </s> <unk> <mask>``) are dropped wherever they are; runs of BPE tokens are
-        byte-decoded (invalid UTF-8 becomes U+FFFD); every added ``<code_*>``/``<bin_*>`` token becomes its own
-        piece and the pieces are joined with one space (so ``" a"``, ``<bin_1>``, ``" b"`` gives ``"a <bin_1>  b"``).
-        """
-        pieces: list[str] = []
-        run: list[str] = []
-        for i in ids:
-            i = int(i)
-            if i in self._special_ids:
-                continue
-            added = self._added_ids.get(i)
-            if added is not None:
-                if run:
-                    s = self._bpe_to_text(run)
-                    if s:
-                        pieces.append(s)
-                    run = []
-                pieces.append(added)
-                continue
-            tok = self._id_to_token.get(i)
-            if tok is None:
-                raise ValueError(f"token id {i} is outside the vocabulary (size {len(self)})")
-            run.append(tok)
-        if run:
-            pieces.append(self._bpe_to_text(run))
-        return " ".join(pieces).strip()
-
-    def batch_decode(self, sequences: Iterable[Sequence[int]]) -> list[str]:
-        """:meth:`decode` for each sequence."""
-        return [self.decode(s) for s in sequences]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -418,7 +448,7 @@ def _read_vocab_txt(path: Path) -> list[str]:
         return [line.rstrip("\n") for line in f.readlines()]
 
 
-class OFATokenizerZH:
+class OFATokenizerZH(_OFATokenizerBase):
     """BERT basic tokenization + WordPiece over ``vocab.txt``, plus OFA's tokens: ModelScope's ``OFATokenizerZH``.
 
     Build it with :meth:`from_pretrained` on a checkpoint directory holding ``vocab.txt`` (and optionally a
@@ -524,10 +554,6 @@ class OFATokenizerZH:
         """Number of lines of ``vocab.txt`` (without ``<mask>`` if appended and the added OFA tokens)."""
         return len(self._vocab)
 
-    def token_to_id(self, token: str) -> int | None:
-        """Id of a token string (vocabulary entry, ``<mask>`` or added token), or None."""
-        return self._tk.token_to_id(token)
-
     def tokenize(self, text: str) -> list[int]:
         """WordPiece ids of ``text`` without any special tokens (special and added tokens in the text are kept whole)."""
         if self.do_lower_case:
@@ -535,49 +561,15 @@ class OFATokenizerZH:
             text = "".join(ch.lower() for ch in text)
         return self._tk.encode(text, add_special_tokens=False).ids
 
-    def encode_prompt(self, text: str, max_src_length: int = 256) -> list[int]:
-        """``<s>`` + WordPiece(text) truncated to ``max_src_length`` tokens (0: not truncated) + ``</s>``, as
-        ModelScope's OFA preprocessor."""
-        return [self.bos_id, *_truncate(self.tokenize(text), max_src_length), self.eos_id]
+    def _piece(self, i: int) -> tuple[str, bool]:
+        if not 0 <= i < self._size:
+            raise ValueError(f"token id {i} is outside the vocabulary (size {len(self)})")
+        return self._id_to_token[i], i in self._added
 
-    @staticmethod
-    def _tokens_to_string(tokens: list[str]) -> str:
-        # ModelScope's OFATokenizerZH.convert_tokens_to_string.
+    def _run_to_text(self, tokens: list[str]) -> str:
+        # ModelScope's OFATokenizerZH.convert_tokens_to_string: word pieces join, CJK characters stay
+        # space-separated (the Chinese post-processing removes those spaces).
         return " ".join(tokens).replace(" ##", "").strip()
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of a generated id sequence, as the reference's ``batch_decode(skip_special_tokens=True)`` + ``strip()``.
-
-        Special tokens (``<s> <pad> </s> <unk> <mask>``) are dropped wherever they are; runs of vocabulary tokens
-        are joined with spaces and ``" ##"`` removed (so word pieces join and CJK characters stay space-separated:
-        the Chinese post-processing removes those spaces); every added ``<code_*>``/``<bin_*>`` token becomes its own
-        piece and the pieces are joined with one space.
-        """
-        pieces: list[str] = []
-        run: list[str] = []
-        for i in ids:
-            i = int(i)
-            if i in self._special_ids:
-                continue
-            if not 0 <= i < self._size:
-                raise ValueError(f"token id {i} is outside the vocabulary (size {len(self)})")
-            tok = self._id_to_token[i]
-            if i in self._added:
-                if run:
-                    s = self._tokens_to_string(run)
-                    if s:
-                        pieces.append(s)
-                    run = []
-                pieces.append(tok)
-            else:
-                run.append(tok)
-        if run:
-            pieces.append(self._tokens_to_string(run))
-        return " ".join(pieces).strip()
-
-    def batch_decode(self, sequences: Iterable[Sequence[int]]) -> list[str]:
-        """:meth:`decode` for each sequence."""
-        return [self.decode(s) for s in sequences]
 
 
 # --------------------------------------------------------------------------------------------------------
