@@ -140,15 +140,20 @@ def write_results(
     return data
 
 
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON in ``path``; :class:`ResultsError` naming ``what`` file it should have been."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: no such {what} file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResultsError(f"{path}: cannot read the {what} file: {exc}") from exc
+
+
 def load_results(path: str | Path) -> dict[str, Any]:
     """A results JSON written by :func:`write_results`, checked for the fields a comparison needs."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: no such results file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ResultsError(f"{path}: cannot read the results file: {exc}") from exc
+    data = _read_json(path, "results")
     if not isinstance(data, dict) or not all(k in data for k in ("dataset", "metrics", "predictions")):
         raise ResultsError(
             f"{path}: not a results file of `python -m ofa_eval` (no dataset/metrics/predictions)"
@@ -160,12 +165,7 @@ def load_predictions(path: str | Path, image_ids: list[Any]) -> dict[Any, dict[s
     """``{image_id: {caption, score}}`` for ``image_ids`` from a COCO results file (``[{"image_id", "caption"}]``)
     or a results JSON of ``python -m ofa_eval run``; :class:`ResultsError` if an image has no caption."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: no such predictions file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ResultsError(f"{path}: cannot read the predictions file: {exc}") from exc
+    data = _read_json(path, "predictions")
     entries = data.get("predictions") if isinstance(data, dict) else data
     if not isinstance(entries, list):
         raise ResultsError(f"{path}: expected a list of {{'image_id', 'caption'}} (COCO results format)")
