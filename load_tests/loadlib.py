@@ -27,6 +27,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ofa_serving import probe
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE_DIR = REPO_ROOT / "samples"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -132,13 +134,7 @@ def latency_summary(latencies_s: Sequence[float]) -> dict[str, float | int | Non
 
 def server_ready(host: str, http_port: int, timeout: float = 2.0) -> bool:
     """Whether a Triton server answers ``GET /v2/health/ready`` with 200 on ``host:http_port``."""
-    try:
-        with urllib.request.urlopen(
-            f"http://{host}:{http_port}/v2/health/ready", timeout=timeout
-        ) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    return probe.server_ready(f"http://{host}:{http_port}", timeout)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .probe import server_ready
 from .settings import ServerSettings, load_settings
 
 __all__ = [
@@ -369,11 +370,7 @@ class TritonServer:
 
     def is_ready(self) -> bool:
         """True when the server answers ``/v2/health/ready`` (all models loaded, warm-up done)."""
-        try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return server_ready(self.http_url)
 
     def wait_ready(self, timeout: float = 300.0) -> TritonServer:
         """Block until ready; raise :class:`ServerStartError` (with the log's tail) if it exits or times out."""

@@ -118,6 +118,15 @@ def _request(
         return exc.code, exc.read()
 
 
+def server_ready(base_url: str, timeout: float = 2.0) -> bool:
+    """Whether the server at ``base_url`` answers ``GET /v2/health/ready`` with 200 (all models loaded, warm-up
+    done); False when it does not answer at all."""
+    try:
+        return _request(f"{base_url}/v2/health/ready", timeout=timeout)[0] == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
 def list_models(
     base_url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 10.0
 ) -> dict[str, str]:

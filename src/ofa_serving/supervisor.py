@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .probe import ModelCheck, list_models, probe_model
+from .probe import ModelCheck, list_models, probe_model, server_ready
 
 __all__ = [
     "ADMIN_HEADER",
@@ -426,11 +426,7 @@ class CommandServer:
         return self
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return server_ready(self.http_url)
 
     def stop(self, timeout: float = 40.0) -> int | None:
         if self.process is None:
