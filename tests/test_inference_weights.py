@@ -42,8 +42,7 @@ def test_linear_without_onednn_dtype_is_plain_f_linear():
 
     assert linear.packed is None
     assert torch.equal(linear(x), F.linear(x, weight))
-    w, b = linear  # unpacks as (weight, bias), like nn.Linear's parameters
-    assert w is weight and b is None
+    assert linear.weight is weight and linear.bias is None
 
 
 @pytest.fixture(scope="module")

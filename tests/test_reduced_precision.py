@@ -49,9 +49,9 @@ def test_attention_scales_folded_before_the_cast(engines):
         (fp32.model.encoder.layers[0].self_attn, bf16.model.encoder.layers[0].self_attn),
         (fp32.model.decoder.layers[1].cross_attn, bf16.model.decoder.layers[1].cross_attn),
     ]:
-        wq, bq = attn16._fused["q"]
+        wq, bq = attn16._fused["q"].weight, attn16._fused["q"].bias
         assert torch.equal(wq, (attn32.q_proj.weight * attn32.scaling).to(torch.bfloat16))
         assert torch.equal(bq, (attn32.q_proj.bias * attn32.scaling).to(torch.bfloat16))
         head_scale = attn32.c_attn.repeat_interleave(attn32.head_dim)
-        wo, _ = attn16._fused["out"]
+        wo = attn16._fused["out"].weight
         assert torch.equal(wo, (attn32.out_proj.weight * head_scale).to(torch.bfloat16))

@@ -277,10 +277,6 @@ class InferenceLinear:
         self.bias = bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight) if _onednn_runs(weight) else None
 
-    def __iter__(self):
-        # (weight, bias), as nn.Linear's parameters.
-        return iter((self.weight, self.bias))
-
     def __call__(self, x: Tensor) -> Tensor:
         if self.packed is not None and x.dtype == self.weight.dtype and x.device.type == "cpu":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -808,10 +804,6 @@ class OFADecoder(nn.Module):
             x = self.layer_norm(x)
         if self.projection is not None:
             return self.projection(x)
-        if x.dim() == 2 and x.device.type == "cpu":
-            # The [V,D] weight streams through memory once for all rows; on CPU, W @ x^T (rows as the small
-            # GEMM dimension) is several times faster than x @ W^T for a handful of beam rows.
-            return torch.mm(self.output_projection.weight, x.t()).t().contiguous()
         return self.output_projection(x)
 
 
