@@ -86,24 +86,26 @@ def test_the_burst_server_differs_from_the_committed_repository_only_in_queue_si
 
 @pytest.fixture(scope="module")
 def burst(queue_server):
-    """48 raw requests at once and, as soon as they fill the queues, 8 retrying CaptionClients (4 gRPC, 4 HTTP),
-    all distinct images.
+    """Behind a slow batch in ``ofa``, 48 raw requests at once and, as soon as they fill the queues, 8 retrying
+    CaptionClients (4 gRPC, 4 HTTP), all distinct images.
 
-    Every attempt the clients make is recorded (time, protocol, status) by wrapping tritonclient's ``infer``.
+    Every attempt the clients make is recorded (when it was sent, protocol, status) by wrapping tritonclient's
+    ``infer``.
     """
     server = queue_server.get()
     before = {"stubs": stub_pids(server)}
     seed = fresh_seed()
-    # The raw requests take the checkpoint's default settings (beam 5, 16 tokens), not FAST: `ofa` then runs
-    # batches of seconds during which its queue stays full, so the clients' first attempts meet a full queue. With
-    # FAST batches `ofa` emptied its queue every few hundred ms, and a CI run saw all 4 HTTP clients (another all
-    # 4 gRPC clients) get in at their first attempt, unrefused.
+    # `ofa` first starts one slow batch (16 images at the checkpoint's default settings, seconds on CPU); the burst
+    # arrives while it runs, so 4 raw requests wait in `ofa`'s queue until it ends and the clients' first attempts
+    # meet a full queue. Without it the queues were full only for moments: CI runs saw all 4 HTTP clients (another
+    # all 4 gRPC clients) reach a queue with room at their first attempt, unrefused.
+    slow = caption_inputs(grpcclient, [png(44 + i % 5, 33 + i % 3, seed=seed + 500 + i) for i in range(16)])
     raw = [
         caption_inputs(grpcclient, [png(40 + i % 9, 30 + i % 7, seed=seed + i)]) for i in range(RAW_REQUESTS)
     ]
     client_images = [png(50, 40, seed=seed + 1000 + i) for i in range(RETRYING_CLIENTS)]
 
-    attempts: list[tuple[int, str, float, str]] = []  # (client index, protocol, time, "OK" | status)
+    attempts: list[tuple[int, str, float, str]] = []  # (client index, protocol, sent at, "OK" | status)
     lock = threading.Lock()
     local = threading.local()
 
@@ -111,15 +113,16 @@ def burst(queue_server):
         original = module.InferenceServerClient.infer
 
         def infer(self, *args, **kwargs):
+            sent = time.monotonic()
             try:
                 result = original(self, *args, **kwargs)
             except Exception as exc:
                 status = str(exc.status()) if hasattr(exc, "status") else type(exc).__name__
                 with lock:
-                    attempts.append((local.index, protocol, time.monotonic(), f"{status} {exc}"))
+                    attempts.append((local.index, protocol, sent, f"{status} {exc}"))
                 raise
             with lock:
-                attempts.append((local.index, protocol, time.monotonic(), "OK"))
+                attempts.append((local.index, protocol, sent, "OK"))
             return result
 
         return original, infer
@@ -146,6 +149,16 @@ def burst(queue_server):
             except Exception as exc:  # noqa: BLE001 - asserted below
                 client_results[index] = exc
 
+    slow_result: list = []
+    slowly = threading.Thread(
+        target=lambda: slow_result.extend(fire(server.grpc_address, [slow], timeout_s=300))
+    )
+    preprocessed = _success(server, "preprocess")
+    slowly.start()
+    deadline = time.monotonic() + 120
+    while _success(server, "preprocess") < preprocessed + 1:  # the slow batch reached ofa
+        assert time.monotonic() < deadline, "the slow batch never reached ofa"
+        time.sleep(0.02)
     for module, _original, wrapped in patches:
         module.InferenceServerClient.infer = wrapped
     try:
@@ -161,12 +174,14 @@ def burst(queue_server):
         for t in threads:
             t.join(timeout=400)
         firing.join(timeout=400)
+        slowly.join(timeout=400)
     finally:
         for module, original, _wrapped in patches:
             module.InferenceServerClient.infer = original
     return {
         "server": server,
         "raw": raw_result,
+        "slow": slow_result,
         "clients": client_results,
         "attempts": [(i, p, t - start, s) for i, p, t, s in attempts],
         "before": before,
@@ -240,6 +255,9 @@ def test_the_client_retries_refused_requests_with_backoff_and_gets_its_caption(b
     assert all(isinstance(r, Caption) for r in burst["clients"]), burst["clients"]
     attempts = burst["attempts"]
     refused = [a for a in attempts if QUEUE_FULL in a[3]]
+    print(
+        f"\nattempts (client, protocol, sent at s, refused): {[(i, p, round(t, 3), s != 'OK') for i, p, t, s in attempts]}"
+    )
     assert {p for _i, p, _t, _s in refused} == {"grpc", "http"}, (
         f"both protocols refused at least once: {attempts}"
     )
@@ -258,3 +276,4 @@ def test_the_client_retries_refused_requests_with_backoff_and_gets_its_caption(b
 def test_the_server_is_unharmed_by_the_burst(burst):
     assert burst["after"]["ready"] == dict.fromkeys(["server", "caption", "preprocess", "ofa"], True)
     assert burst["after"]["stubs"] == burst["before"]["stubs"]
+    assert [o.status for o in burst["slow"]] == ["OK"]
