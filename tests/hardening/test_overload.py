@@ -223,7 +223,14 @@ def test_a_request_past_its_queue_timeout_is_refused_unexecuted(queue_server):
     slow: list = []
     firing = threading.Thread(
         target=lambda: slow.extend(
-            fire(server.grpc_address, [caption_inputs(grpcclient, [png(46, 35, seed + i)]) for i in range(2)])
+            fire(
+                server.grpc_address,
+                # 2 requests of 4 images: an 8-image batch of seconds, far longer than the 0.3 s timeouts
+                [
+                    caption_inputs(grpcclient, [png(46, 35, seed + 4 * i + j) for j in range(4)])
+                    for i in range(2)
+                ],
+            )
         )
     )
     firing.start()
