@@ -26,7 +26,7 @@ import pytest
 
 from load_tests.reliabilitylib import stub_processes
 from ofa_serving.launcher import TritonServer, default_model_repository
-from ofa_serving.testing import running, started
+from ofa_serving.testing import metric_sum, parse_metrics, running, started
 
 READY_TIMEOUT_S = 600  # model load + warm-up on a busy 2-core machine
 MAX_IMAGE_BYTES = 2 * 1024 * 1024
@@ -153,6 +153,22 @@ def png(width: int, height: int, seed: int) -> bytes:
     buffer = io.BytesIO()
     synthetic_rgb(width, height, seed=seed).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def model_metric(server: TritonServer, name: str, model: str, **labels: str) -> float:
+    """The server's metric ``name`` for ``model`` (and ``labels``, e.g. ``reason="CANCELED"``), summed; 0 if absent."""
+    return metric_sum(parse_metrics(server.metrics()), name, model=model, **labels) or 0.0
+
+
+def wait_until_preprocessed(
+    server: TritonServer, before: float, count: int, timeout: float = 60, poll: float = 0.05
+) -> None:
+    """Until ``preprocess`` has answered ``count`` more requests than ``before`` (its success count then): they
+    are then queued for or inside ``ofa``."""
+    deadline = time.monotonic() + timeout
+    while model_metric(server, "nv_inference_request_success", "preprocess") < before + count:
+        assert time.monotonic() < deadline, "the requests never reached ofa"
+        time.sleep(poll)
 
 
 def fresh_seed() -> int:

@@ -22,21 +22,13 @@ import tritonclient.grpc as grpcclient
 
 from load_tests.reliabilitylib import fire
 
-from .conftest import FAST, fresh_seed
+from .conftest import FAST, fresh_seed, model_metric
 
 pytestmark = pytest.mark.integration
 
 SLOW = 4  # default generation settings (beam 5, 16 tokens): a batch takes seconds on a CPU
 GIVING_UP = 12
 SKIPPED = re.compile(r"(ofa|preprocess): (\d+) cancelled request\(s\) not (?:computed|decoded)")
-
-
-def _metric(server, name: str, model: str, label: str = "") -> float:
-    total = 0.0
-    for line in server.metrics().splitlines():
-        if line.startswith(name + "{") and f'model="{model}"' in line and label in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _ofa_inputs(seed: int, **settings) -> list:
@@ -55,8 +47,8 @@ def test_requests_whose_clients_gave_up_are_not_computed(hardened_server):
     server = hardened_server
     log_start = len(server.log_file.read_bytes())
     seed = fresh_seed()
-    computed_before = _metric(server, "nv_inference_request_success", "ofa")
-    cancelled_before = _metric(server, "nv_inference_request_failure", "ofa", 'reason="CANCELED"')
+    computed_before = model_metric(server, "nv_inference_request_success", "ofa")
+    cancelled_before = model_metric(server, "nv_inference_request_failure", "ofa", reason="CANCELED")
     slow: list = []
     thread = threading.Thread(
         target=lambda: slow.extend(
@@ -90,12 +82,14 @@ def test_requests_whose_clients_gave_up_are_not_computed(hardened_server):
         return out
 
     def refused_as_cancelled() -> float:
-        return _metric(server, "nv_inference_request_failure", "ofa", 'reason="CANCELED"') - cancelled_before
+        return (
+            model_metric(server, "nv_inference_request_failure", "ofa", reason="CANCELED") - cancelled_before
+        )
 
     deadline = time.monotonic() + 120
     while sum(skipped().values()) + refused_as_cancelled() < GIVING_UP and time.monotonic() < deadline:
         time.sleep(0.2)
-    computed = _metric(server, "nv_inference_request_success", "ofa") - computed_before
+    computed = model_metric(server, "nv_inference_request_success", "ofa") - computed_before
     print(
         f"\n{GIVING_UP} requests given up by their clients: {refused_as_cancelled():.0f} dropped by Triton's scheduler "
         f"(nv_inference_request_failure reason CANCELED), {skipped()} by the adapters; ofa computed {computed:.0f}"

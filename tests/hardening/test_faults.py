@@ -31,19 +31,13 @@ import tritonclient.grpc as grpcclient
 from load_tests.reliabilitylib import caption_inputs, fire, is_running
 from ofa_serving.launcher import TritonServer
 from ofa_serving.probe import probe_server
-from ofa_serving.testing import metric_sum, parse_metrics
 
-from .conftest import FAST, fresh_seed, models_ready, png, stub_pids
+from .conftest import FAST, fresh_seed, model_metric, models_ready, png, stub_pids, wait_until_preprocessed
 
 pytestmark = pytest.mark.integration
 
 IN_FLIGHT = 4  # within the small queues of queue_server: none is refused
 NOT_HEALTHY = "Stub process 'ofa_0_0' is not healthy."
-
-
-def _metric(server: TritonServer, name: str, model: str, reason: str | None = None) -> float:
-    labels = {"model": model} if reason is None else {"model": model, "reason": reason}
-    return metric_sum(parse_metrics(server.metrics()), name, **labels) or 0.0
 
 
 def _load_in_background(server: TritonServer, count: int) -> tuple[threading.Thread, list]:
@@ -56,16 +50,6 @@ def _load_in_background(server: TritonServer, count: int) -> tuple[threading.Thr
     )
     thread.start()
     return thread, outcomes
-
-
-def _wait_until_preprocessed(
-    server: TritonServer, before: float, count: int, timeout: float = 60, poll: float = 0.05
-) -> None:
-    """Until ``preprocess`` has answered ``count`` more requests: they are then queued for or inside ``ofa``."""
-    deadline = time.monotonic() + timeout
-    while _metric(server, "nv_inference_request_success", "preprocess") < before + count:
-        assert time.monotonic() < deadline, "the load never reached ofa"
-        time.sleep(poll)
 
 
 def _shm_region(pid: int) -> Path | None:
@@ -89,12 +73,12 @@ def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(
     server = queue_server.get()
     stubs = stub_pids(server)
     assert probe_server(server.http_url).ok
-    backend_failures = _metric(server, "nv_inference_request_failure", "ofa", "BACKEND")
-    preprocessed = _metric(server, "nv_inference_request_success", "preprocess")
+    backend_failures = model_metric(server, "nv_inference_request_failure", "ofa", reason="BACKEND")
+    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess")
 
     region = _shm_region(stubs["ofa"])  # the stub's shared-memory pool in /dev/shm
     thread, outcomes = _load_in_background(server, IN_FLIGHT)
-    _wait_until_preprocessed(server, preprocessed, IN_FLIGHT)
+    wait_until_preprocessed(server, preprocessed, IN_FLIGHT)
     time.sleep(0.3)  # inside ofa's execute() (a batch of 4 takes seconds on a CPU)
     os.kill(stubs["ofa"], signal.SIGKILL)
     killed_at = time.monotonic()
@@ -130,7 +114,9 @@ def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(
     # preprocess still answers; the failures are counted; the liveness check sees the dead stub
     (bad,) = fire(server.grpc_address, [caption_inputs(grpcclient, [b"not an image"], **FAST)])
     assert bad.status == "StatusCode.INVALID_ARGUMENT"
-    assert _metric(server, "nv_inference_request_failure", "ofa", "BACKEND") >= backend_failures + 2
+    assert (
+        model_metric(server, "nv_inference_request_failure", "ofa", reason="BACKEND") >= backend_failures + 2
+    )
     probe = probe_server(server.http_url)
     assert not probe.ok and [c.model for c in probe.checks if not c.ok] == ["ofa"], probe.lines()
 
@@ -147,10 +133,10 @@ def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(
 
 def test_sigterm_during_load_completes_in_flight_requests_then_exits(queue_server):
     server = queue_server.get()
-    preprocessed = _metric(server, "nv_inference_request_success", "preprocess")
+    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess")
     submitted_at = time.monotonic()
     thread, outcomes = _load_in_background(server, IN_FLIGHT)
-    _wait_until_preprocessed(server, preprocessed, IN_FLIGHT, poll=0.01)
+    wait_until_preprocessed(server, preprocessed, IN_FLIGHT, poll=0.01)
     server.terminate()  # SIGTERM, as docker stop / Kubernetes / Ctrl-C of make serve send it
     terminated_at = time.monotonic()
     time.sleep(0.5)

@@ -23,7 +23,16 @@ from client import Caption, CaptionClient
 from load_tests.reliabilitylib import caption_inputs, fire
 from ofa_serving.launcher import default_model_repository
 
-from .conftest import FAST, SMALL_QUEUES, fresh_seed, models_ready, png, stub_pids
+from .conftest import (
+    FAST,
+    SMALL_QUEUES,
+    fresh_seed,
+    model_metric,
+    models_ready,
+    png,
+    stub_pids,
+    wait_until_preprocessed,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 UNAVAILABLE = "StatusCode.UNAVAILABLE"
@@ -153,12 +162,9 @@ def burst(queue_server):
     slowly = threading.Thread(
         target=lambda: slow_result.extend(fire(server.grpc_address, [slow], timeout_s=300))
     )
-    preprocessed = _success(server, "preprocess")
+    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess")
     slowly.start()
-    deadline = time.monotonic() + 120
-    while _success(server, "preprocess") < preprocessed + 1:  # the slow batch reached ofa
-        assert time.monotonic() < deadline, "the slow batch never reached ofa"
-        time.sleep(0.02)
+    wait_until_preprocessed(server, preprocessed, 1, timeout=120, poll=0.02)  # the slow batch reached ofa
     for module, _original, wrapped in patches:
         module.InferenceServerClient.infer = wrapped
     try:
@@ -219,7 +225,7 @@ def test_a_request_past_its_queue_timeout_is_refused_unexecuted(queue_server):
     expired" once it ends, after at least their timeout and before the slow requests' captions."""
     server = queue_server.get()
     seed = fresh_seed()
-    preprocessed = _success(server, "preprocess")
+    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess")
     slow: list = []
     firing = threading.Thread(
         target=lambda: slow.extend(
@@ -234,10 +240,7 @@ def test_a_request_past_its_queue_timeout_is_refused_unexecuted(queue_server):
         )
     )
     firing.start()
-    deadline = time.monotonic() + 120
-    while _success(server, "preprocess") < preprocessed + 2:  # the slow pair reached ofa
-        assert time.monotonic() < deadline, "the slow requests never reached ofa"
-        time.sleep(0.02)
+    wait_until_preprocessed(server, preprocessed, 2, timeout=120, poll=0.02)  # the slow pair reached ofa
     timed = fire(
         server.grpc_address,
         [caption_inputs(grpcclient, [png(46, 35, seed + 10 + i)], **FAST) for i in range(3)],
@@ -248,13 +251,6 @@ def test_a_request_past_its_queue_timeout_is_refused_unexecuted(queue_server):
     assert [o.status for o in slow] == ["OK", "OK"]
     assert timed and all(o.status == UNAVAILABLE and QUEUE_TIMEOUT in o.message for o in timed), timed
     assert all(o.latency_s >= 0.3 for o in timed)
-
-
-def _success(server, model: str) -> float:
-    for line in server.metrics().splitlines():
-        if line.startswith("nv_inference_request_success{") and f'model="{model}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 @pytest.mark.integration
