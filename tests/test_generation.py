@@ -213,6 +213,8 @@ def test_row_topk_equals_torch_topk(width, k):
         assert len(set(columns[row].tolist())) == k
     assert torch.isnan(values[6, 0])
     assert columns[5, 0].item() == width - 1
+    strided = scores.t().contiguous().t()  # the same rows, not contiguous in memory
+    torch.testing.assert_close(row_topk(strided, k)[0], values, equal_nan=True, rtol=0, atol=0)
 
 
 def test_beam_search_settings_validation():

@@ -106,7 +106,7 @@ def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     n_blocks = width // TOPK_BLOCK
     if n_blocks < 4 * k:
         return torch.topk(scores, k, dim=-1)
-    body = scores[:, : n_blocks * TOPK_BLOCK].view(rows, n_blocks, TOPK_BLOCK)
+    body = scores[:, : n_blocks * TOPK_BLOCK].reshape(rows, n_blocks, TOPK_BLOCK)
     best = torch.topk(body.amax(dim=-1), k, dim=-1).indices  # [R, k] blocks
     cand = torch.gather(body, 1, best.unsqueeze(-1).expand(-1, -1, TOPK_BLOCK)).view(rows, -1)
     columns = best.unsqueeze(-1) * TOPK_BLOCK + torch.arange(TOPK_BLOCK, device=scores.device)
