@@ -21,7 +21,6 @@ import contextlib
 import itertools
 import os
 import threading
-import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
