@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from load_tests.loadlib import settled_metrics
 from load_tests.reliabilitylib import stub_processes
 from ofa_serving.launcher import TritonServer, default_model_repository
 from ofa_serving.testing import metric_sum, parse_metrics, running, started
@@ -155,9 +156,17 @@ def png(width: int, height: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def model_metric(server: TritonServer, name: str, model: str, **labels: str) -> float:
-    """The server's metric ``name`` for ``model`` (and ``labels``, e.g. ``reason="CANCELED"``), summed; 0 if absent."""
-    return metric_sum(parse_metrics(server.metrics()), name, model=model, **labels) or 0.0
+def model_metric(server: TritonServer, name: str, model: str, settled: bool = False, **labels: str) -> float:
+    """The server's metric ``name`` for ``model`` (and ``labels``, e.g. ``reason="CANCELED"``), summed; 0 if absent.
+
+    With ``settled`` the scrape waits until the request counters stop moving (``loadlib.settled_metrics``): Triton
+    records a request's statistics just after sending its answer, so an exact count read right after the last
+    answer can miss it, or a baseline can miss a previous test's last request and count it later.
+    """
+    metrics = (
+        settled_metrics(server.host, server.metrics_port) if settled else parse_metrics(server.metrics())
+    )
+    return metric_sum(metrics, name, model=model, **labels) or 0.0
 
 
 def wait_until_preprocessed(

@@ -47,8 +47,10 @@ def test_requests_whose_clients_gave_up_are_not_computed(hardened_server):
     server = hardened_server
     log_start = len(server.log_file.read_bytes())
     seed = fresh_seed()
-    computed_before = model_metric(server, "nv_inference_request_success", "ofa")
-    cancelled_before = model_metric(server, "nv_inference_request_failure", "ofa", reason="CANCELED")
+    computed_before = model_metric(server, "nv_inference_request_success", "ofa", settled=True)
+    cancelled_before = model_metric(
+        server, "nv_inference_request_failure", "ofa", settled=True, reason="CANCELED"
+    )
     slow: list = []
     thread = threading.Thread(
         target=lambda: slow.extend(
@@ -89,7 +91,7 @@ def test_requests_whose_clients_gave_up_are_not_computed(hardened_server):
     deadline = time.monotonic() + 120
     while sum(skipped().values()) + refused_as_cancelled() < GIVING_UP and time.monotonic() < deadline:
         time.sleep(0.2)
-    computed = model_metric(server, "nv_inference_request_success", "ofa") - computed_before
+    computed = model_metric(server, "nv_inference_request_success", "ofa", settled=True) - computed_before
     print(
         f"\n{GIVING_UP} requests given up by their clients: {refused_as_cancelled():.0f} dropped by Triton's scheduler "
         f"(nv_inference_request_failure reason CANCELED), {skipped()} by the adapters; ofa computed {computed:.0f}"

@@ -73,8 +73,10 @@ def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(
     server = queue_server.get()
     stubs = stub_pids(server)
     assert probe_server(server.http_url).ok
-    backend_failures = model_metric(server, "nv_inference_request_failure", "ofa", reason="BACKEND")
-    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess")
+    backend_failures = model_metric(
+        server, "nv_inference_request_failure", "ofa", settled=True, reason="BACKEND"
+    )
+    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess", settled=True)
 
     region = _shm_region(stubs["ofa"])  # the stub's shared-memory pool in /dev/shm
     thread, outcomes = _load_in_background(server, IN_FLIGHT)
@@ -133,7 +135,7 @@ def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(
 
 def test_sigterm_during_load_completes_in_flight_requests_then_exits(queue_server):
     server = queue_server.get()
-    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess")
+    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess", settled=True)
     submitted_at = time.monotonic()
     thread, outcomes = _load_in_background(server, IN_FLIGHT)
     wait_until_preprocessed(server, preprocessed, IN_FLIGHT, poll=0.01)

@@ -162,7 +162,7 @@ def burst(queue_server):
     slowly = threading.Thread(
         target=lambda: slow_result.extend(fire(server.grpc_address, [slow], timeout_s=300))
     )
-    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess")
+    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess", settled=True)
     slowly.start()
     wait_until_preprocessed(server, preprocessed, 1, timeout=120, poll=0.02)  # the slow batch reached ofa
     for module, _original, wrapped in patches:
@@ -225,7 +225,7 @@ def test_a_request_past_its_queue_timeout_is_refused_unexecuted(queue_server):
     expired" once it ends, after at least their timeout and before the slow requests' captions."""
     server = queue_server.get()
     seed = fresh_seed()
-    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess")
+    preprocessed = model_metric(server, "nv_inference_request_success", "preprocess", settled=True)
     slow: list = []
     firing = threading.Thread(
         target=lambda: slow.extend(
