@@ -84,3 +84,26 @@ def test_moving_or_reloading_the_model_drops_the_derived_weights(demo_checkpoint
     assert model.decoder.projection is not None
     model.load_state_dict(model.state_dict())
     assert model.decoder.projection is None and model.encoder.layers[0].ffn_linears is None
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_encoder_in_chunks_of_images_equals_the_whole_batch(model, chunk):
+    # Three images (a chunk of 2 leaves one over); image 1's prompt is right-padded and image 2 is masked out
+    # (patch_masks False), so each chunk must take its own rows of the padding mask.
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(3, 3, 96, 96, generator=gen)
+    ids = torch.tensor([[0, 10, 11, 12, 2], [0, 20, 21, 2, 1], [0, 30, 31, 32, 2]])
+    patch_masks = torch.tensor([True, True, False])
+    encoder = model.encoder
+    saved = encoder.cpu_chunk_size
+    try:
+        encoder.cpu_chunk_size = 0
+        whole = model.encode(ids, images, patch_masks)
+        encoder.cpu_chunk_size = chunk
+        chunked = model.encode(ids, images, patch_masks)
+    finally:
+        encoder.cpu_chunk_size = saved
+
+    assert whole.has_pads and chunked.has_pads
+    assert torch.equal(whole.padding_mask, chunked.padding_mask)
+    torch.testing.assert_close(chunked.last_hidden_state, whole.last_hidden_state, rtol=1e-5, atol=1e-5)
