@@ -85,6 +85,22 @@ def test_ensure_demo_checkpoint_is_idempotent(demo_checkpoint: Path):
     assert not is_complete(demo_checkpoint, seed=1)
 
 
+def test_a_truncated_demo_file_makes_the_checkpoint_incomplete(demo_checkpoint: Path, tmp_path: Path):
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_checkpoint, copy)
+    assert is_complete(copy)
+    weights = copy / "pytorch_model.bin"
+    data = weights.read_bytes()
+
+    weights.write_bytes(data[: len(data) // 2])  # e.g. a full disk, or a copy cut short
+    assert not is_complete(copy)
+
+    weights.write_bytes(data)
+    assert is_complete(copy)
+    (copy / "vocab.json").unlink()
+    assert not is_complete(copy)
+
+
 @pytest.mark.reference
 def test_modelscope_loads_demo_checkpoint_unchanged(demo_checkpoint: Path, state):
     """The layout proof: ModelScope's own OFAModel/OFATokenizer.from_pretrained read the directory as is."""

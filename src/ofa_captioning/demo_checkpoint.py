@@ -259,7 +259,7 @@ def build_demo_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         train_demo_bpe(tmp_dir, vocab_size=config.vocab_size - 8192 - 1000, seed=seed)
         for name in FILES:
             os.replace(tmp_dir / name, out / name)
-    (out / STAMP).write_text(json.dumps({"seed": seed, "format": FORMAT_VERSION}) + "\n", encoding="utf-8")
+    _write_stamp(out, seed, "en")
     return out
 
 
@@ -297,7 +297,7 @@ def build_demo_checkpoint_zh(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         assert vocab_path.name in FILES_ZH
         for name in FILES_ZH:
             os.replace(tmp_dir / name, out / name)
-    (out / STAMP).write_text(json.dumps(_stamp(seed, "zh")) + "\n", encoding="utf-8")
+    _write_stamp(out, seed, "zh")
     return out
 
 
@@ -307,21 +307,39 @@ def _stamp(seed: int, language: str) -> dict:
     return {"seed": seed, "format": FORMAT_VERSION_ZH, "language": language}
 
 
+def _file_sizes(out: Path, language: str) -> dict[str, int]:
+    return {name: (out / name).stat().st_size for name in (FILES if language == "en" else FILES_ZH)}
+
+
+def _write_stamp(out: Path, seed: int, language: str) -> None:
+    # The files' sizes go into the stamp, so that a file truncated or emptied later is noticed and rebuilt.
+    stamp = {**_stamp(seed, language), "sizes": _file_sizes(out, language)}
+    (out / STAMP).write_text(json.dumps(stamp) + "\n", encoding="utf-8")
+
+
 def _check_demo_language(language: str) -> None:
     if language not in ("en", "zh"):
         raise ValueError(f"demo checkpoints exist for languages en and zh, not {language!r}")
 
 
 def is_complete(out_dir: str | os.PathLike, seed: int = 0, language: str = "en") -> bool:
-    """Whether ``out_dir`` holds a complete demo checkpoint of ``language`` built with ``seed`` by this format."""
+    """Whether ``out_dir`` holds a complete demo checkpoint of ``language`` built with ``seed`` by this format,
+    every file of the size it was written with."""
     _check_demo_language(language)
     out = Path(out_dir)
     try:
         stamp = json.loads((out / STAMP).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    files = FILES if language == "en" else FILES_ZH
-    return stamp == _stamp(seed, language) and all((out / f).is_file() for f in files)
+    if not isinstance(stamp, dict):
+        return False
+    sizes = stamp.pop("sizes", None)
+    if stamp != _stamp(seed, language):
+        return False
+    try:
+        return sizes == _file_sizes(out, language)
+    except OSError:  # a file is missing
+        return False
 
 
 @contextlib.contextmanager
