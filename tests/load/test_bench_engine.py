@@ -87,3 +87,75 @@ def test_beam_profile_tells_the_output_projection_from_the_layers(demo_checkpoin
     assert rows["output projection"]["calls_per_step"] == pytest.approx(1.0)
     assert 6 * layers <= rows["linear layers"]["calls_per_step"] < 6 * layers + 3
     assert rows["output projection"]["ms_per_step"] > 0
+
+
+class _FakeSide:
+    """A reference (``caption``) or engine (``generate``) that logs its calls and captions row i as "cap i"."""
+
+    def __init__(self, log: list, name: str, wrong_row: int | None = None):
+        self.log, self.name, self.wrong_row = log, name, wrong_row
+
+    def _captions(self, pixels):
+        self.log.append((self.name, pixels.shape[0]))
+        rows = pixels[:, 0, 0, 0].long().tolist()
+        return [(f"cap {i}" if i != self.wrong_row else "other", float(i)) for i in rows]
+
+    def caption(self, pixels):
+        return self._captions(pixels)
+
+    def generate(self, pixels):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(text=t, score=s) for t, s in self._captions(pixels)]
+
+
+def test_timed_rows_alternate_the_sides_chunk_by_chunk_and_count_identical_captions():
+    log: list = []
+    pixels = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 2, 2)
+    engines = {"float32": _FakeSide(log, "f32"), "bfloat16": _FakeSide(log, "bf16", wrong_row=3)}
+
+    rows = bench_engine.timed_rows(_FakeSide(log, "ref"), engines, pixels, [1, 4])
+
+    assert log[:3] == [("ref", 1), ("f32", 1), ("bf16", 1)]
+    assert log[15:] == [("ref", 4), ("f32", 4), ("bf16", 4), ("ref", 1), ("f32", 1), ("bf16", 1)]
+    by_key = {(r["dtype"], r["batch_size"]): r for r in rows}
+    assert set(by_key) == {("float32", 1), ("bfloat16", 1), ("float32", 4), ("bfloat16", 4)}
+    assert by_key["float32", 4]["identical_captions"] == 5 and by_key["float32", 4]["parity"]
+    assert by_key["bfloat16", 4]["identical_captions"] == 4 and not by_key["bfloat16", 4]["parity"]
+    assert by_key["float32", 4]["calls"] == 2
+
+
+def test_the_kept_memory_pass_gets_its_own_table():
+    def row(speedup):
+        return {
+            **_row("float32", 8, 2.0 * speedup / 10, 0.2),
+            "reference_images_per_s": 1.0,
+            "engine_images_per_s": speedup,
+            "speedup": speedup,
+            "identical_captions": 1,
+            "max_score_diff": 0.0,
+            "load_average": 1.0,
+        }
+
+    res = {
+        "images": ["a"],
+        "settings": {"beam_size": 5, "max_length": 16},
+        "torch": torch.__version__,
+        "threads": 2,
+        "cpus": 2,
+        "load_average_before": [0.1, 0.1, 0.1],
+        "load_average_after": [0.1, 0.1, 0.1],
+        "rows": [row(10.5)],
+        "kept_memory_rows": [row(5.5)],
+        "profile": [],
+        "floors": [],
+        "bfloat16_agreement": None,
+        "gpu": [],
+        "checks": {},
+    }
+
+    text = bench_engine.markdown(res)
+
+    first, kept = text.split("freed memory kept for reuse")
+    assert "**10.50x**" in first and "**5.50x**" not in first
+    assert "**5.50x**" in kept
