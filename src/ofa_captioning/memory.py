@@ -1,12 +1,14 @@
-"""The C allocator's handling of freed memory, a process-wide setting that matters for CPU inference.
+"""The C allocator's handling of freed memory: a process-wide setting that decides how fair a CPU timing is.
 
-With glibc's defaults a large buffer (above a threshold of 128 KiB that rises with use, up to 32 MiB) is mapped
-fresh from the kernel and unmapped when freed, and free memory at the top of the heap is handed back to the kernel
-once it exceeds twice that threshold. A decoder step or a convolution that allocates the same large tensors every
-time then faults every page back in, zeroed by the kernel each time. Measured on the development machine
-(docs/load-testing.md): ModelScope's reference took about 800,000 minor page faults per image at batch 8 (some
-3 GB of fresh pages), and the engine about 12,000 per image at batch 8; with freed memory kept for reuse, 30,000
-and 3,600.
+With glibc's defaults a buffer above a threshold (128 KiB at start, rising with use to at most 32 MiB) is mapped
+fresh from the kernel and unmapped when freed, and free memory at the top of the heap goes back to the kernel.
+Code that allocates tensors above 32 MiB every step therefore faults all their pages in again, zeroed by the
+kernel, every step. Measured on the development machine (docs/load-testing.md), each in a process of its own:
+ModelScope's reference at batch 8 took 640,000-680,000 minor page faults and 2.4 s per image, and 3,400-33,000
+faults and 1.3-1.7 s with freed memory kept; at batch 1 it faults next to nothing either way. This engine's
+tensors stay below 32 MiB at the served batch sizes (the CPU profile's 16 images): no page faults after warm-up
+with the defaults, and no difference beyond noise with the setting, which is why the served model leaves the
+allocator alone. ``load_tests/bench_engine.py`` uses it for its second timing pass.
 """
 
 from __future__ import annotations

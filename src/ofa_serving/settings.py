@@ -249,12 +249,6 @@ class OFASettings:
         minimum=0,
         help="engine batches failing in a row before the model unloads itself to be reloaded; 0 = never",
     )
-    keep_freed_memory: bool = setting(
-        True,
-        env="OFA_KEEP_FREED_MEMORY",
-        param="keep_freed_memory",
-        help="glibc malloc keeps freed memory for reuse instead of faulting large buffers in afresh every step",
-    )
     warmup_batch_sizes: str = setting(
         "",
         env="OFA_WARMUP_BATCH_SIZES",

@@ -16,7 +16,6 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ofa_captioning.captioner import Captioner
-from ofa_captioning.memory import keep_freed_memory
 from ofa_serving.adapter import (
     EngineHealth,
     RequestCancelled,
@@ -43,7 +42,6 @@ class TritonPythonModel:
         settings = load_settings(OFASettings, config)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        kept = settings.keep_freed_memory and keep_freed_memory()
         device = instance_device(args, settings.device, torch.cuda.is_available())
         if device.startswith("cuda:"):  # a KIND_GPU instance: stray allocations go to its own GPU too
             torch.cuda.set_device(device)
@@ -63,8 +61,7 @@ class TritonPythonModel:
             self.captioner.warmup(batch_sizes=sizes)
         pb_utils.Logger.log_info(
             f"{self.model_name}: {settings.model_dir} on {device} ({dtype}), {torch.get_num_threads()} torch "
-            f"threads, warm-up {f'done at batch {sizes}' if settings.warmup else 'off'}, freed memory "
-            f"{'kept for reuse' if kept else 'returned to the system'}"
+            f"threads, warm-up {f'done at batch {sizes}' if settings.warmup else 'off'}"
         )
 
     def execute(self, requests):
