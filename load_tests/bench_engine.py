@@ -25,7 +25,7 @@ On a CUDA host the engine is also timed on the GPU (``--gpu-dtype``).
 
 Last, both sides are timed again with freed memory kept for reuse (``ofa_captioning.memory``;
 ``--no-kept-memory-pass`` skips it). With glibc's defaults the reference maps its per-step tensors above 32 MiB
-afresh and faults their pages in again every step, about 40 % of its time at batch 8; the engine's stay below
+afresh and faults their pages in again every step, 30-50 % of its time at batch 8; the engine's stay below
 that. This pass's ratios are printed and not gated: the targets are defined against the reference as it runs by
 default.
 """
