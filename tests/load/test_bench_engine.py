@@ -17,6 +17,26 @@ def _row(dtype: str, batch: int, reference_s: float, engine_s: float) -> dict:
     }
 
 
+def _report(**fields) -> dict:
+    """bench_engine's result dict for one image, nothing measured unless ``fields`` says so."""
+    return {
+        "images": ["a"],
+        "settings": {"beam_size": 5, "max_length": 16},
+        "torch": torch.__version__,
+        "threads": 2,
+        "cpus": 2,
+        "load_average_before": [0.1, 0.1, 0.1],
+        "load_average_after": [0.1, 0.1, 0.1],
+        "rows": [],
+        "profile": [],
+        "floors": [],
+        "bfloat16_agreement": None,
+        "gpu": [],
+        "checks": {},
+        **fields,
+    }
+
+
 def test_floor_is_the_arithmetic_at_the_peak_and_each_target_gets_its_share_of_it():
     gmac = {"resnet_gmac": 15.0, "encoder_layers_gmac": 5.0, "beam_search_gmac": 2.0}
     rows = [_row("float32", 1, 2.0, 0.4), _row("float32", 8, 2.2, 0.3), _row("float32", 4, 2.0, 0.3)]
@@ -41,23 +61,11 @@ def test_a_row_without_a_measured_peak_gets_no_floor():
 def test_the_report_says_when_a_target_needs_more_than_the_peak():
     gmac = {"resnet_gmac": 15.0, "encoder_layers_gmac": 5.0, "beam_search_gmac": 2.0}
     rows = [_row("float32", 1, 2.0, 0.4), _row("float32", 8, 2.0, 0.3)]
-    res = {
-        "images": ["a"],
-        "settings": {"beam_size": 5, "max_length": 16},
-        "torch": torch.__version__,
-        "threads": 2,
-        "cpus": 2,
-        "load_average_before": [0.1, 0.1, 0.1],
-        "load_average_after": [0.1, 0.1, 0.1],
-        "rows": [],
-        "profile": [],
-        "arithmetic": gmac,
-        "peak_gmac_per_s": {"float32": 100.0},
-        "floors": bench_engine.floors(rows, gmac, {"float32": 100.0}),
-        "bfloat16_agreement": None,
-        "gpu": [],
-        "checks": {},
-    }
+    res = _report(
+        arithmetic=gmac,
+        peak_gmac_per_s={"float32": 100.0},
+        floors=bench_engine.floors(rows, gmac, {"float32": 100.0}),
+    )
 
     text = bench_engine.markdown(res)
 
@@ -137,22 +145,7 @@ def test_the_kept_memory_pass_gets_its_own_table():
             "load_average": 1.0,
         }
 
-    res = {
-        "images": ["a"],
-        "settings": {"beam_size": 5, "max_length": 16},
-        "torch": torch.__version__,
-        "threads": 2,
-        "cpus": 2,
-        "load_average_before": [0.1, 0.1, 0.1],
-        "load_average_after": [0.1, 0.1, 0.1],
-        "rows": [row(10.5)],
-        "kept_memory_rows": [row(5.5)],
-        "profile": [],
-        "floors": [],
-        "bfloat16_agreement": None,
-        "gpu": [],
-        "checks": {},
-    }
+    res = _report(rows=[row(10.5)], kept_memory_rows=[row(5.5)])
 
     text = bench_engine.markdown(res)
 
