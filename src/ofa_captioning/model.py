@@ -146,6 +146,17 @@ def _onednn_runs(t: Tensor) -> bool:
     )
 
 
+def _in_cpu_chunks(fn, chunk: int, x: Tensor, *per_image: Tensor | None) -> Tensor:
+    """``fn(x, *per_image)`` over ``chunk`` images at a time where ``x`` is on a CPU and has more images than that
+    (their activations then stay in cache), concatenated; else over the whole batch. ``per_image`` tensors
+    (dim 0 = images) are split alongside ``x``; None stays None. ``chunk`` 0: always the whole batch."""
+    if x.device.type != "cpu" or not chunk or x.shape[0] <= chunk:
+        return fn(x, *per_image)
+    parts = x.split(chunk)
+    others = [[None] * len(parts) if t is None else t.split(chunk) for t in per_image]
+    return torch.cat([fn(*args) for args in zip(parts, *others, strict=True)])
+
+
 def _use_onednn_fusion(x: Tensor) -> bool:
     return (
         _onednn_runs(x) and not torch.is_grad_enabled() and x.is_contiguous(memory_format=torch.channels_last)
@@ -242,10 +253,10 @@ class ResNet(nn.Module):
                 block._fused = None
 
     def forward(self, x: Tensor) -> Tensor:
-        chunk = self.cpu_chunk_size
-        if x.device.type == "cpu" and chunk and x.shape[0] > chunk:
-            # One image at a time keeps its activations in cache: measured faster per image than 2, 4 or 8.
-            return torch.cat([self(part) for part in x.split(chunk)])
+        # One image at a time on a CPU: measured faster per image than 2, 4 or 8.
+        return _in_cpu_chunks(self._forward, self.cpu_chunk_size, x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if self._fused_stem is not None:
             x = x.contiguous(memory_format=torch.channels_last)
             if _use_onednn_fusion(x):
@@ -606,15 +617,9 @@ class OFAEncoder(nn.Module):
             mask = torch.zeros(padding_mask.shape, dtype=dtype, device=x.device)
             mask.masked_fill_(padding_mask, torch.finfo(dtype).min)
             mask = mask[:, None, None, :]
-        chunk = self.cpu_chunk_size
-        if x.device.type == "cpu" and chunk and bsz > chunk:
-            # Two images at a time keep a layer's activations (the feed-forward block's [N,4D] above all) in
-            # cache: 61 vs 74 ms per image at batch 8 in float32 (docs/load-testing.md).
-            parts = x.split(chunk)
-            masks = [None] * len(parts) if mask is None else mask.split(chunk)
-            x = torch.cat([self._layers(part, biases, m) for part, m in zip(parts, masks, strict=True)])
-        else:
-            x = self._layers(x, biases, mask)
+        # Two images at a time on a CPU (the feed-forward block's [N,4D] stays in cache): 61 vs 74 ms per image
+        # at batch 8 in float32 (docs/load-testing.md).
+        x = _in_cpu_chunks(lambda part, m: self._layers(part, biases, m), self.cpu_chunk_size, x, mask)
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         pos = self.position_embedding(h, w, text_len, x.device, dtype).unsqueeze(0)
