@@ -189,4 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from load_tests import loadlib
+
+    sys.exit(
+        loadlib.run_tool(main, *loadlib.REFERENCE_PACKAGES, *loadlib.METRICS_PACKAGES, *loadlib.PLOT_PACKAGES)
+    )

@@ -235,4 +235,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from load_tests import loadlib
+
+    sys.exit(loadlib.run_tool(main, *loadlib.METRICS_PACKAGES))

@@ -11,18 +11,21 @@ is imported, and it imports this module.
   with ``ofa_serving``'s launcher and stop it afterwards);
 * Triton's Prometheus metrics (``prometheus_client``'s parser): :func:`scrape_metrics`, :func:`model_metrics_delta`;
 * the command line the benchmark, the soak and the burst share: :func:`add_server_arguments`,
-  :func:`assign_free_ports`, :func:`server_from_args`.
+  :func:`assign_free_ports`, :func:`server_from_args`; :func:`run_tool`, every tool's entry point, which says in
+  one line which make target installs a missing package.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import itertools
 import os
+import sys
 import threading
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,13 @@ from ofa_serving import probe
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE_DIR = REPO_ROOT / "samples"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: The packages of the dev set (requirements/dev.txt, ``make setup-dev``) each kind of load tool imports.
+REFERENCE_PACKAGES = ("modelscope", "fairseq", "transformers")
+METRICS_PACKAGES = ("prometheus_client",)
+PLOT_PACKAGES = ("matplotlib",)
+# This project's own packages: a ModuleNotFoundError naming one of them is a bug, not a missing install.
+_OWN_PACKAGES = {"ofa_captioning", "ofa_serving", "ofa_eval", "ofa_testkit", "client", "load_tests"}
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -405,3 +415,26 @@ def model_metrics_delta(
         round(delta["nv_inference_request_duration_us"] / requests / 1000.0, 2) if requests else None
     )
     return out
+
+
+def _missing_package_line(tool: str, package: str) -> str:
+    return f"{tool}: needs the package {package!r}, which `make setup-dev` installs (requirements/dev.txt)"
+
+
+def run_tool(main: Callable[[], int], *needs: str) -> int:
+    """A load tool's ``__main__`` entry point: ``main()``'s exit status, or 2 with one line on stderr naming the
+    make target that installs a missing package (the ``needs`` are checked before anything runs; a package
+    imported later and missing is reported the same way)."""
+    tool = Path(sys.argv[0]).name or "load tool"
+    for package in needs:
+        if importlib.util.find_spec(package) is None:
+            print(_missing_package_line(tool, package), file=sys.stderr)
+            return 2
+    try:
+        return main()
+    except ModuleNotFoundError as exc:
+        package = (exc.name or "").split(".")[0]
+        if not package or package in _OWN_PACKAGES:
+            raise
+        print(_missing_package_line(tool, package), file=sys.stderr)
+        return 2

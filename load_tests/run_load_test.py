@@ -496,4 +496,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from load_tests import loadlib
+
+    sys.exit(loadlib.run_tool(main, "locust", *loadlib.METRICS_PACKAGES, *loadlib.PLOT_PACKAGES))

@@ -8,6 +8,10 @@
   aspect ratios and EXIF orientations (see ``ofa_testkit.images``).
 * ``reference``: ModelScope's OFA (``ofa_testkit.reference``) on the demo checkpoint. ``make test`` always
   installs it, so a failing import is an error of every test that uses it, never a skip.
+
+``make test-kernels`` runs the tests marked ``kernel_parity`` once more with the CPU math libraries held to
+another kernel path (``OFA_KERNEL_PATH`` names it); :func:`pytest_configure` refuses to run that tier unless torch
+really took the instruction set and thread count asked for, so it can never pass on the default path unnoticed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,38 @@ import pytest
 from ofa_testkit.images import image_corpus as _build_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _kernel_path() -> str | None:
+    """What torch runs on, where ``OFA_KERNEL_PATH`` asks for a kernel path; None otherwise."""
+    if not os.environ.get("OFA_KERNEL_PATH"):
+        return None
+    import torch
+
+    return f"ATen {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not os.environ.get("OFA_KERNEL_PATH"):
+        return
+    import torch
+
+    want_isa = os.environ.get("ATEN_CPU_CAPABILITY")
+    got_isa = torch.backends.cpu.get_cpu_capability()
+    if want_isa and got_isa.lower() != want_isa.lower():
+        raise pytest.UsageError(
+            f"OFA_KERNEL_PATH: ATEN_CPU_CAPABILITY={want_isa} asked, torch runs {got_isa}"
+        )
+    want_threads = os.environ.get("OMP_NUM_THREADS")
+    if want_threads and torch.get_num_threads() != int(want_threads):
+        raise pytest.UsageError(
+            f"OFA_KERNEL_PATH: OMP_NUM_THREADS={want_threads} asked, torch runs {torch.get_num_threads()} threads"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    path = _kernel_path()
+    return f"kernel path {os.environ['OFA_KERNEL_PATH']}: {path}" if path else None
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ofa_captioning.captioner import Caption, Captioner
 from ofa_testkit.images import encode, synthetic_rgb
+from ofa_testkit.parity import assert_same_results
 from ofa_testkit.reference import TIE_MARGIN, RefHypothesis, assert_tie_aware_parity, engine_results
 
 pytestmark = pytest.mark.reference
@@ -67,6 +68,7 @@ def ref_batch1(reference, corpus_bytes) -> list[list[RefHypothesis]]:
     return [reference.results(reference.pixels([data]))[0] for data in corpus_bytes]
 
 
+@pytest.mark.kernel_parity
 def test_batch1_parity(engine, reference, corpus, corpus_bytes, ref_batch1):
     assert len(corpus_bytes) >= 13
     got = [engine_results(engine, engine.preprocess([data]))[0] for data in corpus_bytes]
@@ -77,6 +79,7 @@ def test_batch1_parity(engine, reference, corpus, corpus_bytes, ref_batch1):
     assert len({round(r[0].score, 4) for r in ref_batch1}) >= len(ref_batch1) // 2
 
 
+@pytest.mark.kernel_parity
 def test_mixed_batch_parity(engine, reference, corpus, corpus_bytes, ref_batch1):
     picks = [corpus_bytes[i] for i in MIXED_BATCH]
     names = [corpus[i][0] for i in MIXED_BATCH]
@@ -84,9 +87,10 @@ def test_mixed_batch_parity(engine, reference, corpus, corpus_bytes, ref_batch1)
     want = reference.results(pixels)
     got = engine_results(engine, engine.preprocess(picks))
     assert not assert_tie_aware_parity(reference, pixels, got, want, names=names)
-    # Batching changes nothing: the same as each image alone.
-    assert want == [ref_batch1[i] for i in MIXED_BATCH]
-    # caption() (bytes in) returns the best hypothesis' text and score.
+    # Batching changes nothing but float rounding: the same tokens and texts as each image alone, scores within
+    # the parity tolerance (another batch size may pick other kernels, so its last bits may move).
+    assert_same_results(want, [ref_batch1[i] for i in MIXED_BATCH], names=names)
+    # caption() (bytes in) is the very same computation as got's: the best hypothesis' text and score, bit for bit.
     assert engine.caption(picks) == [Caption(g[0].text, g[0].score) for g in got]
 
 
@@ -119,9 +123,10 @@ def test_near_tie_image_is_a_near_tie(engine, corpus_bytes):
 
 
 def test_engine_pixels_equal_reference_pixels(engine, reference, corpus_bytes):
-    """The engine's own preprocessing feeds the same pixels the reference computes (end-to-end sanity)."""
+    """The engine's own preprocessing feeds the pixels the reference computes (end-to-end sanity; two different
+    computations, so within test_preprocess's tolerance rather than bit for bit)."""
     picks = [corpus_bytes[i] for i in MIXED_BATCH]
-    assert torch.equal(engine.preprocess(picks), reference.pixels(picks))
+    torch.testing.assert_close(engine.preprocess(picks), reference.pixels(picks), rtol=0, atol=1e-5)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ generator, its post-processing with the detokenizer regex) and ``OfaImageCaption
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 from pathlib import Path
@@ -18,8 +17,8 @@ import torch
 from ofa_captioning.captioner import Captioner
 from ofa_captioning.demo_checkpoint import FILES_ZH, build_demo_checkpoint_zh
 from ofa_captioning.tokenizer import NUM_BINS, NUM_CODES, OFATokenizerZH, postprocess_caption
+from ofa_testkit.parity import assert_same_results
 
-ATOL = 1e-4
 # Two images of different formats and shapes; both are clear of beam-search near-ties on this checkpoint.
 PARITY_IMAGES = (2, 9)  # panorama_1200x200.jpg, exif_orient8.jpg
 CJK = re.compile("[\u4e00-\u9fff]")
@@ -114,12 +113,7 @@ def test_caption_parity_zh(engine: Captioner, reference_zh, image_corpus) -> Non
     picks = [image_corpus[i][1] for i in PARITY_IMAGES]
     ref = reference_zh.caption_images(picks)
     got = engine.caption(picks)
-    mismatches = [
-        (image_corpus[i][0], r, (c.text, c.score))
-        for i, r, c in zip(PARITY_IMAGES, ref, got, strict=True)
-        if r[0] != c.text or not math.isclose(r[1], c.score, rel_tol=0, abs_tol=ATOL)
-    ]
-    assert not mismatches, mismatches
+    assert_same_results(got, ref, names=[image_corpus[i][0] for i in PARITY_IMAGES])
     for text, _ in ref:
         # Chinese captions, and the decoder's spaces between characters are gone (the detokenizer ran).
         assert len(CJK.findall(text)) >= 3, text
@@ -136,9 +130,9 @@ def test_all_hypotheses_match_zh(engine: Captioner, reference_zh, image_corpus) 
     got = engine.generate_hypotheses(pixels, 3, 6)
     assert len(ref) == len(got) == 1
     assert len(got[0]) == len(ref[0]) == 3
-    for r, h in zip(ref[0], got[0], strict=True):
-        assert list(h.tokens) == r["tokens"].tolist()
-        assert math.isclose(h.score, float(r["score"]), abs_tol=ATOL)
+    assert_same_results(
+        got[0], [{"tokens": r["tokens"].tolist(), "score": float(r["score"])} for r in ref[0]]
+    )
 
 
 def _detokenizer_strings(n: int, seed: int) -> list[str]:

@@ -15,6 +15,7 @@ dataset file, missing images, server unreachable or refusing an image, scoring f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -286,6 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in ("run", "score", "compare", "-h", "--help"):
         argv.insert(0, "run")
     args = _parser().parse_args(argv)
+    if args.command in ("run", "score") and importlib.util.find_spec("pycocoevalcap") is None:
+        # Say so before captioning anything: the metrics come last, after minutes of captioning.
+        print(
+            "error: scoring needs the package 'pycocoevalcap', which `make eval` installs (requirements/eval.txt)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     try:
         return {"run": _run, "score": _score, "compare": _compare}[args.command](args)
     except ERRORS as exc:

@@ -4,6 +4,8 @@ Modules:
     reference  ModelScope's OFA captioning run in-process (``Reference``), the stand-ins for the packages it
                imports but never calls (``install_stand_ins``) and the tie-aware parity helpers; needs the dev
                requirements (``make setup-dev``: requirements/dev.txt, ModelScope and fairseq)
+    parity     the one rule for comparing two computations' captions: same tokens and text, scores within
+               ``SCORE_ATOL`` (``assert_same_results``); bit-exact equality only for the same computation twice
     images     deterministic synthetic images (``image_corpus``, ``synthetic_rgb``, encoders);
                ``python -m ofa_testkit.images samples/`` regenerates the committed sample images
 """

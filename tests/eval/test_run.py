@@ -14,6 +14,7 @@ import pytest
 from ofa_eval import DatasetError, load_caption_set
 from ofa_eval.cli import main
 from ofa_eval.predict import EnginePredictor
+from ofa_testkit.parity import assert_same_results
 
 from .evalset import FAST, SAMPLES_DIR, SAMPLES_SET, run_eval
 
@@ -66,10 +67,7 @@ def test_engine_run_writes_every_caption(full_run, engine, demo_checkpoint):
     files = [p["file"] for p in results["predictions"]]
     assert files == ["gradient.png", "grayscale.png", "portrait.jpg", "rotated_exif6.jpg"]
     want = engine.caption([(SAMPLES_DIR / f).read_bytes() for f in files[:2]], beam_size=1, max_length=4)
-    assert [p["caption"] for p in results["predictions"][:2]] == [c.text for c in want]
-    assert [p["score"] for p in results["predictions"][:2]] == pytest.approx(
-        [c.score for c in want], abs=1e-5
-    )
+    assert_same_results(results["predictions"][:2], want)
     assert results["source"] == {
         "kind": "engine",
         "checkpoint": str(demo_checkpoint.resolve()),
@@ -128,9 +126,7 @@ def test_resume_after_interruption_gives_the_same_scores(
     def without_score(predictions: list[dict]) -> list[dict]:
         return [{k: v for k, v in p.items() if k != "score"} for p in predictions]
 
-    assert [p["score"] for p in resumed["predictions"]] == pytest.approx(
-        [p["score"] for p in full["predictions"]], abs=1e-5
-    )
+    assert_same_results(resumed["predictions"], full["predictions"])
     assert without_score(resumed["predictions"]) == without_score(full["predictions"])
     assert resumed["metrics"] == full["metrics"]
 
@@ -200,6 +196,25 @@ def test_unreachable_server_is_a_clear_error(tmp_path):
     want = f"error: cannot reach the server at grpc://127.0.0.1:{port} (is it running? `make serve`)\n"
     assert proc.stderr == want
     assert list(tmp_path.iterdir()) == []  # neither results nor a partial file
+
+
+def test_without_the_eval_packages_it_says_which_make_target_before_captioning(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "pycocoevalcap" else real_find_spec(name, *a),
+    )
+    code = main(["run", str(SAMPLES_SET), "--images", str(SAMPLES_DIR), "-o", str(tmp_path / "r.json")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "error: scoring needs the package 'pycocoevalcap', which `make eval` installs (requirements/eval.txt)\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # nothing captioned
 
 
 def test_karpathy_format_and_split(tmp_path):

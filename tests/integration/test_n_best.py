@@ -9,6 +9,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client import InvalidInputError
+from ofa_testkit.parity import assert_same_results
 
 from .conftest import distinct_images, metric
 
@@ -30,12 +31,10 @@ def test_n_best_equals_the_engine_in_process_and_caption_stays_the_best(
     served = client.caption_n_best(data, num_captions=3, **SMALL)
     local = local_n_best(captioner, data, 3)
     assert len(served) == len(local) == 3
-    for got, want in zip(served, local, strict=True):
-        assert got.text == want.text
-        assert got.score == pytest.approx(want.score, abs=1e-4)
+    assert_same_results(served, local)
     assert served[0].score >= served[1].score >= served[2].score
     best = client.caption(data, **SMALL)  # the same request's best, through the old outputs
-    assert best.text == served[0].text and best.score == pytest.approx(served[0].score, abs=1e-6)
+    assert_same_results(best, served[0])
 
 
 def test_without_num_captions_one_caption_the_checkpoints_default(grpc_client, captioner):

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from client import Caption, InvalidInputError
+from ofa_testkit.parity import SCORE_ATOL, assert_same_results
 
 from .conftest import decode_error, distinct_images, metric
 
@@ -17,12 +18,12 @@ pytestmark = pytest.mark.integration
 FAST = {"beam_size": 2, "max_length": 3}
 
 
-def assert_same(served: Caption, local, tolerance: float = 1e-4) -> None:
+def assert_same(served: Caption, local, tolerance: float = SCORE_ATOL) -> None:
     """Same caption; same score up to float noise (a batch's composition moves it by ~1e-6)."""
-    assert served.text == local.text
-    assert served.score == pytest.approx(local.score, abs=tolerance)
+    assert_same_results(served, local, atol=tolerance)
 
 
+@pytest.mark.kernel_parity
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_captions_equal_the_engine_in_process(protocol, grpc_client, http_client, captioner, image_corpus):
     client = grpc_client if protocol == "grpc" else http_client

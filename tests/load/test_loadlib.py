@@ -294,3 +294,29 @@ def test_running_starts_waits_and_always_stops():
     with pytest.raises(RuntimeError, match="not ready"), running(never_ready, ready_timeout=1):
         pass
     assert never_ready.calls == ["start", "wait 1", "stop 10"]  # stopped by its PID, not left behind
+
+
+def test_a_tool_without_its_packages_names_the_make_target_in_one_line(capsys, monkeypatch):
+    from load_tests.loadlib import run_tool
+
+    monkeypatch.setattr("sys.argv", ["bench_engine.py"])
+    ran = []
+    assert run_tool(lambda: ran.append(1) or 0, "json", "no_such_package_for_this_test") == 2
+    assert not ran  # checked before anything runs
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'no_such_package_for_this_test'" in err and "`make setup-dev`" in err
+
+    def imports_late() -> int:
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    assert run_tool(imports_late) == 2
+    assert (
+        "bench_engine.py: needs the package 'transformers', which `make setup-dev`" in capsys.readouterr().err
+    )
+
+    def broken_own_import() -> int:  # a bug in the project, not a missing install: the traceback stays
+        raise ModuleNotFoundError("No module named 'ofa_serving.nothing'", name="ofa_serving.nothing")
+
+    with pytest.raises(ModuleNotFoundError):
+        run_tool(broken_own_import)
+    assert run_tool(lambda: 0, "json") == 0
