@@ -4,11 +4,15 @@
     print(CaptionClient("127.0.0.1:8001").caption("cat.jpg").text)
 
 CLI: ``python -m client caption PATH... [--url] [--protocol] [--beam-size] [--max-length] [--num-captions]
-[--json]`` and
-``python -m client health``. See docs/serving.md.
+[--json] [--api-key] [--tls] [--ca-cert] [--client-cert --client-key] [--allow-private-urls]`` and
+``python -m client health``. The inference key defaults to ``$CAPTION_API_KEY`` (or the file
+``$CAPTION_API_KEY_FILE``). See docs/serving.md.
 """
 
 from .api import (
+    API_KEY_HEADER,
+    GRPC_API_KEY_HEADER,
+    AuthenticationError,
     Caption,
     CaptionClient,
     CaptionError,
@@ -16,11 +20,18 @@ from .api import (
     ImageSourceError,
     InvalidInputError,
     ServerUnavailableError,
+    api_key_headers,
     download_image,
+    is_url,
     load_image_bytes,
+    read_api_key,
+    with_api_key,
 )
 
 __all__ = [
+    "API_KEY_HEADER",
+    "GRPC_API_KEY_HEADER",
+    "AuthenticationError",
     "Caption",
     "CaptionClient",
     "CaptionError",
@@ -28,6 +39,10 @@ __all__ = [
     "ImageSourceError",
     "InvalidInputError",
     "ServerUnavailableError",
+    "api_key_headers",
     "download_image",
+    "is_url",
     "load_image_bytes",
+    "read_api_key",
+    "with_api_key",
 ]

@@ -11,18 +11,31 @@
 Errors keep the server's message and come as typed exceptions: :class:`InvalidInputError` (the server said
 INVALID_ARGUMENT: undecodable image, settings out of range), :class:`ServerUnavailableError` (nothing listens,
 the model is not ready; retried with backoff, as it is safe to), :class:`CaptionTimeoutError`,
-:class:`ImageSourceError` (the client could not read the file or download the URL), all :class:`CaptionError`.
+:class:`AuthenticationError` (no or a wrong API key; never retried), :class:`ImageSourceError` (the client could
+not read the file or download the URL), all :class:`CaptionError`.
+
+Security: the inference key (``api_key``, else ``$CAPTION_API_KEY``, else the file ``$CAPTION_API_KEY_FILE``)
+goes in a request header on every call (``ofa-api-key`` over HTTP, ``triton-grpc-protocol-ofa-api-key`` over
+gRPC) and never into a repr, a log line or an error message. ``tls=True`` (or an ``https://`` / ``grpcs://``
+URL) encrypts the connection; without it the key crosses the network in clear text. Image URLs are downloaded
+by the client (see :func:`download_image`): http(s) only, within a total deadline, and never from loopback,
+private, link-local or other non-public addresses unless ``allow_private_urls=True``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
+import ipaddress
+import os
 import random
+import re
+import socket
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +45,15 @@ from typing import Any
 
 import numpy as np
 
+try:  # tritonclient's request-header hook (an abc-only module, cheap to import)
+    from tritonclient._plugin import InferenceServerClientPlugin as _PluginBase
+except ImportError:  # pragma: no cover - tritonclient is a dependency; the plugin also works duck-typed
+    _PluginBase = object  # type: ignore[assignment,misc]
+
 __all__ = [
+    "API_KEY_HEADER",
+    "GRPC_API_KEY_HEADER",
+    "AuthenticationError",
     "Caption",
     "CaptionClient",
     "CaptionError",
@@ -40,13 +61,29 @@ __all__ = [
     "ImageSourceError",
     "InvalidInputError",
     "ServerUnavailableError",
-    "load_image_bytes",
+    "api_key_headers",
     "download_image",
+    "is_url",
+    "load_image_bytes",
+    "read_api_key",
+    "with_api_key",
 ]
 
 #: Largest image the client downloads from an http(s) URL.
 MAX_DOWNLOAD_BYTES = 20 * 1024 * 1024
+#: Seconds for a whole download (name lookup, connection, redirects, headers and body together).
+DOWNLOAD_TIMEOUT = 30.0
+#: Redirects followed per download; each one is checked like the first URL.
+MAX_REDIRECTS = 5
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+
+#: HTTP header that carries the inference key (the server's ``OFA_API_KEY``).
+API_KEY_HEADER = "ofa-api-key"
+#: The same key over gRPC: Triton's restricted protocols read metadata ``triton-grpc-protocol-<header>``.
+GRPC_API_KEY_HEADER = "triton-grpc-protocol-" + API_KEY_HEADER
+#: Environment variables the key comes from when the caller passes none (the value, or a file holding it).
+API_KEY_ENV = "CAPTION_API_KEY"
+API_KEY_FILE_ENV = "CAPTION_API_KEY_FILE"
 
 
 @dataclass(frozen=True)
@@ -59,6 +96,9 @@ class Caption:
 
 class CaptionError(Exception):
     """Base of the client's errors; ``str()`` is the message (the server's, where it sent one)."""
+
+    #: True when the key was cut out of the message (and the original exception is not chained).
+    redacted = False
 
     def __init__(self, message: str, status: str | None = None) -> None:
         super().__init__(message)
@@ -79,30 +119,273 @@ class CaptionTimeoutError(CaptionError):
 
 
 class ImageSourceError(CaptionError):
-    """The client could not read the image: missing file, failed download, unsupported object."""
+    """The client could not read the image: missing file, failed or refused download, unsupported object."""
 
 
-def download_image(url: str, *, timeout: float = 30.0, max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
-    """Bytes at an http(s) ``url`` (the client downloads; the server never fetches URLs)."""
-    if not url.lower().startswith(("http://", "https://")):
-        raise ImageSourceError(f"{url}: only http(s) URLs are downloaded")
-    request = urllib.request.Request(url, headers={"User-Agent": "ofa-caption-client/0.1"})
+class AuthenticationError(CaptionError):
+    """The server refused the request for want of a valid key (HTTP 401/403, gRPC UNAUTHENTICATED or
+    PERMISSION_DENIED, or Triton's "restricted" answer, which its gRPC server sends as UNAVAILABLE); never
+    retried. The message says whether a key was sent, never the key."""
+
+
+# -- image sources -----------------------------------------------------------------------------------------
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_READ_CHUNK = 64 * 1024
+
+
+def is_url(source: object) -> bool:
+    """Whether ``source`` is a URL rather than a local path: a ``str`` that starts with ``scheme://``.
+
+    No guessing beyond that: ``"http://h/x.jpg"`` and ``"file:///etc/passwd"`` are URLs (only http(s) ones are
+    downloaded, the others refused), ``"cat.jpg"`` and ``"/data/cat.jpg"`` are paths, and a :class:`pathlib.Path`
+    is always a path (pass one for a file whose name looks like a URL).
+    """
+    return isinstance(source, str) and bool(_SCHEME.match(source))
+
+
+class _TooLarge(Exception):
+    """The image is over the download limit."""
+
+
+class _Refused(Exception):
+    """The URL leads to an address the caller did not allow."""
+
+
+def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why a download may not connect to ``ip`` ("loopback", "private", ...), or None for a public address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour  # ::ffff:a.b.c.d and 2002:AABB:CCDD:: carry an IPv4 address
+        if embedded is not None:
+            return _refusal(embedded)
+        if ip.is_site_local:
+            return "site-local"
+    for label in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
+        if getattr(ip, f"is_{label}"):
+            return label.replace("_", "-")
+    if not ip.is_global:  # shared address space (100.64/10) and the other special-purpose ranges
+        return "non-public"
+    return None
+
+
+def _resolve(host: str, port: int, deadline: float) -> list[tuple[Any, ...]]:
+    """``getaddrinfo`` results for ``host`` (TCP), within the deadline (the lookup runs in a daemon thread)."""
+    box: dict[str, Any] = {}
+
+    def lookup() -> None:
+        try:
+            box["result"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=lookup, name="download-resolve", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if thread.is_alive():
+        raise TimeoutError(f"looking up {host} took too long")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _checked_addresses(host: str, port: int, deadline: float, allow_private: bool) -> list[tuple[Any, ...]]:
+    """Every address ``host`` resolves to, each checked; a single refused one refuses the host."""
+    infos = _resolve(host, port, deadline)
+    if not infos:
+        raise OSError(f"{host} has no address")
+    if not allow_private:
+        for info in infos:
+            # An IPv6 scope ("fe80::1%eth0") is not part of the address.
+            ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+            reason = _refusal(ip)
+            if reason is not None:
+                what = f"{host} is" if host == str(ip) else f"{host} resolves to {ip},"
+                raise _Refused(
+                    f"{what} a {reason} address (pass allow_private_urls=True, or --allow-private-urls on "
+                    "the command line, to download from such hosts)"
+                )
+    return infos
+
+
+class _Watchdog:
+    """Shuts a socket down at the download's deadline, which ends any read or write blocked on it."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.fired = False
+        self._fd = sock.fileno()
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._fd < 0:
+                return
+            self.fired = True
+            # A duplicate of the descriptor: shutting it down ends the connection for the original too.
+            # (Not connected yet: shutdown fails and the connect timeout ends the wait instead.)
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self._fd)) as dup:
+                dup.shutdown(socket.SHUT_RDWR)
+
+    def stop(self) -> None:
+        """Disarm (before the socket is closed, so that the descriptor is never reused under the timer)."""
+        self._timer.cancel()
+        with self._lock:
+            self._fd = -1
+
+
+def _connect(infos: list[tuple[Any, ...]], deadline: float) -> socket.socket:
+    """A TCP connection to the first of the checked addresses that answers (no second name lookup)."""
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError("no address to connect to")
+
+
+def _fetch(
+    url: str, deadline: float, max_bytes: int, allow_private: bool
+) -> tuple[int, str, str | None, bytes]:
+    """One GET of ``url`` (already checked for its scheme): (status, reason, Location, body)."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials in image URLs are not supported")
+    if not parts.hostname:
+        raise ValueError("the URL has no host")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            data = response.read(max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise ImageSourceError(f"{url}: download failed: {exc}") from exc
-    if len(data) > max_bytes:
-        raise ImageSourceError(f"{url}: larger than the download limit of {max_bytes} bytes")
-    return data
+        host = parts.hostname.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise ValueError(f"bad host name {parts.hostname!r}") from exc
+    port = parts.port or (443 if scheme == "https" else 80)  # .port raises ValueError for a bad port
+    infos = _checked_addresses(host, port, deadline, allow_private)
+    sock = _connect(infos, deadline)
+    watchdog = _Watchdog(sock, deadline)
+    try:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        if scheme == "https":
+            context = ssl.create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=host)
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, port, context=context)
+        else:
+            conn = http.client.HTTPConnection(host, port)
+        conn.sock = sock  # the checked, connected address: http.client never looks the name up itself
+        path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        conn.request(
+            "GET",
+            path,
+            headers={
+                "User-Agent": "ofa-caption-client/0.1",
+                "Accept-Encoding": "identity",
+                "Connection": "close",
+            },
+        )
+        response = conn.getresponse()
+        location = response.getheader("Location")
+        if response.status in _REDIRECTS or not 200 <= response.status < 300:
+            return response.status, response.reason, location, b""
+        length = response.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > max_bytes:
+            raise _TooLarge()
+        chunks, size = [], 0
+        while size <= max_bytes:
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            chunk = response.read1(_READ_CHUNK)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if watchdog.fired:
+            raise TimeoutError
+        if size > max_bytes:
+            raise _TooLarge()
+        if response.length:  # the server promised more than it sent
+            raise OSError("the connection closed before the whole image arrived")
+        return response.status, response.reason, location, b"".join(chunks)
+    except (OSError, http.client.HTTPException) as exc:
+        if watchdog.fired or time.monotonic() >= deadline:
+            raise TimeoutError from exc
+        raise
+    finally:
+        watchdog.stop()
+        sock.close()
 
 
-def load_image_bytes(image: Any) -> bytes:
-    """Encoded bytes of ``image``: a path (str or Path), an http(s) URL, bytes, or a PIL image (sent as PNG)."""
+def download_image(
+    url: str,
+    *,
+    timeout: float = DOWNLOAD_TIMEOUT,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+    allow_private: bool = False,
+    max_redirects: int = MAX_REDIRECTS,
+) -> bytes:
+    """Bytes at an http(s) ``url`` (the client downloads; the server never fetches URLs).
+
+    Guards against a URL that points the client at what it should not fetch, and against a server that never
+    finishes:
+
+    * only ``http`` and ``https``, for the URL and for every redirect (``Location``) it leads to; at most
+      ``max_redirects`` redirects;
+    * ``timeout`` seconds for the whole download (name lookup, connection, TLS, redirects, headers and body),
+      not per read: a server that trickles bytes fails at the deadline;
+    * unless ``allow_private``: a host that resolves to a loopback, private, link-local (169.254/16, fe80::/10),
+      unspecified, multicast, reserved or other non-public address is refused. Every address the name resolves
+      to is checked, and the connection goes to a checked address (the name is not looked up again, so it
+      cannot be switched between check and connection); this applies to each redirect too;
+    * at most ``max_bytes`` bytes. Credentials in the URL are refused; proxies (``$http_proxy``...) are not
+      used, as the address check needs the direct connection.
+
+    Every failure raises :class:`ImageSourceError` naming the URL.
+    """
+    if not url.lower().startswith(("http://", "https://")):
+        raise ImageSourceError(f"{url}: only http(s) URLs are downloaded (pass a local file as a path)")
+    deadline = time.monotonic() + timeout
+    current = url
+    for _ in range(max_redirects + 1):
+        try:
+            status, reason, location, data = _fetch(current, deadline, max_bytes, allow_private)
+        except TimeoutError as exc:
+            raise ImageSourceError(f"{url}: not downloaded within {timeout:g} s") from exc
+        except _TooLarge:
+            raise ImageSourceError(f"{url}: larger than the download limit of {max_bytes} bytes") from None
+        except _Refused as exc:
+            where = "" if current == url else f" (redirected to {current})"
+            raise ImageSourceError(f"{url}: refused{where}: {exc}") from None
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise ImageSourceError(f"{url}: download failed: {exc}") from exc
+        if status not in _REDIRECTS:
+            if not 200 <= status < 300:
+                raise ImageSourceError(f"{url}: download failed: HTTP {status} {reason}")
+            return data
+        if not location:
+            raise ImageSourceError(f"{url}: download failed: HTTP {status} without a Location")
+        target = urllib.parse.urljoin(current, location.strip())
+        if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
+            raise ImageSourceError(
+                f"{url}: refused: redirected to {target}: only http(s) URLs are downloaded"
+            )
+        current = target
+    raise ImageSourceError(f"{url}: refused: more than {max_redirects} redirects")
+
+
+def load_image_bytes(
+    image: Any, *, allow_private_urls: bool = False, download_timeout: float = DOWNLOAD_TIMEOUT
+) -> bytes:
+    """Encoded bytes of ``image``: a local path (``str`` or ``Path``), an http(s) URL (a ``str`` with a scheme,
+    see :func:`is_url`; downloaded by :func:`download_image`), bytes, or a PIL image (sent as PNG)."""
     if isinstance(image, bytes | bytearray | memoryview):
         return bytes(image)
-    if isinstance(image, str) and image.lower().startswith(("http://", "https://")):
-        return download_image(image)
+    if is_url(image):
+        return download_image(image, timeout=download_timeout, allow_private=allow_private_urls)
     if isinstance(image, str | Path):
         try:
             return Path(image).read_bytes()
@@ -113,6 +396,92 @@ def load_image_bytes(image: Any) -> bytes:
         image.save(buffer, format="PNG")
         return buffer.getvalue()
     raise ImageSourceError(f"cannot send a {type(image).__name__}: pass a path, URL, bytes or a PIL image")
+
+
+# -- the inference key -------------------------------------------------------------------------------------
+
+
+class _Secret:
+    """A key that shows as ``<hidden>`` in every repr (a client's ``vars()``, a plugin, a traceback's locals)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<hidden>"
+
+    __str__ = __repr__
+
+
+def _valid_key(value: str, source: str) -> str:
+    if not value or any(not (" " <= ch <= "~") for ch in value):
+        # The message names where the key came from, never the key.
+        raise ValueError(f"the API key from {source} must be non-empty printable ASCII (no newlines)")
+    return value
+
+
+def read_api_key(api_key: str | None = None) -> str | None:
+    """The inference key: ``api_key`` when given, else ``$CAPTION_API_KEY``, else the contents of the file
+    ``$CAPTION_API_KEY_FILE`` (surrounding whitespace dropped); None when there is none. Setting both variables
+    is an error, and so is an unreadable or empty file. Errors never contain the key."""
+    if api_key is not None:
+        return _valid_key(api_key, "api_key") if api_key else None
+    value, path = os.environ.get(API_KEY_ENV) or None, os.environ.get(API_KEY_FILE_ENV) or None
+    if value is not None and path is not None:
+        raise ValueError(f"set {API_KEY_ENV} or {API_KEY_FILE_ENV}, not both")
+    if value is not None:
+        return _valid_key(value, API_KEY_ENV)
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="ascii", errors="replace").strip()
+        except OSError as exc:
+            raise ValueError(f"{API_KEY_FILE_ENV}={path}: {exc.strerror or exc}") from None
+        return _valid_key(text, f"{API_KEY_FILE_ENV}={path}")
+    return None
+
+
+def api_key_headers(protocol: str, api_key: str | None = None) -> dict[str, str]:
+    """The request header(s) carrying the inference key for ``protocol`` ("grpc" or "http"), for tools that call
+    tritonclient directly (``headers=`` of ``infer``); the key as in :func:`read_api_key`, ``{}`` without one."""
+    key = read_api_key(api_key)
+    if key is None:
+        return {}
+    return {GRPC_API_KEY_HEADER if protocol == "grpc" else API_KEY_HEADER: key}
+
+
+class _HeadersPlugin(_PluginBase):
+    """tritonclient client plugin that adds fixed headers (gRPC metadata) to every request of a client."""
+
+    def __init__(self, name: str, secret: _Secret) -> None:
+        self._name = name
+        self._secret = secret
+
+    def __call__(self, request: Any) -> None:
+        request.headers[self._name] = self._secret.reveal()
+
+    def __repr__(self) -> str:
+        return f"<header {self._name}: <hidden>>"
+
+
+def with_api_key(client: Any, protocol: str, api_key: str | None = None) -> Any:
+    """``client`` (a ``tritonclient.grpc`` or ``tritonclient.http`` ``InferenceServerClient``) with the inference
+    key, read as in :func:`read_api_key`, registered as a client plugin: every request it sends then carries the
+    key's header for ``protocol`` ("grpc" or "http"). Without a key the client is returned unchanged. For tools
+    that call tritonclient directly; :class:`CaptionClient` does this itself."""
+    key = read_api_key(api_key)
+    if key is not None:
+        header = GRPC_API_KEY_HEADER if protocol == "grpc" else API_KEY_HEADER
+        client.register_plugin(_HeadersPlugin(header, _Secret(key)))
+    return client
+
+
+def _url_scheme(url: str | None) -> str:
+    return url.split("://", 1)[0].lower() if url and "://" in url else ""
 
 
 def _parse_url(url: str | None, protocol: str | None) -> tuple[str, str, bool]:
@@ -137,11 +506,22 @@ class CaptionClient:
 
     Args:
         url: ``host:port`` (default 127.0.0.1:8001 for gRPC, :8000 for HTTP), or a URL whose scheme
-            (``http://``, ``https://``, ``grpc://``) sets the protocol when ``protocol`` is not given.
+            (``http://``, ``https://``, ``grpc://``, ``grpcs://``) sets the protocol when ``protocol`` is not given;
+            ``https://`` and ``grpcs://`` mean TLS.
         protocol: ``"grpc"`` or ``"http"`` (default: from the URL's scheme, else gRPC).
         model: the model to call (the ``caption`` ensemble).
         timeout: seconds to wait for one answer.
         retries: extra attempts after :class:`ServerUnavailableError`, with exponential backoff from ``backoff`` s.
+        api_key: the inference key, sent with every request (header ``ofa-api-key`` over HTTP, metadata
+            ``triton-grpc-protocol-ofa-api-key`` over gRPC); default ``$CAPTION_API_KEY``, else the contents of
+            the file ``$CAPTION_API_KEY_FILE``; none when neither is set (``""`` sends none either).
+        tls: encrypt the connection (gRPC over TLS; for HTTP the same as an ``https://`` URL, for a TLS
+            terminator in front of the server). Contradicts a plain ``http://`` or ``grpc://`` URL.
+        ca_cert: PEM file of the CA that signed the server's certificate (default: the system's CAs).
+        client_cert, client_key: PEM certificate chain and private key for mutual TLS (both or neither).
+        allow_private_urls: let image URLs lead to loopback, private, link-local... hosts
+            (see :func:`download_image`); off by default.
+        download_timeout: seconds for the whole download of an image URL.
     """
 
     def __init__(
@@ -153,15 +533,61 @@ class CaptionClient:
         timeout: float = 120.0,
         retries: int = 3,
         backoff: float = 0.5,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_cert: str | os.PathLike[str] | None = None,
+        client_cert: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
+        allow_private_urls: bool = False,
+        download_timeout: float = DOWNLOAD_TIMEOUT,
     ) -> None:
-        self.protocol, self.address, self.ssl = _parse_url(url, protocol)
+        self.protocol, self.address, url_tls = _parse_url(url, protocol)
+        if tls and not url_tls and _url_scheme(url) in ("http", "grpc"):
+            raise ValueError(
+                f"tls=True contradicts the plain {_url_scheme(url)}:// URL; use https:// or grpcs://"
+            )
+        self.ssl = bool(tls or url_tls)
+        files = {"ca_cert": ca_cert, "client_cert": client_cert, "client_key": client_key}
+        if any(files.values()) and not self.ssl:
+            raise ValueError(
+                "ca_cert, client_cert and client_key are TLS settings: add tls=True (--tls) or use an https:// "
+                "or grpcs:// URL"
+            )
+        if bool(client_cert) != bool(client_key):
+            raise ValueError("client_cert and client_key go together (mutual TLS needs both)")
+        for name, path in files.items():
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"{name} {os.fspath(path)}: no such readable file")
+        self.ca_cert, self.client_cert, self.client_key = (
+            os.fspath(p) if p else None for p in (ca_cert, client_cert, client_key)
+        )
+        key = read_api_key(api_key)
+        self._api_key = _Secret(key) if key is not None else None
         self.model = model
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.allow_private_urls = allow_private_urls
+        self.download_timeout = download_timeout
         self._local = threading.local()
         self._clients: list[Any] = []
         self._lock = threading.Lock()
+
+    @property
+    def has_api_key(self) -> bool:
+        """Whether requests carry an inference key (the key itself is not readable from the client)."""
+        return self._api_key is not None
+
+    def __repr__(self) -> str:
+        scheme = {
+            ("grpc", False): "grpc",
+            ("grpc", True): "grpcs",
+            ("http", False): "http",
+            ("http", True): "https",
+        }
+        key = "set" if self._api_key is not None else "none"
+        where = f"{scheme[self.protocol, self.ssl]}://{self.address}"
+        return f"CaptionClient({where!r}, model={self.model!r}, api_key={key})"
 
     # -- connections -----------------------------------------------------------------------------------
     def _client(self) -> Any:
@@ -170,13 +596,28 @@ class CaptionClient:
             if self.protocol == "grpc":
                 import tritonclient.grpc as tc
 
-                client = tc.InferenceServerClient(self.address, ssl=self.ssl)
+                client = tc.InferenceServerClient(
+                    self.address,
+                    ssl=self.ssl,
+                    root_certificates=self.ca_cert,
+                    private_key=self.client_key,
+                    certificate_chain=self.client_cert,
+                )
             else:
                 import tritonclient.http as tc
 
+                options = {"ca_certs": self.ca_cert, "certfile": self.client_cert, "keyfile": self.client_key}
+                options = {k: v for k, v in options.items() if v}
                 client = tc.InferenceServerClient(
-                    self.address, ssl=self.ssl, connection_timeout=self.timeout, network_timeout=self.timeout
+                    self.address,
+                    ssl=self.ssl,
+                    ssl_options=options or None,
+                    connection_timeout=self.timeout,
+                    network_timeout=self.timeout,
                 )
+            if self._api_key is not None:
+                header = GRPC_API_KEY_HEADER if self.protocol == "grpc" else API_KEY_HEADER
+                client.register_plugin(_HeadersPlugin(header, self._api_key))
             self._local.client = client
             with self._lock:
                 self._clients.append(client)
@@ -211,12 +652,28 @@ class CaptionClient:
             try:
                 return fn(self._client(), *args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - mapped below
-                error = _map_error(exc)
+                error = self._error(exc)
                 if not isinstance(error, ServerUnavailableError) or attempt == self.retries:
-                    raise error from exc
+                    # The original exception is chained unless the key had to be cut out of the message.
+                    raise error from (None if error.redacted else exc)
                 self._drop_connection()
                 time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
+
+    def _error(self, exc: BaseException) -> CaptionError:
+        """:func:`_map_error`, saying whether a key was sent when the server wants one, and never showing the key."""
+        error = _map_error(exc)
+        if isinstance(error, AuthenticationError):
+            hint = (
+                "the API key sent was refused"
+                if self._api_key is not None
+                else f"no API key was sent: pass api_key= (--api-key), or set {API_KEY_ENV} or {API_KEY_FILE_ENV}"
+            )
+            error = AuthenticationError(f"{error.message} ({hint})", error.status)
+        if self._api_key is not None and self._api_key.reveal() in error.message:
+            error = type(error)(error.message.replace(self._api_key.reveal(), "<hidden>"), error.status)
+            error.redacted = True
+        return error
 
     def _drop_connection(self) -> None:
         client = getattr(self._local, "client", None)
@@ -229,7 +686,8 @@ class CaptionClient:
                 client.close()
 
     def caption(self, image: Any, beam_size: int | None = None, max_length: int | None = None) -> Caption:
-        """Caption one image (path, http(s) URL, bytes or PIL image); ``None`` settings = the server's defaults."""
+        """Caption one image (a path, an http(s) URL, bytes or a PIL image: see :func:`load_image_bytes`);
+        ``None`` settings = the server's defaults."""
         result = self._infer(image, {"beam_size": beam_size, "max_length": max_length}, ("caption", "score"))
         return Caption(
             text=_text(result.as_numpy("caption")[0, 0]), score=float(result.as_numpy("score")[0, 0])
@@ -252,7 +710,9 @@ class CaptionClient:
 
     def _infer(self, image: Any, settings: dict[str, int | None], output_names: tuple[str, ...]) -> Any:
         """One request for one image with the INT32 ``settings`` that are not ``None``; the tritonclient result."""
-        data = load_image_bytes(image)
+        data = load_image_bytes(
+            image, allow_private_urls=self.allow_private_urls, download_timeout=self.download_timeout
+        )
         tc = self._module()
         inputs = [tc.InferInput("image", [1, 1], "BYTES")]
         inputs[0].set_data_from_numpy(np.array([[data]], dtype=np.object_))
@@ -349,6 +809,9 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+_AUTH_STATUSES = frozenset({"401", "403", "StatusCode.UNAUTHENTICATED", "StatusCode.PERMISSION_DENIED"})
+
+
 def _map_error(exc: BaseException) -> CaptionError:
     """The typed error for a tritonclient / network exception (keeps the server's message)."""
     if isinstance(exc, CaptionError):
@@ -360,6 +823,10 @@ def _map_error(exc: BaseException) -> CaptionError:
     if isinstance(exc, InferenceServerException):
         status = str(exc.status() or "")
         message = exc.message() or str(exc)
+        # Triton answers a request without the header that a restricted API wants with "... is restricted,
+        # expecting header '<name>'": HTTP 403, and over gRPC UNAVAILABLE, which must not be retried.
+        if status in _AUTH_STATUSES or "is restricted, expecting header" in message:
+            return AuthenticationError(message, status or None)
         if status in ("StatusCode.INVALID_ARGUMENT", "400"):
             return InvalidInputError(message, status)
         if status in ("StatusCode.UNAVAILABLE", "503"):

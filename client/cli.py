@@ -1,11 +1,17 @@
 """Command line: ``python -m client caption PATH...`` and ``python -m client health``.
 
 ``caption`` takes files, directories (searched recursively for image extensions), ``-`` (the image on stdin)
-and http(s) URLs (downloaded by the client). It prints ``path<TAB>caption`` lines, or JSON lines with
-``--json`` (``{"image", "caption", "score"}``, or ``{"image", "error", "error_type"}`` for a failure), in input
-order. With ``--num-captions N`` it prints N ``path<TAB>caption`` lines per image, best first, and the JSON line
-gains ``"captions": [{"caption", "score"}, ...]`` (``caption``/``score`` stay the best). Every failure is also reported on stderr and makes the exit status 1. A progress bar goes to stderr
-when there are many images and stderr is a terminal.
+and http(s) URLs (downloaded by the client: an argument that starts with ``scheme://`` is a URL, anything else
+a path; URLs that lead to loopback, private or link-local hosts are refused without ``--allow-private-urls``).
+It prints ``path<TAB>caption`` lines, or JSON lines with ``--json`` (``{"image", "caption", "score"}``, or
+``{"image", "error", "error_type"}`` for a failure), in input order. With ``--num-captions N`` it prints N
+``path<TAB>caption`` lines per image, best first, and the JSON line gains ``"captions": [{"caption", "score"},
+...]`` (``caption``/``score`` stay the best). Every failure is also reported on stderr and makes the exit status
+1. A progress bar goes to stderr when there are many images and stderr is a terminal.
+
+Security options (both commands): ``--api-key`` (default ``$CAPTION_API_KEY``, or the file named by
+``$CAPTION_API_KEY_FILE``; prefer those, as a command line is visible to other local users), ``--tls``,
+``--ca-cert``, ``--client-cert``/``--client-key`` (mutual TLS).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .api import CaptionClient, CaptionError, ImageSourceError
+from .api import CaptionClient, CaptionError, ImageSourceError, is_url
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main"]
 
@@ -26,14 +32,15 @@ PROGRESS_MIN_IMAGES = 8
 
 
 def expand_inputs(args: list[str]) -> Iterator[tuple[str, object]]:
-    """``(name, source)`` per image: files, directories (recursive, sorted, by extension), ``-``, URLs.
+    """``(name, source)`` per image: files, directories (recursive, sorted, by extension), ``-``, URLs
+    (an argument that starts with ``scheme://``; any other argument is a path).
 
     A path that does not exist yields an :class:`ImageSourceError` as its source.
     """
     for arg in args:
         if arg == "-":
             yield "-", sys.stdin.buffer.read()
-        elif arg.lower().startswith(("http://", "https://")):
+        elif is_url(arg):  # scheme://...: the client downloads http(s) and refuses other schemes
             yield arg, arg
         else:
             path = Path(arg)
@@ -68,6 +75,23 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="public model to call (default: caption; a server with OFA_MODELS serves several)",
         )
+        sec = p.add_argument_group("security")
+        sec.add_argument(
+            "--api-key",
+            default=None,
+            help="inference key for a server with OFA_API_KEY (default: $CAPTION_API_KEY, else the file "
+            "$CAPTION_API_KEY_FILE; prefer those: a command line is visible to other local users)",
+        )
+        sec.add_argument(
+            "--tls",
+            action="store_true",
+            help="connect over TLS (gRPC TLS; for HTTP the same as an https:// URL)",
+        )
+        sec.add_argument(
+            "--ca-cert", metavar="PEM", help="CA certificate that signed the server's (with --tls)"
+        )
+        sec.add_argument("--client-cert", metavar="PEM", help="client certificate chain for mutual TLS")
+        sec.add_argument("--client-key", metavar="PEM", help="client private key for mutual TLS")
 
     cap = sub.add_parser("caption", help="caption images (files, directories, - for stdin, http(s) URLs)")
     cap.add_argument("paths", nargs="+", metavar="PATH")
@@ -87,6 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--json", action="store_true", help="print JSON lines instead of path<TAB>caption")
     cap.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cap.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="let image URLs lead to loopback, private or link-local hosts (refused by default)",
+    )
+    cap.add_argument(
+        "--download-timeout",
+        type=float,
+        default=30.0,
+        help="seconds for the whole download of one image URL (default 30)",
+    )
 
     health = sub.add_parser("health", help="print server and model readiness; exit 1 unless all are ready")
     connection(health)
@@ -118,7 +153,14 @@ def _caption(args: argparse.Namespace) -> int:
 
     failures = 0
     sources = [src for _, src in items]
-    with CaptionClient(args.url, args.protocol, timeout=args.timeout, **_model(args)) as client:
+    with CaptionClient(
+        args.url,
+        args.protocol,
+        timeout=args.timeout,
+        allow_private_urls=args.allow_private_urls,
+        download_timeout=args.download_timeout,
+        **_connection(args),
+    ) as client:
         results = client.imap(
             sources,
             concurrency=args.concurrency,
@@ -152,14 +194,26 @@ def _caption(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _model(args: argparse.Namespace) -> dict[str, str]:
-    return {} if args.model is None else {"model": args.model}
+def _connection(args: argparse.Namespace) -> dict[str, object]:
+    """CaptionClient keywords from the options every command shares (the model, the key, TLS)."""
+    options: dict[str, object] = {
+        "api_key": args.api_key,
+        "tls": args.tls,
+        "ca_cert": args.ca_cert,
+        "client_cert": args.client_cert,
+        "client_key": args.client_key,
+    }
+    if args.model is not None:
+        options["model"] = args.model
+    return options
 
 
 def _health(args: argparse.Namespace) -> int:
-    with CaptionClient(args.url, args.protocol, timeout=args.timeout, retries=0, **_model(args)) as client:
+    with CaptionClient(
+        args.url, args.protocol, timeout=args.timeout, retries=0, **_connection(args)
+    ) as client:
         report = client.health() if args.model is None else client.health((args.model,))
-    where = f"{client.protocol}://{client.address}"
+    where = f"{client.protocol}{'s' if client.ssl else ''}://{client.address}"
     for key, ok in report.items():
         label = f"server {key}" if key in ("live", "ready") else key.replace("model:", "model ")
         print(f"{label:<18} {'yes' if ok else 'NO'}")
@@ -176,6 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except ValueError as exc:  # bad --url / --protocol
+    except ValueError as exc:  # bad --url / --protocol / TLS files / key settings (never the key itself)
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -51,9 +51,15 @@ def served_phase(server, corpus: UniqueImages, concurrency: int, args: argparse.
     """(c) One closed-loop phase: ``concurrency`` threads, each with one gRPC request in flight."""
     import tritonclient.grpc as grpcclient
 
+    from client import with_api_key
+
     request = caption_request(grpcclient, corpus, args)
 
-    clients = [grpcclient.InferenceServerClient(server.grpc_address) for _ in range(concurrency)]
+    # The inference key, where the server wants one, from $CAPTION_API_KEY (or $CAPTION_API_KEY_FILE).
+    clients = [
+        with_api_key(grpcclient.InferenceServerClient(server.grpc_address), "grpc")
+        for _ in range(concurrency)
+    ]
     try:
         # Warm-up (untimed, not in the metrics delta): each thread's channel and the server's batch shapes.
         _run_threads(clients, lambda c, i: request(c), args.warmup * concurrency, float("inf"))
@@ -220,12 +226,14 @@ def open_loop_curve(server, corpus: UniqueImages, args: argparse.Namespace, engi
     """(d) One open-loop run per offered rate; the curve, the highest rate held and its plot."""
     import tritonclient.grpc as grpcclient
 
+    from client import with_api_key
+
     engines = [r for r in engine_rows if r["path"] == "engine"]
     reference_rate = max((r["images_per_s"] or 0 for r in engines), default=None) or None
     rates = rates_from(args.open_loop_rates, args.open_loop_fractions, reference_rate)
     bound_ms, source = open_loop_bound(args, engine_rows)
     outputs = [grpcclient.InferRequestedOutput("caption"), grpcclient.InferRequestedOutput("score")]
-    client = grpcclient.InferenceServerClient(server.grpc_address)
+    client = with_api_key(grpcclient.InferenceServerClient(server.grpc_address), "grpc")  # $CAPTION_API_KEY
 
     def start(i: int, done) -> None:
         inputs = caption_inputs(grpcclient, [corpus.next()[1]], args.beam_size, args.max_length)

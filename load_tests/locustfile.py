@@ -59,6 +59,7 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from client import with_api_key  # noqa: E402
 from load_tests.loadlib import DEFAULT_IMAGE_DIR, UniqueImages, load_images  # noqa: E402
 
 logger = logging.getLogger("ofa.locust")
@@ -359,7 +360,8 @@ class GrpcCaptionUser(_CaptionUser):
     module = grpcclient
 
     def _connect(self, options):
-        return grpcclient.InferenceServerClient(url=f"{options.triton_host}:{options.grpc_port}")
+        client = grpcclient.InferenceServerClient(url=f"{options.triton_host}:{options.grpc_port}")
+        return with_api_key(client, "grpc")  # $CAPTION_API_KEY / $CAPTION_API_KEY_FILE, where set
 
     def _infer(self, inputs, outputs):
         return self.client.infer(
@@ -374,12 +376,13 @@ class HttpCaptionUser(_CaptionUser):
     module = httpclient
 
     def _connect(self, options):
-        return httpclient.InferenceServerClient(
+        client = httpclient.InferenceServerClient(
             url=f"{options.triton_host}:{options.http_port}",
             concurrency=1,
             connection_timeout=options.request_timeout,
             network_timeout=options.request_timeout,
         )
+        return with_api_key(client, "http")  # $CAPTION_API_KEY / $CAPTION_API_KEY_FILE, where set
 
     def _infer(self, inputs, outputs):
         return self.client.infer(self.options.model_name, inputs, outputs=outputs)

@@ -359,7 +359,10 @@ def fire(
     requests = list(requests)
     outcomes: list[Outcome | None] = [None] * len(requests)
     remaining = threading.Semaphore(0)
-    client = grpcclient.InferenceServerClient(grpc_address)
+    from client import with_api_key
+
+    # The inference key, where the server wants one, from $CAPTION_API_KEY (or $CAPTION_API_KEY_FILE).
+    client = with_api_key(grpcclient.InferenceServerClient(grpc_address), "grpc")
     extra = {} if queue_timeout_us is None else {"timeout": queue_timeout_us}
     if client_timeout_s is not None:
         extra["client_timeout"] = client_timeout_s

@@ -209,7 +209,10 @@ def probe_latency(args: argparse.Namespace) -> dict:
     settings = (args.beam_size or None, args.max_length or None)
     outputs = [grpcclient.InferRequestedOutput("caption")]
     latencies = []
-    with grpcclient.InferenceServerClient(f"{args.host}:{args.grpc_port}") as client:
+    from client import with_api_key
+
+    # The inference key, where the server wants one, from $CAPTION_API_KEY (or $CAPTION_API_KEY_FILE).
+    with with_api_key(grpcclient.InferenceServerClient(f"{args.host}:{args.grpc_port}"), "grpc") as client:
         for i in range(args.probe_requests + 1):
             inputs = caption_inputs(grpcclient, [corpus.next()[1]], *settings)
             start = time.perf_counter()

@@ -2,6 +2,7 @@
 
     python -m ofa_eval run DATASET [--images DIR] [--split test] [--limit N]
                            [--url HOST:PORT | --url http://HOST:PORT] [--model caption] [--concurrency 8]
+                           [--api-key KEY] [--tls [--ca-cert PEM] [--client-cert PEM --client-key PEM]]
                            [--engine CHECKPOINT [--device cpu] [--dtype bfloat16]]
                            [--output FILE] [--restart] [--baseline OTHER.json]
     python -m ofa_eval score DATASET --predictions CAPTIONS.json    # captions made elsewhere
@@ -90,6 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--model", default="caption", help="served model name (default caption)")
     src.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     src.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
+    src.add_argument(
+        "--api-key",
+        help="inference key for a server with OFA_API_KEY (default: $CAPTION_API_KEY, else the file "
+        "$CAPTION_API_KEY_FILE; prefer those: a command line is visible to other local users)",
+    )
+    src.add_argument("--tls", action="store_true", help="connect over TLS (gRPC TLS, or HTTPS)")
+    src.add_argument("--ca-cert", metavar="PEM", help="CA certificate that signed the server's (with --tls)")
+    src.add_argument("--client-cert", metavar="PEM", help="client certificate chain for mutual TLS")
+    src.add_argument("--client-key", metavar="PEM", help="client private key for mutual TLS")
     src.add_argument(
         "--engine", type=Path, metavar="CHECKPOINT", help="caption in-process with this checkpoint"
     )
@@ -180,8 +190,19 @@ def _finish(args, caption_set, source, captions, metrics, baseline) -> Path:
 
 def _run(args: argparse.Namespace) -> int:
     metrics = _metrics(args)
-    if args.engine and (args.url or args.protocol):
-        raise ValueError("--engine captions in-process; drop --url/--protocol")
+    served_only = (
+        args.url,
+        args.protocol,
+        args.api_key,
+        args.tls,
+        args.ca_cert,
+        args.client_cert,
+        args.client_key,
+    )
+    if args.engine and any(served_only):
+        raise ValueError(
+            "--engine captions in-process; drop --url/--protocol/--api-key/--tls and the certificates"
+        )
     caption_set = load_caption_set(args.dataset, args.images, split=args.split, limit=args.limit)
     baseline = _load_baseline(args.baseline, caption_set)
 
@@ -203,6 +224,11 @@ def _run(args: argparse.Namespace) -> int:
             beam_size=args.beam_size,
             max_length=args.max_length,
             timeout=args.timeout,
+            api_key=args.api_key,
+            tls=args.tls,
+            ca_cert=args.ca_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
         )
     source = predictor.describe()
     output = args.output or _default_output(args, source)

@@ -35,7 +35,11 @@ class Prediction:
 
 
 class ServedPredictor:
-    """Captions from a served model through :class:`client.CaptionClient`, ``concurrency`` requests in flight."""
+    """Captions from a served model through :class:`client.CaptionClient`, ``concurrency`` requests in flight.
+
+    ``api_key`` (default: ``$CAPTION_API_KEY`` or the file ``$CAPTION_API_KEY_FILE``, as in the client), ``tls``,
+    ``ca_cert``, ``client_cert`` and ``client_key`` go to :class:`client.CaptionClient` as they are.
+    """
 
     def __init__(
         self,
@@ -47,12 +51,27 @@ class ServedPredictor:
         beam_size: int | None = None,
         max_length: int | None = None,
         timeout: float = 300.0,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_cert: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
     ) -> None:
         from client import CaptionClient
 
         if concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
-        self.client = CaptionClient(url, protocol, model=model, timeout=timeout)
+        self.client = CaptionClient(
+            url,
+            protocol,
+            model=model,
+            timeout=timeout,
+            api_key=api_key,
+            tls=tls,
+            ca_cert=ca_cert,
+            client_cert=client_cert,
+            client_key=client_key,
+        )
         self.concurrency = concurrency
         self.beam_size = beam_size
         self.max_length = max_length

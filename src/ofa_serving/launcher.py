@@ -15,6 +15,11 @@ response cache; :func:`find_triton` locates them, :func:`prepare_backend_dir` as
 :class:`TritonServer` sets the environment the server and its stubs need: ``LD_LIBRARY_PATH`` with
 ``nvidia_pytriton.libs``, ``PATH`` starting with this Python's ``bin`` (the stub embeds the Python it finds
 there, hence this venv's packages) and ``PYTHONPATH`` with this package's source directory.
+
+Every server it starts keeps its non-public APIs (shared memory, logging, trace, model repository and config,
+statistics) behind an admin key, optionally inference behind an API key, and optionally serves gRPC over TLS
+(:mod:`.security`); :attr:`TritonServer.admin_headers` and :attr:`TritonServer.api_headers` are what a client sends.
+A server with known unfixed CVEs (the wheel's 2.51) refuses a non-loopback ``host`` unless ``allow_unpatched``.
 """
 
 from __future__ import annotations
@@ -38,7 +43,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .probe import server_ready
-from .settings import ServerSettings, load_settings
+from .security import (
+    ADMIN_HEADER,
+    API_HEADER,
+    UnpatchedServerError,
+    admin_key_from_settings,
+    api_key_from_settings,
+    check_exposure,
+    detect_runtime,
+    grpc_headers,
+    grpc_tls_flags,
+    new_secret,
+    remove_key_file,
+    restricted_api_flags,
+    write_key_file,
+)
+from .settings import SecuritySettings, ServerSettings, load_settings
 
 __all__ = [
     "TritonInstallation",
@@ -190,8 +210,16 @@ class TritonServer:
         env: extra environment variables for the server and its models (e.g. ``{"OFA_WARMUP": "0"}``).
         extra_args: more tritonserver flags, appended last.
         die_with_parent: ask Linux to SIGTERM the server when the thread that started it exits.
-        admin_key: run under explicit model control with the model-repository API restricted to this secret
-            (what :class:`~ofa_serving.supervisor.Supervisor` needs to reload a model); ``None`` = no model control.
+        admin_key: the key of the admin APIs (header ``ofa-admin-key``: shared memory, logging, trace, model
+            repository and config, statistics; always restricted); ``None`` = a fresh random key.
+        model_control: explicit model control, every model loaded at start (what
+            :class:`~ofa_serving.supervisor.Supervisor` needs to reload a model); default: when ``admin_key`` is
+            given (the supervisor holds it), else ``--model-control-mode=none``.
+        api_key: inference then needs header ``ofa-api-key``; ``None`` = inference open.
+        grpc_tls_cert, grpc_tls_key, grpc_tls_ca: gRPC over TLS with this certificate and key; with a CA, mutual
+            TLS (clients present a certificate it signed). The HTTP readiness check is unaffected.
+        allow_unpatched: start even on a non-loopback ``host`` when this server has known unfixed CVEs (a loud
+            warning); otherwise :meth:`start` refuses.
     """
 
     def __init__(
@@ -211,6 +239,12 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         die_with_parent: bool = True,
         admin_key: str | None = None,
+        model_control: bool | None = None,
+        api_key: str | None = None,
+        grpc_tls_cert: str | Path | None = None,
+        grpc_tls_key: str | Path | None = None,
+        grpc_tls_ca: str | Path | None = None,
+        allow_unpatched: bool = False,
     ) -> None:
         self.model_repository = Path(model_repository or default_model_repository()).resolve()
         self.model_dir = Path(model_dir).resolve() if model_dir else None
@@ -223,14 +257,31 @@ class TritonServer:
         self.extra_env = dict(env or {})
         self.extra_args = list(extra_args)
         self.die_with_parent = die_with_parent
-        self.admin_key = admin_key
+        self.model_control = admin_key is not None if model_control is None else model_control
+        self.admin_key = admin_key or new_secret()
+        self.api_key = api_key or None
+        tls = [Path(p) if p else None for p in (grpc_tls_cert, grpc_tls_key, grpc_tls_ca)]
+        self._tls_flags = grpc_tls_flags(*tls)  # checked here: a bad path fails before anything starts
+        self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_ca = tls
+        self.allow_unpatched = allow_unpatched
         self.process: subprocess.Popen | None = None
         self._log_handle = None
 
     @classmethod
-    def from_settings(cls, settings: ServerSettings | None = None, **overrides) -> TritonServer:
-        """A server configured from :class:`ServerSettings` (default: read from the environment)."""
+    def from_settings(
+        cls,
+        settings: ServerSettings | None = None,
+        security: SecuritySettings | None = None,
+        **overrides,
+    ) -> TritonServer:
+        """A server configured from :class:`ServerSettings` and :class:`SecuritySettings` (default: read from the
+        environment): keys from ``OFA_ADMIN_KEY[_FILE]`` / ``OFA_API_KEY[_FILE]``, gRPC TLS, the exposure rule.
+
+        An ``admin_key`` override means a supervised server (explicit model control, unless ``model_control``
+        says otherwise); without it the admin key comes from the environment (else a fresh one), no model control.
+        """
         s = settings or load_settings(ServerSettings)
+        sec = security or load_settings(SecuritySettings)
         kwargs = {
             "model_repository": s.model_repository,
             "model_dir": s.model_dir,
@@ -241,7 +292,15 @@ class TritonServer:
             "response_cache_bytes": s.response_cache_bytes,
             "exit_timeout_secs": s.exit_timeout_secs,
             "log_verbose": s.log_verbose,
+            "api_key": api_key_from_settings(sec),
+            "grpc_tls_cert": sec.grpc_tls_cert,
+            "grpc_tls_key": sec.grpc_tls_key,
+            "grpc_tls_ca": sec.grpc_tls_ca,
+            "allow_unpatched": sec.allow_unpatched_triton,
         }
+        if "admin_key" not in overrides:
+            kwargs["admin_key"] = admin_key_from_settings(sec)
+            kwargs["model_control"] = False
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -288,6 +347,31 @@ class TritonServer:
         return f"http://{host}:{self.metrics_port}/metrics"
 
     @property
+    def admin_headers(self) -> dict[str, str]:
+        """HTTP headers that open the admin APIs (``urllib``, ``tritonclient.http``'s ``headers=``)."""
+        return {ADMIN_HEADER: self.admin_key}
+
+    @property
+    def api_headers(self) -> dict[str, str]:
+        """HTTP headers that inference needs (``{}`` when inference is open)."""
+        return {API_HEADER: self.api_key} if self.api_key else {}
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """:attr:`admin_headers` as gRPC metadata (``tritonclient.grpc``'s ``headers=``)."""
+        return grpc_headers(self.admin_headers)
+
+    @property
+    def grpc_api_headers(self) -> dict[str, str]:
+        """:attr:`api_headers` as gRPC metadata."""
+        return grpc_headers(self.api_headers)
+
+    @property
+    def grpc_tls(self) -> bool:
+        """Whether the gRPC endpoint speaks TLS (clients need ``ssl=True`` and the CA)."""
+        return bool(self._tls_flags)
+
+    @property
     def pid(self) -> int | None:
         """PID of the tritonserver process (``None`` before start)."""
         return self.process.pid if self.process else None
@@ -313,11 +397,14 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
         ]
-        if self.admin_key:  # supervised: only the supervisor (holding the key) may reload models
+        if self.model_control:  # supervised: only the supervisor (holding the key) may reload models
             from .supervisor import model_control_flags
 
             cmd.remove("--model-control-mode=none")
-            cmd += model_control_flags(self.admin_key)
+            cmd += model_control_flags(self.admin_key, self.api_key)
+        else:
+            cmd += restricted_api_flags(self.admin_key, self.api_key)
+        cmd += self._tls_flags
         if self.response_cache_bytes > 0:
             cmd.append(f"--cache-config=local,size={self.response_cache_bytes}")
         return cmd + self.extra_args
@@ -338,6 +425,9 @@ class TritonServer:
         prepend("PATH", str(Path(sys.executable).parent))
         prepend("PYTHONPATH", str(PACKAGE_SRC))
         env["PYTHONUNBUFFERED"] = "1"
+        # the server has the keys on its command line; its models need none
+        for name in ("OFA_ADMIN_KEY", "OFA_API_KEY"):
+            env.pop(name, None)
         if self.model_dir is not None:
             env["OFA_MODEL_DIR"] = str(self.model_dir)
         env.update(self.extra_env)
@@ -348,6 +438,12 @@ class TritonServer:
         if self.process is not None and self.process.poll() is None:
             raise ServerStartError(f"already running (pid {self.process.pid})")
         _check_numpy()
+        try:
+            warning = check_exposure(self.host, detect_runtime(find_triton().binary), self.allow_unpatched)
+        except UnpatchedServerError as exc:
+            raise ServerStartError(str(exc)) from None
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         if self.model_dir is not None and not self.model_dir.is_dir():
             raise ServerStartError(f"checkpoint directory {self.model_dir} does not exist")
         cmd, env = self.command(), self.environment()
@@ -365,6 +461,8 @@ class TritonServer:
             preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
         atexit.register(self.stop)
+        # for local tools without OFA_ADMIN_KEY (the probe of a container's HEALTHCHECK): owner-only file
+        write_key_file(self.http_port, self.admin_key)
         return self
 
     def is_ready(self) -> bool:
@@ -418,6 +516,7 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
+        remove_key_file(self.http_port, self.admin_key)
         return proc.returncode
 
     def metrics(self) -> str:

@@ -4,16 +4,19 @@ tritonserver 2.51 keeps ``/v2/health/live`` and ``/v2/health/ready`` green when 
 hangs (docs/reliability.md), so a blind HTTP probe cannot tell. This probe
 
 1. asks ``/v2/health/ready`` (strict readiness: false while a model is unloaded or loading);
-2. discovers the models the server holds (the repository index when given the model-control header, else the
-   statistics API, which needs no header), and reads each one's config;
-3. sends every non-ensemble model one direct inference with **fresh inputs** built from its config: a tiny PNG of
+2. discovers the models the server holds (the repository index, which needs the admin key: ``OFA_ADMIN_KEY`` or
+   ``OFA_ADMIN_KEY_FILE``, else, for a server on this machine's loopback, the owner-only key file its launcher or
+   supervisor left (:func:`~ofa_serving.security.read_key_file`); or the models named with ``--model``), and reads
+   each one's metadata (open);
+3. sends every non-ensemble model one direct inference with **fresh inputs** built from its metadata: a tiny PNG of
    random pixels for a BYTES input, random values for FP32 and UINT8 tensors, 1 for integer settings (so ``ofa`` runs
    beam 1 / max_length 1: the cheapest real engine call). Fresh inputs and direct calls (not the ``caption``
    ensemble) mean the response cache never answers for a model.
 
 Exit status 0 when every model answered within ``--timeout`` seconds (whole probe), 1 otherwise, with one line per
 model on stdout. The Kubernetes livenessProbe, the image's HEALTHCHECK and the supervisor (:mod:`.supervisor`)
-use it. Standard library and numpy only.
+use it. With ``OFA_API_KEY`` (or ``OFA_API_KEY_FILE``) set, its inferences carry that key. Standard library and
+numpy only.
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .security import (
+    ADMIN_HEADER,
+    API_HEADER,
+    api_key_from_settings,
+    is_loopback,
+    load_secret,
+    read_key_file,
+)
+from .settings import SecuritySettings, SettingsError, load_settings
 
 __all__ = ["ModelCheck", "ProbeResult", "list_models", "probe_model", "probe_server", "tiny_png", "main"]
 
@@ -108,6 +122,7 @@ def tiny_png(size: int = 8) -> bytes:
 def _request(
     url: str, *, data: bytes | None = None, headers: Mapping[str, str] | None = None, timeout: float
 ) -> tuple[int, bytes]:
+    # Error bodies come from tritonserver, which never echoes request headers (the keys) back.
     req = urllib.request.Request(
         url, data=data, headers=dict(headers or {}), method="POST" if data else "GET"
     )
@@ -130,19 +145,42 @@ def server_ready(base_url: str, timeout: float = 2.0) -> bool:
 def list_models(
     base_url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 10.0
 ) -> dict[str, str]:
-    """``{model: state}`` of the server: the repository index with ``headers`` (every model, ``READY``,
-    ``UNAVAILABLE``, ``LOADING``, ...), else the statistics API (the loaded models, all ``READY``)."""
-    if headers:
-        status, body = _request(
-            f"{base_url}/v2/repository/index", data=b"{}", headers=headers, timeout=timeout
+    """``{model: state}`` of the server from its repository index (every model, ``READY``, ``UNAVAILABLE``,
+    ``LOADING``, ...): an admin API, so ``headers`` must carry the admin key (``ofa-admin-key``)."""
+    status, body = _request(f"{base_url}/v2/repository/index", data=b"{}", headers=headers, timeout=timeout)
+    if status == 403:
+        raise RuntimeError(
+            "the repository index needs the admin key (OFA_ADMIN_KEY or OFA_ADMIN_KEY_FILE); "
+            "or name the models to probe"
         )
-        if status != 200:
-            raise RuntimeError(f"repository index: HTTP {status} {body[:200]!r}")
-        return {m["name"]: m.get("state", "") for m in json.loads(body)}
-    status, body = _request(f"{base_url}/v2/models/stats", timeout=timeout)
     if status != 200:
-        raise RuntimeError(f"model statistics: HTTP {status} {body[:200]!r}")
-    return {m["name"]: "READY" for m in json.loads(body).get("model_stats", [])}
+        raise RuntimeError(f"repository index: HTTP {status} {body[:200]!r}")
+    return {m["name"]: m.get("state", "") for m in json.loads(body)}
+
+
+_METADATA_TYPES = {"BYTES": "TYPE_STRING", **{v[0]: k for k, v in _NUMPY_TYPES.items()}}
+
+
+def _config_from_metadata(metadata: Mapping) -> dict:
+    """The parts of a model config the probe needs, from the model's metadata (an open API, unlike the config):
+    the batch dimension is part of the metadata's shapes (``-1``), hence ``max_batch_size`` 0."""
+
+    def tensors(kind: str) -> list[dict]:
+        return [
+            {
+                "name": t["name"],
+                "data_type": _METADATA_TYPES.get(t.get("datatype", ""), t.get("datatype", "")),
+                "dims": [int(d) for d in t.get("shape", [])],
+            }
+            for t in metadata.get(kind, [])
+        ]
+
+    return {
+        "platform": metadata.get("platform", ""),
+        "max_batch_size": 0,
+        "input": tensors("inputs"),
+        "output": tensors("outputs"),
+    }
 
 
 def _probe_inputs(config: Mapping) -> tuple[dict, bytes]:
@@ -187,18 +225,23 @@ def _probe_inputs(config: Mapping) -> tuple[dict, bytes]:
     return {"inputs": inputs, "outputs": outputs}, b"".join(blobs)
 
 
-def probe_model(base_url: str, model: str, *, timeout: float = 10.0) -> ModelCheck:
-    """One direct inference with fresh inputs to ``model`` (ensembles: skipped, reported ``ok``)."""
+def probe_model(
+    base_url: str, model: str, *, timeout: float = 10.0, headers: Mapping[str, str] | None = None
+) -> ModelCheck:
+    """One direct inference with fresh inputs to ``model`` (ensembles: skipped, reported ``ok``).
+
+    ``headers`` go with every request: the inference key (``ofa-api-key``) when the server requires one.
+    """
     start = time.monotonic()
 
     def check(status: str, detail: str = "") -> ModelCheck:
         return ModelCheck(model, status, detail, time.monotonic() - start)
 
     try:
-        status, body = _request(f"{base_url}/v2/models/{model}/config", timeout=timeout)
+        status, body = _request(f"{base_url}/v2/models/{model}", headers=headers, timeout=timeout)
         if status != 200:
-            return check("not_ready", f"config: HTTP {status} {body[:200].decode(errors='replace')}")
-        config = json.loads(body)
+            return check("not_ready", f"metadata: HTTP {status} {body[:200].decode(errors='replace')}")
+        config = _config_from_metadata(json.loads(body))
         if config.get("platform") == "ensemble":
             return check("ok", "ensemble (its steps are probed)")
         header, blob = _probe_inputs(config)
@@ -211,6 +254,7 @@ def probe_model(base_url: str, model: str, *, timeout: float = 10.0) -> ModelChe
             f"{base_url}/v2/models/{model}/infer",
             data=head + blob,
             headers={
+                **(headers or {}),
                 "Content-Type": "application/octet-stream",
                 "Inference-Header-Content-Length": str(len(head)),
             },
@@ -238,7 +282,11 @@ def probe_server(
     headers: Mapping[str, str] | None = None,
     models: Sequence[str] | None = None,
 ) -> ProbeResult:
-    """Readiness, then :func:`probe_model` for every model (concurrently), all within ``timeout`` seconds."""
+    """Readiness, then :func:`probe_model` for every model (concurrently), all within ``timeout`` seconds.
+
+    ``headers``: the admin key (to list the models; else name them in ``models``) and the inference key if the
+    server requires one.
+    """
     deadline = time.monotonic() + timeout
     try:
         status, _ = _request(f"{base_url}/v2/health/ready", timeout=timeout)
@@ -248,7 +296,9 @@ def probe_server(
             if models is not None
             else list_models(base_url, headers=headers, timeout=max(deadline - time.monotonic(), 0.1))
         )
-    except (urllib.error.URLError, OSError, RuntimeError, ValueError) as exc:
+    except RuntimeError as exc:  # answered, but would not list its models (e.g. no admin key)
+        return ProbeResult(False, (), f"cannot list the models: {exc}")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         return ProbeResult(False, (), f"server unreachable: {exc}")
     checks: dict[str, ModelCheck] = {}
     threads = []
@@ -258,7 +308,9 @@ def probe_server(
             continue
 
         def run(name: str = model) -> None:
-            checks[name] = probe_model(base_url, name, timeout=max(deadline - time.monotonic(), 0.1))
+            checks[name] = probe_model(
+                base_url, name, timeout=max(deadline - time.monotonic(), 0.1), headers=headers
+            )
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
@@ -283,9 +335,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=20.0, help="seconds for the whole probe (default 20)"
     )
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="probe this model (repeatable); default: every model of the repository index (needs the admin key)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only failures")
     args = parser.parse_args(argv)
-    result = probe_server(args.url.rstrip("/"), timeout=args.timeout)
+    try:
+        security = load_settings(SecuritySettings)
+        admin = load_secret("OFA_ADMIN_KEY", security.admin_key, security.admin_key_file)
+        api = api_key_from_settings(security)
+        url = urlsplit(args.url)
+        if admin is None and url.hostname and is_loopback(url.hostname):  # never send a local key elsewhere
+            admin = read_key_file(url.port or 80)
+    except (SettingsError, ValueError) as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+    headers = {**({ADMIN_HEADER: admin} if admin else {}), **({API_HEADER: api} if api else {})}
+    result = probe_server(args.url.rstrip("/"), timeout=args.timeout, headers=headers, models=args.model)
     for line in result.lines():
         if not args.quiet or not result.ok:
             print(line, flush=True)

@@ -36,6 +36,7 @@ __all__ = [
     "PreprocessSettings",
     "ServerSettings",
     "SupervisorSettings",
+    "SecuritySettings",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -59,12 +60,14 @@ def setting(
     minimum: int | float | None = None,
     maximum: int | float | None = None,
     required: bool = False,
+    secret: bool = False,
     help: str = "",
 ) -> Any:
     """Declare a settings dataclass field read from environment variable ``env`` and/or parameter ``param``.
 
     ``choices`` restricts a string (compared lower-case); ``minimum``/``maximum`` bound a number; ``required``
-    makes :func:`load_settings` fail when neither source gives a value and the default is ``None``.
+    makes :func:`load_settings` fail when neither source gives a value and the default is ``None``; ``secret``
+    keeps the value out of the dataclass's ``repr`` (and so out of log lines that print the settings).
     """
     if env is None and param is None:
         raise TypeError("a setting needs an environment variable or a config parameter")
@@ -77,7 +80,7 @@ def setting(
         "required": required,
         "help": help,
     }
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 def model_parameters(model_config: str | Mapping[str, Any] | None) -> dict[str, str]:
@@ -358,6 +361,56 @@ class SupervisorSettings:
     state_file: Path | None = setting(
         env="OFA_SUPERVISOR_STATE",
         help="JSON file with the heal counters; default <tmp>/ofa-supervisor-<HTTP_PORT>.json",
+    )
+    max_server_crashes: int = setting(
+        5,
+        env="OFA_MAX_SERVER_CRASHES",
+        minimum=1,
+        help="a crash of tritonserver is restarted unless it is this many crashes within "
+        "OFA_SERVER_CRASH_WINDOW_S (a crash loop): then the supervisor gives up and exits non-zero",
+    )
+    server_crash_window_s: float = setting(
+        300.0,
+        env="OFA_SERVER_CRASH_WINDOW_S",
+        minimum=1.0,
+        help="seconds over which OFA_MAX_SERVER_CRASHES crashes of tritonserver count as a crash loop",
+    )
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """Keys, gRPC TLS and the exposure rule of the server (:mod:`ofa_serving.security`); environment only.
+
+    A key comes from ``X`` or from the file named by ``X_FILE`` (a mounted secret), never both; files and keys are
+    checked by :mod:`ofa_serving.security` when the server is built, and no message shows a key.
+    """
+
+    admin_key: str = setting(
+        "",
+        env="OFA_ADMIN_KEY",
+        secret=True,
+        help="key of the admin APIs (shared memory, logging, trace, model repository/config, statistics), "
+        "header ofa-admin-key; unset = a fresh random key at each start",
+    )
+    admin_key_file: Path | None = setting(env="OFA_ADMIN_KEY_FILE", help="file holding OFA_ADMIN_KEY")
+    api_key: str = setting(
+        "",
+        env="OFA_API_KEY",
+        secret=True,
+        help="inference then needs header ofa-api-key (gRPC: triton-grpc-protocol-ofa-api-key); unset = open",
+    )
+    api_key_file: Path | None = setting(env="OFA_API_KEY_FILE", help="file holding OFA_API_KEY")
+    grpc_tls_cert: Path | None = setting(
+        env="OFA_GRPC_TLS_CERT", help="PEM certificate (chain) of the gRPC endpoint: gRPC over TLS"
+    )
+    grpc_tls_key: Path | None = setting(env="OFA_GRPC_TLS_KEY", help="PEM private key of OFA_GRPC_TLS_CERT")
+    grpc_tls_ca: Path | None = setting(
+        env="OFA_GRPC_TLS_CA", help="PEM CA of client certificates: mutual TLS (clients must present one)"
+    )
+    allow_unpatched_triton: bool = setting(
+        False,
+        env="OFA_ALLOW_UNPATCHED_TRITON",
+        help="start a tritonserver with known unfixed CVEs on a non-loopback HOST anyway (a loud warning)",
     )
 
 

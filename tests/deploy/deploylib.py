@@ -1,5 +1,5 @@
 """Helpers of the deployment tests: Dockerfile and .dockerignore parsing, compose interpolation, PromQL metric
-extraction, and the metric names Triton 2.51 exports.
+extraction, the metric names Triton 2.51 exports, and the NGC releases the image may be built on.
 
 Nothing here needs Docker, Kubernetes or a network: the files under docker/ are read and cross-checked.
 """
@@ -104,12 +104,54 @@ TRITON_METRICS = TRITON_MODEL_METRICS | TRITON_SERVER_METRICS | TRITON_GPU_METRI
 TRITON_LABELS = frozenset({"model", "version", "reason", "gpu_uuid"})
 SCRAPE_LABELS = frozenset({"job", "instance", "namespace", "pod", "service"})
 
-#: NGC container release -> Triton version inside it (NGC release notes; pytriton 0.5.13-0.7.0 changelogs name
-#: 2.51.0 as the embedded server, built from the 24.10 release).
-NGC_TRITON_VERSION = {"24.10": "2.51.0"}
-#: NGC container release -> its system Python, which the Python backend stub runs (Triton release compatibility
-#: matrix: 24.10 containers ship Python 3.10.12, Ubuntu 22.04; 24.12 moved to 3.12).
-NGC_PYTHON_VERSION = {"24.10": "3.10.12"}
+#: NGC container release -> Triton version inside it. Sources: the TRITON_VERSION file and build.py
+#: (DEFAULT_TRITON_VERSION_MAP) of the release branches of triton-inference-server/server (r24.10 ... r26.08),
+#: the 26.09 version bump on its main branch (2.73.0), and for 26.10 the monthly numbering (its release notes
+#: were found, their version line was not read). pytriton 0.5.13-0.7.0 changelogs name 2.51.0 (24.10) as the
+#: server of the wheel.
+NGC_TRITON_VERSION = {
+    "24.10": "2.51.0",
+    "25.07": "2.59.1",
+    "25.08": "2.60.0",
+    "25.10": "2.62.0",
+    "26.02": "2.66.0",
+    "26.05": "2.69.0",
+    "26.07": "2.71.0",
+    "26.08": "2.72.0",
+    "26.09": "2.73.0",
+    "26.10": "2.74.0",
+}
+#: NGC container release -> its system Python, which the Python backend stub runs (Triton's release compatibility
+#: matrix: 24.10 containers ship Python 3.10.12 on Ubuntu 22.04; from 24.12 on, Ubuntu 24.04 with Python 3.12.3,
+#: listed up to 26.07; build.py of r26.08 still builds on ubuntu 24.04's python3).
+NGC_PYTHON_VERSION = {
+    "24.10": "3.10.12",
+    "26.07": "3.12.3",
+    "26.08": "3.12.3",
+    "26.09": "3.12.3",
+    "26.10": "3.12.3",
+}
+#: The Triton server the test suite and `make serve` run: the one bundled in nvidia-pytriton 0.7.0, the newest
+#: wheel (no newer server on PyPI).
+WHEEL_TRITON_VERSION = "2.51.0"
+#: The first NGC release that fixes every Triton CVE published so far (docs/security.md): the image's base must
+#: be this release or newer.
+MIN_PATCHED_RELEASE = "26.07"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"26.07"`` / ``"2.71.0"`` as a comparable tuple of integers."""
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+def base_image_release(dockerfile: Dockerfile) -> str:
+    """The NGC release (``YY.MM``) of a Dockerfile's ``BASE_IMAGE`` default."""
+    base = dockerfile.args()["BASE_IMAGE"] or ""
+    m = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", base)
+    assert m, (
+        f"BASE_IMAGE must be a dated NGC Triton tag (nvcr.io/nvidia/tritonserver:YY.MM-py3), got {base!r}"
+    )
+    return m.group(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
-"""docker/compose.yaml and what it refers to: images, ports, volumes, Prometheus scraping, Grafana provisioning,
-Locust. Parsed offline (no Docker engine); ``${VAR:-default}`` resolved with an empty environment."""
+"""docker/compose.yaml and what it refers to: images, ports, volumes, hardening, secrets, Prometheus scraping,
+Grafana provisioning, Locust. Parsed offline (no Docker engine); ``${VAR:-default}`` resolved with an environment
+that holds only the required secrets (:data:`REQUIRED_ENV`). Where a docker CLI with the compose plugin exists,
+``docker compose config`` checks the file too."""
 
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,9 +33,24 @@ SERVER_FLAGS = flag_map(SERVER.in_stage(SERVER.final_stage, "CMD")[0].exec_form(
 LOCUST = parse_dockerfile(DOCKER / "locust" / "Dockerfile")
 
 
+#: The variables compose refuses to start without (placeholders: the tests only need them set).
+REQUIRED_ENV = {
+    "OFA_ADMIN_KEY": "test-admin-key-0123456789",
+    "GRAFANA_ADMIN_PASSWORD": "test-grafana-password",
+}
+#: Services that run from this file by default or with the load profile.
+SERVICES = ("triton", "prometheus", "grafana", "locust-master", "locust-worker")
+
+
 @pytest.fixture(scope="module")
 def compose():
-    return load_compose()
+    return load_compose(REQUIRED_ENV)
+
+
+@pytest.fixture(scope="module")
+def raw():
+    """The file as written (no interpolation)."""
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +113,142 @@ def test_triton_ports_match_the_image_and_default_to_loopback(services):
         for p in parse_ports(service.get("ports", [])):
             assert p.host_ip == "127.0.0.1", f"{name}: publish on loopback unless OFA_PUBLISH_ADDRESS says so"
     raw = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    opened = parse_ports(interpolate(raw, {"OFA_PUBLISH_ADDRESS": "0.0.0.0"})["services"]["triton"]["ports"])
+    environ = {**REQUIRED_ENV, "OFA_PUBLISH_ADDRESS": "0.0.0.0"}
+    opened = parse_ports(interpolate(raw, environ)["services"]["triton"]["ports"])
     assert {p.host_ip for p in opened} == {"0.0.0.0"}
+
+
+# -- hardening and secrets -----------------------------------------------------------------------------------
+
+
+def memory_bytes(text: str) -> int:
+    """A compose memory size ('16g', '512m', '2gb') in bytes."""
+    m = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(text).strip().lower())
+    assert m, f"not a memory size: {text!r}"
+    return int(m.group(1)) * 1024 ** " kmg".index(m.group(2) or " ")
+
+
+def test_services_are_locked_down(services):
+    # Read-only root filesystem, no capabilities, no privilege escalation, a memory limit: for every service.
+    for name in SERVICES:
+        service = services[name]
+        assert service.get("read_only") is True, f"{name}: read_only: true"
+        assert service.get("cap_drop") == ["ALL"], f"{name}: cap_drop: [ALL]"
+        assert "no-new-privileges:true" in service.get("security_opt", []), f"{name}: no-new-privileges"
+        limit = service.get("mem_limit") or service.get("deploy", {}).get("resources", {}).get("limits", {})
+        limit = limit.get("memory") if isinstance(limit, dict) else limit
+        assert limit and memory_bytes(limit) >= 256 * 2**20, f"{name}: a memory limit"
+        assert "privileged" not in service and "cap_add" not in service, name
+        assert service.get("network_mode") != "host" and service.get("pid") != "host", name
+
+
+def test_writable_places_under_a_read_only_root(services):
+    # Whatever a service writes is a tmpfs or a volume: Triton's HOME=/tmp (torch, CUDA caches, the supervisor's
+    # state) and /dev/shm for the Python backend (shm_size), the data directories of Prometheus and Grafana.
+    def tmpfs(service: dict) -> set[str]:
+        entries = service.get("tmpfs", [])
+        return {e.split(":")[0] for e in ([entries] if isinstance(entries, str) else entries)}
+
+    triton = services["triton"]
+    assert SERVER.env(SERVER.final_stage)["HOME"] == "/tmp" and "/tmp" in tmpfs(triton)
+    assert memory_bytes(triton["shm_size"]) >= 2**30, "the Python backend's tensors go through /dev/shm"
+    volumes = {
+        name: {m["target"] for m in mounts(s) if not m.get("read_only")} for name, s in services.items()
+    }
+    assert "/prometheus" in volumes["prometheus"]
+    assert "/var/lib/grafana" in volumes["grafana"]
+    for name in SERVICES:
+        assert "/tmp" in tmpfs(services[name]), f"{name}: a tmpfs on /tmp"
+
+
+def test_triton_memory_limit_matches_kubernetes(services):
+    deployment = [d for d in yaml.safe_load_all((DOCKER / "k8s" / "deployment.yaml").read_text()) if d][0]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    k8s = container["resources"]["limits"]["memory"]
+    assert memory_bytes(services["triton"]["mem_limit"]) == memory_bytes(k8s.replace("Gi", "g"))
+
+
+def required_variable(value: str) -> str | None:
+    """The variable a value requires (``${VAR:?message}``), else None."""
+    m = re.fullmatch(r"\$\{(\w+):\?[^}]+\}", str(value))
+    return m.group(1) if m else None
+
+
+def test_grafana_needs_a_password_and_a_login(raw, services):
+    env = raw["services"]["grafana"]["environment"]
+    assert required_variable(env["GF_SECURITY_ADMIN_PASSWORD"]) == "GRAFANA_ADMIN_PASSWORD", (
+        "no default password: compose must refuse to start without GRAFANA_ADMIN_PASSWORD"
+    )
+    resolved = services["grafana"]["environment"]
+    assert resolved["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in resolved
+    assert resolved["GF_USERS_ALLOW_SIGN_UP"] == "false"
+
+
+def test_required_secrets_stop_compose_when_missing(raw):
+    # Compose (like this interpolation) refuses the file when a required secret is missing, naming it.
+    for missing in REQUIRED_ENV:
+        environ = {k: v for k, v in REQUIRED_ENV.items() if k != missing}
+        with pytest.raises(KeyError, match=missing):
+            interpolate(raw, environ)
+
+
+SECRET_NAME = re.compile(r"KEY|PASSWORD|PASSWD|TOKEN|SECRET", re.I)
+
+
+def test_no_literal_secret(raw):
+    # Every secret-looking variable of every service comes from the environment: ${VAR:?...} or ${VAR:-} (empty:
+    # unset), never a value written in the file.
+    seen = set()
+    for name, service in raw["services"].items():
+        environment = service.get("environment", {})
+        assert isinstance(environment, dict), f"{name}: use the mapping form of environment"
+        for key, value in environment.items():
+            if SECRET_NAME.search(key) and not key.endswith("_FILE") and key != "GF_SECURITY_ADMIN_USER":
+                value = str(value)
+                assert re.fullmatch(r"\$\{\w+(:\?[^}]+|:-)\}", value), f"{name}: {key} must not be a literal"
+                seen.add(key)
+    assert {"OFA_ADMIN_KEY", "OFA_API_KEY", "GF_SECURITY_ADMIN_PASSWORD", "CAPTION_API_KEY"} <= seen
+
+
+def test_keys_reach_the_server_and_the_load_generators(raw, services):
+    triton = raw["services"]["triton"]["environment"]
+    assert required_variable(triton["OFA_ADMIN_KEY"]) == "OFA_ADMIN_KEY", (
+        "the health check needs the admin key"
+    )
+    assert triton["OFA_API_KEY"] == "${OFA_API_KEY:-}", "optional: empty leaves inference open"
+    for name in ("locust-master", "locust-worker"):
+        assert raw["services"][name]["environment"]["CAPTION_API_KEY"] == "${OFA_API_KEY:-}", name
+    # With a key set, both sides carry the same one.
+    keyed = load_compose({**REQUIRED_ENV, "OFA_API_KEY": "k" * 32})["services"]
+    assert (
+        keyed["triton"]["environment"]["OFA_API_KEY"]
+        == keyed["locust-worker"]["environment"]["CAPTION_API_KEY"]
+        == "k" * 32
+    )
+    assert services["triton"]["environment"]["OFA_ADMIN_KEY"] == REQUIRED_ENV["OFA_ADMIN_KEY"]
+
+
+def docker_compose() -> list[str] | None:
+    """``docker compose`` (the CLI plugin, Compose v2) when it is installed, else None."""
+    docker = shutil.which("docker")
+    if docker and run([docker, "compose", "version"]).returncode == 0:
+        return [docker, "compose"]
+    return None
+
+
+def test_docker_compose_config():
+    # The real parser, where it exists (not on the development machines): the file is valid with the secrets
+    # set (both profiles) and refused without them.
+    cli = docker_compose()
+    if cli is None:
+        pytest.skip("no docker CLI with the compose plugin here; the structural tests above cover the file")
+    base = [*cli, "-f", str(DOCKER / "compose.yaml"), "--profile", "load", "config", "--quiet"]
+    environ = {k: v for k, v in os.environ.items() if k not in REQUIRED_ENV and k != "OFA_API_KEY"}
+    ok = run(base, env={**environ, **REQUIRED_ENV})
+    assert ok.returncode == 0, ok.stderr
+    refused = run(base, env={**environ, "OFA_ADMIN_KEY": REQUIRED_ENV["OFA_ADMIN_KEY"]})
+    assert refused.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in refused.stderr
 
 
 def test_triton_gets_a_gpu(services):

@@ -11,9 +11,12 @@ import pytest
 
 from .deploylib import (
     DOCKER,
+    MIN_PATCHED_RELEASE,
     NGC_PYTHON_VERSION,
     NGC_TRITON_VERSION,
     REPO,
+    WHEEL_TRITON_VERSION,
+    base_image_release,
     dockerignore_patterns,
     dockerignored,
     flag_map,
@@ -24,6 +27,7 @@ from .deploylib import (
     requirement_pins,
     run,
     third_party_imports_of,
+    version_tuple,
 )
 
 SERVER_DOCKERFILE = DOCKER / "Dockerfile"
@@ -101,28 +105,77 @@ def test_hadolint_catches_bad_dockerfiles(tmp_path):
 # -- base image, stages, user, health check ---------------------------------------------------------------------
 
 
-def test_base_image_is_a_pinned_ngc_triton_release(server):
-    base = server.args()["BASE_IMAGE"]
-    m = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", base or "")
-    assert m, (
-        f"BASE_IMAGE must be a dated NGC Triton tag (nvcr.io/nvidia/tritonserver:YY.MM-py3), got {base!r}"
+def test_base_image_is_a_patched_ngc_triton_release(server):
+    # A dated NGC tag, of a release that fixes every published Triton CVE (docs/security.md), never the 2.51 of
+    # the local wheel.
+    release = base_image_release(server)
+    assert release in NGC_TRITON_VERSION, f"unknown NGC release {release}: record its Triton version"
+    assert version_tuple(release) >= version_tuple(MIN_PATCHED_RELEASE), (
+        f"BASE_IMAGE {release} predates {MIN_PATCHED_RELEASE}, the first release without known CVEs"
     )
-    # The image must run the Triton version the test suite runs (nvidia-pytriton's tritonserver 2.51.0).
-    assert m.group(1) in NGC_TRITON_VERSION, f"unknown NGC release {m.group(1)}: record its Triton version"
-    assert NGC_TRITON_VERSION[m.group(1)] == "2.51.0"
+    version = NGC_TRITON_VERSION[release]
+    assert version_tuple(version) >= version_tuple(NGC_TRITON_VERSION[MIN_PATCHED_RELEASE])
+    assert version_tuple(version) > version_tuple(WHEEL_TRITON_VERSION)
     assert server.base_images[server.stages[0]] == "${BASE_IMAGE}"
+
+
+def test_minimum_release_is_the_launchers_newest_fix():
+    # The launcher's CVE table (ofa_serving.security) and this minimum agree: the newest fix of any CVE that
+    # affects the bundled 2.51 is the minimum release of the image, and both name the same server versions.
+    from ofa_serving.security import CVES
+
+    newest = max(CVES, key=lambda c: version_tuple(c.fixed_release))
+    assert newest.fixed_release == MIN_PATCHED_RELEASE
+    for cve in CVES:
+        assert NGC_TRITON_VERSION.get(cve.fixed_release) == cve.fixed_version, cve.id
+
+
+def fake_ngc_root(root: Path, release: str) -> Path:
+    """An NGC image's /opt/tritonserver as far as version detection reads it: bin/tritonserver, TRITON_VERSION."""
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "tritonserver").write_text("")
+    (root / "TRITON_VERSION").write_text(NGC_TRITON_VERSION[release] + "\n")
+    return root / "bin" / "tritonserver"
+
+
+def test_image_base_passes_the_launchers_exposure_check(server, tmp_path):
+    # Inside the image tritonserver listens on every interface (no HOST, no --*-address). The version detection
+    # the launcher runs (TRITON_VERSION beside the server, NVIDIA_TRITON_SERVER_VERSION of NGC images) must find
+    # the image's base patched, so exposing it is allowed; the same detection refuses an unpatched 24.10 base.
+    from ofa_serving.security import UnpatchedServerError, check_exposure, detect_runtime
+
+    release = base_image_release(server)
+    binary = fake_ngc_root(tmp_path / "image", release)
+    runtime = detect_runtime(binary, {"NVIDIA_TRITON_SERVER_VERSION": release})
+    assert runtime.version == NGC_TRITON_VERSION[release] and runtime.release == release
+    assert runtime.unfixed() == ()
+    assert check_exposure("0.0.0.0", runtime) is None
+    binary = fake_ngc_root(tmp_path / "old", "24.10")
+    old = detect_runtime(binary, {"NVIDIA_TRITON_SERVER_VERSION": "24.10"})
+    with pytest.raises(UnpatchedServerError, match="CVE-2025-23310"):
+        check_exposure("0.0.0.0", old)
+
+
+def test_build_refuses_an_unpatched_base(server):
+    # A BASE_IMAGE override with an older server fails the build: the engine stage runs the same detection.
+    runs = " ".join(i.args for i in server.in_stage("engine", "RUN"))
+    assert "from ofa_serving.security import detect_runtime" in runs
+    assert "r.unfixed()" in runs and "assert not u" in runs
+    assert not [e for e in server.all("ENV") if "OFA_ALLOW_UNPATCHED_TRITON" in e.args], (
+        "the image must never switch the exposure check off"
+    )
 
 
 def test_project_supports_the_image_python(server):
     # The image installs the packages into the NGC image's system Python (the stub's Python), not the 3.11 of the
-    # development environment: the project must declare and lint for it.
-    release = re.search(r":(\d\d\.\d\d)-py3$", server.args()["BASE_IMAGE"]).group(1)
-    python = NGC_PYTHON_VERSION[release]
+    # development environment: the project must declare it, and ruff's target (the oldest Python whose syntax
+    # it allows) may not be newer than the image's Python.
+    python = NGC_PYTHON_VERSION[base_image_release(server)]
     specifiers = require("packaging.specifiers", "packaging").specifiers
     requires = pyproject()["project"]["requires-python"]
     assert specifiers.SpecifierSet(requires).contains(python), f"requires-python {requires} excludes {python}"
-    major, minor = python.split(".")[:2]
-    assert pyproject()["tool"]["ruff"]["target-version"] == f"py{major}{minor}", "ruff must flag newer syntax"
+    target = re.fullmatch(r"py3(\d+)", pyproject()["tool"]["ruff"]["target-version"])
+    assert target and (3, int(target.group(1))) <= version_tuple(python)[:2], "ruff must flag newer syntax"
 
 
 def test_runtime_stage_is_non_root(server):
@@ -224,10 +277,11 @@ def test_hardening_flags(flags):
     from ofa_serving.supervisor import model_control_flags
 
     assert flags["--model-control-mode"] == "explicit" and flags["--load-model"] == "*"
-    assert flag_map(model_control_flags("k"))["--http-restricted-api"] == "model-repository:ofa-admin-key=k"
-    assert "--http-restricted-api" not in flags, (
-        "the secret is generated at start, never baked into the image"
-    )
+    admin = "shared-memory,logging,trace,model-repository,model-config,statistics:ofa-admin-key=k"
+    added = flag_map(model_control_flags("k"))
+    assert added["--http-restricted-api"] == added["--grpc-restricted-protocol"] == admin
+    for key in ("--http-restricted-api", "--grpc-restricted-protocol", "--grpc-use-ssl", "--grpc-server-key"):
+        assert key not in flags, f"{key}: keys and certificates come at start, never baked into the image"
     assert flags["--strict-readiness"] == "true"
     assert int(flags["--exit-timeout-secs"]) > 0
     assert re.fullmatch(r"local,size=\d+", flags["--cache-config"]), "the caption ensemble needs the cache"
@@ -261,11 +315,19 @@ def test_pins_equal_requirements(server):
     assert args["TORCH_VERSION"] == RUNTIME_PINS["torch"]
     assert args["MODELSCOPE_VERSION"] == RUNTIME_PINS["modelscope"]
     gpu = requirement_pins(DOCKER / "requirements-gpu.txt")
-    assert gpu["numpy"].startswith("1."), "numpy<2: the 2.51 Python backend stub breaks under numpy 2"
+    # numpy differs on purpose: numpy 2 in the image (its stub supports it), numpy 1 for the bundled 2.51 stub,
+    # which corrupts BYTES tensors under numpy 2.
+    assert version_tuple(gpu["numpy"])[0] >= 2, "the image's Python backend stub runs numpy 2"
+    assert version_tuple(RUNTIME_PINS["numpy"])[0] == 1, "the 2.51 stub of `make serve` needs numpy<2"
     for name, version in gpu.items():
-        assert RUNTIME_PINS.get(name) == version, (
-            f"{name}: image {version}, requirements {RUNTIME_PINS.get(name)}"
-        )
+        if name != "numpy":
+            assert RUNTIME_PINS.get(name) == version, (
+                f"{name}: image {version}, requirements {RUNTIME_PINS.get(name)}"
+            )
+    run_text = " ".join(i.args for i in server.in_stage("engine", "RUN"))
+    assert "int(numpy.__version__.split('.')[0]) >= 2" in run_text, (
+        "the build checks that numpy 2 is installed"
+    )
     locust = requirement_pins(DOCKER / "locust" / "requirements.txt")
     for name, version in locust.items():
         assert ALL_PINS.get(name) == version, (

@@ -72,7 +72,7 @@ def _one_caption(server: TritonServer):
 def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(queue_server):
     server = queue_server.get()
     stubs = stub_pids(server)
-    assert probe_server(server.http_url).ok
+    assert probe_server(server.http_url, headers=server.admin_headers).ok
     backend_failures = model_metric(
         server, "nv_inference_request_failure", "ofa", settled=True, reason="BACKEND"
     )
@@ -119,7 +119,7 @@ def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(
     assert (
         model_metric(server, "nv_inference_request_failure", "ofa", reason="BACKEND") >= backend_failures + 2
     )
-    probe = probe_server(server.http_url)
+    probe = probe_server(server.http_url, headers=server.admin_headers)
     assert not probe.ok and [c.model for c in probe.checks if not c.ok] == ["ofa"], probe.lines()
 
     # recovery without a supervisor: restart the server (what the liveness probe makes Kubernetes do)
@@ -127,7 +127,7 @@ def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(
     if region is not None and region.exists():  # 2.51 leaves the killed stub's pool behind: tidy up
         print(f"\n{region} was left behind by the killed stub ({region.stat().st_size} bytes); removed")
         region.unlink()
-    assert probe_server(server.http_url).ok
+    assert probe_server(server.http_url, headers=server.admin_headers).ok
     assert stub_pids(server)["ofa"] != stubs["ofa"]
     recovered = _one_caption(server)
     assert recovered.ok, recovered

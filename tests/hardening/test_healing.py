@@ -37,9 +37,8 @@ from load_tests.reliabilitylib import Outcome, caption_inputs, fire
 from ofa_serving.launcher import TritonServer, default_model_repository
 from ofa_serving.probe import probe_server
 from ofa_serving.supervisor import Supervisor, new_admin_key, stub_pids
-from ofa_serving.testing import started
 
-from .conftest import FAST, READY_TIMEOUT_S, fresh_seed, png
+from .conftest import FAST, fresh_seed, png, supervised, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -82,22 +81,8 @@ def healing(demo_checkpoint, tmp_path_factory):
         admin_key=key,
         env={"OFA_WARMUP": "0", "OFA_TEST_POISON_FILE": str(poison)},
     )
-    started(server, READY_TIMEOUT_S)
-    lines: list[str] = []
-
-    def log(line: str) -> None:
-        lines.append(line)
-        print(f"[supervisor] {line}", flush=True)
-
-    supervisor = Supervisor(
-        server, key, interval_s=1.0, probe_timeout_s=5.0, state_file=base / "supervisor.json", log=log
-    )
-    supervisor.start()
-    try:
+    with supervised(server, base) as (supervisor, lines):
         yield Healing(server, supervisor, poison, lines)
-    finally:
-        supervisor.stop()
-        server.stop(timeout=15)
 
 
 class Clients:
@@ -141,26 +126,16 @@ class Clients:
             thread.join(timeout=300)
 
 
-def _wait(condition, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
-
-
 def _outage(healing: Healing, model: str, sig: signal.Signals) -> None:
     server, supervisor = healing.server, healing.supervisor
     (victim,) = stub_pids(server.pid, model)
     heals = supervisor.heals[model]
     with Clients(server) as clients:
-        _wait(lambda: len(clients.answered_since(0)) >= CLIENTS, 120, "the clients get captions")
+        wait_for(lambda: len(clients.answered_since(0)) >= CLIENTS, 120, "the clients get captions")
         os.kill(victim, sig)
         hit = time.monotonic()
         # recovered: a request sent after the fault was captioned by a new stub
-        _wait(
+        wait_for(
             lambda: clients.answered_since(hit) and stub_pids(server.pid, model) not in ([], [victim]),
             OUTAGE_BOUND_S,
             f"{model} answers again after {sig.name}",
@@ -231,13 +206,13 @@ def test_an_engine_failing_every_batch_unloads_its_model_and_is_healed(healing):
                 rf"internal error, id {match.group(1)}:[^\n]*illegal memory access", healing.triton_log()
             )
         # the model took itself out: unloaded, so the server is no longer ready
-        _wait(lambda: _index(healing).get("ofa") != "READY", 60, "ofa unloads itself")
+        wait_for(lambda: _index(healing).get("ofa") != "READY", 60, "ofa unloads itself")
         assert not _ready(server)
         assert "ofa: the engine failed 3 batches in a row; unloading the model" in healing.triton_log()
     finally:
         supervisor.resume()
-    _wait(lambda: supervisor.heals["ofa"] == heals + 1, OUTAGE_BOUND_S, "the supervisor reloads ofa")
-    _wait(lambda: _ready(server), 60, "ready again")
+    wait_for(lambda: supervisor.heals["ofa"] == heals + 1, OUTAGE_BOUND_S, "the supervisor reloads ofa")
+    wait_for(lambda: _ready(server), 60, "ready again")
     assert stub_pids(server.pid, "ofa") != [pid]
     (outcome,) = fire(server.grpc_address, [caption_inputs(grpcclient, [png(40, 30, fresh_seed())], **FAST)])
     assert outcome.ok, outcome
@@ -285,7 +260,11 @@ def test_the_shipped_probe_command_fails_on_a_dead_stub(healing):
     assert commands["kubernetes livenessProbe"] == commands["Dockerfile HEALTHCHECK"], "one probe command"
     server, supervisor = healing.server, healing.supervisor
     # healthy, and warm: a model just reloaded without warm-up (an earlier test) answers its first call slowly here
-    _wait(lambda: probe_server(server.http_url, timeout=120).ok, 300, "the server answers every probe")
+    wait_for(
+        lambda: probe_server(server.http_url, timeout=120, headers=server.admin_headers).ok,
+        300,
+        "the server answers every probe",
+    )
     for name, command in commands.items():
         # a healthy server passes (up to 3 tries: on this shared 2-core machine one beam-1 call took over 20 s)
         for _attempt in range(3):
@@ -309,7 +288,7 @@ def test_the_shipped_probe_command_fails_on_a_dead_stub(healing):
             assert seconds <= probe_timeout(command) + 10  # its own bound, plus Python's start-up
     finally:
         supervisor.resume()
-    _wait(
+    wait_for(
         lambda: supervisor.heals["preprocess"] == heals + 1,
         OUTAGE_BOUND_S,
         "the supervisor reloads preprocess",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ofa_serving.probe import _probe_inputs, tiny_png
+from ofa_serving.probe import _config_from_metadata, _probe_inputs, tiny_png
 from ofa_serving.supervisor import ADMIN_HEADER, main, model_control_flags
 from tests.serving.conftest import model_config
 
@@ -52,8 +52,43 @@ def test_probe_requests_follow_each_models_config(model):
 def test_model_control_is_restricted_to_the_key():
     flags = model_control_flags("s3cret")
     assert flags[:2] == ["--model-control-mode=explicit", "--load-model=*"]
-    assert f"--http-restricted-api=model-repository:{ADMIN_HEADER}=s3cret" in flags
-    assert f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}=s3cret" in flags
+    admin = f"shared-memory,logging,trace,model-repository,model-config,statistics:{ADMIN_HEADER}=s3cret"
+    assert flags[2:] == [f"--http-restricted-api={admin}", f"--grpc-restricted-protocol={admin}"]
+    # with an inference key: a second group (Triton allows a category in one group only)
+    with_api = model_control_flags("s3cret", "inference-key-0123")
+    assert with_api[2:4] == flags[2:]
+    assert with_api[4:] == [
+        "--http-restricted-api=inference:ofa-api-key=inference-key-0123",
+        "--grpc-restricted-protocol=inference:ofa-api-key=inference-key-0123",
+    ]
+
+
+@pytest.mark.parametrize("model", ["preprocess", "ofa"])
+def test_probe_requests_from_metadata_match_those_from_the_config(model):
+    """The probe reads the model's metadata (open; the config is an admin API): same request as from the config."""
+    config = model_config(model)
+    batched = int(config.get("max_batch_size", 0)) > 0
+    kserve = {"TYPE_STRING": "BYTES", "TYPE_FP32": "FP32", "TYPE_INT32": "INT32", "TYPE_UINT8": "UINT8"}
+
+    def tensors(specs):
+        return [
+            {
+                "name": t["name"],
+                "datatype": kserve[t["data_type"]],
+                "shape": ([-1] if batched else []) + [int(d) for d in t["dims"]],
+            }
+            for t in specs
+        ]
+
+    metadata = {
+        "name": model,
+        "platform": config.get("backend", "python"),
+        "inputs": tensors(config["input"]),
+        "outputs": tensors(config["output"]),
+    }
+    from_config, from_metadata = _probe_inputs(config)[0], _probe_inputs(_config_from_metadata(metadata))[0]
+    assert from_metadata == from_config
+    assert _config_from_metadata({"platform": "ensemble"})["platform"] == "ensemble"
 
 
 def test_the_supervisor_refuses_a_server_it_could_not_heal():

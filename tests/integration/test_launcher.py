@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from load_tests.reliabilitylib import server_pid_on_port
 from ofa_serving.launcher import ServerStartError, TritonServer, free_ports
 
 pytestmark = pytest.mark.integration
@@ -56,3 +57,30 @@ def test_serve_entry_point_runs_in_the_foreground_and_stops_on_sigint(demo_check
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_serve_refuses_a_non_loopback_host_before_tritonserver_starts(tmp_path):
+    """The wheel's Triton 2.51 has unfixed CVEs: `make serve` with HOST=0.0.0.0 exits non-zero at once, naming
+    them and the fix, and no tritonserver ever runs on its ports."""
+    http, grpc, metrics = free_ports(3)
+    env = dict(
+        os.environ,
+        HOST="0.0.0.0",
+        HTTP_PORT=str(http),
+        GRPC_PORT=str(grpc),
+        METRICS_PORT=str(metrics),
+        OFA_DOWNLOAD="0",
+        DEMO_CHECKPOINT=str(tmp_path / "never-built"),
+    )
+    env.pop("OFA_ALLOW_UNPATCHED_TRITON", None)
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "ofa_serving.serve"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert "refusing to serve Triton 2.51.0" in result.stderr
+    assert "CVE-2025-23310" in result.stderr and "CVE-2025-23319" in result.stderr
+    assert "docker/" in result.stderr and "OFA_ALLOW_UNPATCHED_TRITON=1" in result.stderr
+    assert "starting tritonserver" not in result.stderr
+    assert not (tmp_path / "never-built").exists()  # not even the demo checkpoint was prepared
+    assert server_pid_on_port(http) is None and time.monotonic() - start < 60

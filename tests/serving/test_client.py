@@ -76,13 +76,14 @@ def http_files(tmp_path):
 
 
 def test_urls_are_downloaded_by_the_client_with_a_size_limit(http_files):
+    # The test server is on loopback, which downloads refuse unless allowed (tests/serving/test_client_download.py).
     root, base = http_files
     (root / "img.bin").write_bytes(b"x" * 1000)
-    assert load_image_bytes(f"{base}/img.bin") == b"x" * 1000
+    assert load_image_bytes(f"{base}/img.bin", allow_private_urls=True) == b"x" * 1000
     with pytest.raises(ImageSourceError, match="larger than the download limit of 999 bytes"):
-        download_image(f"{base}/img.bin", max_bytes=999)
+        download_image(f"{base}/img.bin", max_bytes=999, allow_private=True)
     with pytest.raises(ImageSourceError, match="download failed.*404"):
-        download_image(f"{base}/nothing.jpg")
+        download_image(f"{base}/nothing.jpg", allow_private=True)
     with pytest.raises(ImageSourceError, match="only http"):
         download_image("file:///etc/passwd")
 
@@ -207,10 +208,12 @@ class FakeCaptionClient:
     """Stands in for CaptionClient in the CLI: 'bad' in a name means the server refuses the image."""
 
     models: list[str] = []
+    options: list[dict] = []
 
-    def __init__(self, url, protocol, timeout=None, retries=None, model="caption"):
+    def __init__(self, url, protocol, timeout=None, retries=None, model="caption", **options):
         self.protocol, self.address = protocol or "grpc", url
         FakeCaptionClient.models.append(model)
+        FakeCaptionClient.options.append(options)
 
     def __enter__(self):
         return self

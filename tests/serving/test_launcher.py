@@ -89,3 +89,59 @@ def test_start_refuses_a_missing_checkpoint(tmp_path):
 
 def test_stop_before_start_is_harmless():
     assert TritonServer().stop() is None
+
+
+def test_keys_and_headers_from_the_environment(tmp_path):
+    """`make serve`'s server: keys from OFA_ADMIN_KEY / OFA_API_KEY_FILE, the headers clients send, no model
+    control unless a supervisor's key is passed."""
+    from ofa_serving.settings import SecuritySettings
+
+    (tmp_path / "api-key").write_text("api-key-from-a-file-0123\n")
+    security = load_settings(
+        SecuritySettings,
+        environ={"OFA_ADMIN_KEY": "admin-key-0123456789", "OFA_API_KEY_FILE": str(tmp_path / "api-key")},
+    )
+    server = TritonServer.from_settings(
+        load_settings(ServerSettings, environ={}), security, model_dir=tmp_path
+    )
+    assert server.admin_headers == {"ofa-admin-key": "admin-key-0123456789"}
+    assert server.api_headers == {"ofa-api-key": "api-key-from-a-file-0123"}
+    assert server.grpc_admin_headers == {"triton-grpc-protocol-ofa-admin-key": "admin-key-0123456789"}
+    assert server.grpc_api_headers == {"triton-grpc-protocol-ofa-api-key": "api-key-from-a-file-0123"}
+    command = server.command()
+    assert "--model-control-mode=none" in command and not server.grpc_tls
+    assert any(a.endswith(":ofa-api-key=api-key-from-a-file-0123") for a in command)
+    supervised = TritonServer.from_settings(
+        load_settings(ServerSettings, environ={}),
+        security,
+        model_dir=tmp_path,
+        admin_key="supervisor-key-0123",
+    )
+    assert supervised.model_control and "--model-control-mode=explicit" in supervised.command()
+    assert supervised.admin_headers == {"ofa-admin-key": "supervisor-key-0123"}
+    open_server = TritonServer(model_dir=tmp_path)
+    assert open_server.api_headers == {} and open_server.grpc_api_headers == {}
+    assert "api-key-from-a-file" not in repr(server) and "admin-key" not in repr(server)
+
+
+def test_grpc_tls_from_the_environment(tmp_path):
+    from ofa_serving.settings import SecuritySettings
+
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (tmp_path / name).write_text("pem")
+    environ = {"OFA_GRPC_TLS_CERT": str(tmp_path / "cert.pem"), "OFA_GRPC_TLS_KEY": str(tmp_path / "key.pem")}
+    server = TritonServer.from_settings(
+        load_settings(ServerSettings, environ={}), load_settings(SecuritySettings, environ=environ)
+    )
+    command = server.command()
+    assert server.grpc_tls and "--grpc-use-ssl=true" in command
+    assert (
+        f"--grpc-server-cert={tmp_path / 'cert.pem'}" in command
+        and "--grpc-use-ssl-mutual=true" not in command
+    )
+    mutual = TritonServer.from_settings(
+        load_settings(ServerSettings, environ={}),
+        load_settings(SecuritySettings, environ={**environ, "OFA_GRPC_TLS_CA": str(tmp_path / "ca.pem")}),
+    )
+    assert "--grpc-use-ssl-mutual=true" in mutual.command()
+    assert f"--grpc-root-cert={tmp_path / 'ca.pem'}" in mutual.command()

@@ -97,3 +97,19 @@ def test_bad_setting_exits_with_status_2(monkeypatch, capsys):
     monkeypatch.setenv("HTTP_PORT", "eighty")
     assert serve.main() == 2
     assert "HTTP_PORT: expected an integer, got 'eighty'" in capsys.readouterr().err
+
+
+def test_a_bad_key_file_exits_with_status_2_without_the_key(monkeypatch, capsys, tmp_path, demo, download):
+    (tmp_path / "key").write_text("short key, with spaces\n")
+    monkeypatch.setenv("OFA_API_KEY_FILE", str(tmp_path / "key"))
+    monkeypatch.setenv("OFA_MODEL_DIR", str(make_checkpoint(tmp_path / "ckpt")))
+    assert serve.main() == 2
+    err = capsys.readouterr().err
+    assert "OFA_API_KEY_FILE" in err and "the key must be" in err and "short key" not in err
+
+
+def test_usage_text_shows_the_key_header_never_the_key(tmp_path):
+    server = TritonServer(http_port=18000, grpc_port=18001, metrics_port=18002, api_key="the-key-0123456789")
+    text = serve.usage_text(server, "real")
+    assert 'curl -s -H "ofa-api-key: $CAPTION_API_KEY"' in text and "CAPTION_API_KEY" in text
+    assert "the-key-0123456789" not in text

@@ -126,9 +126,27 @@ def test_device_and_dtype_resolution():
 def test_docs_list_every_setting():
     """docs/serving.md is where users look them up: every environment variable and parameter is in it."""
     docs = (REPO / "docs" / "serving.md").read_text()
-    for cls in (OFASettings, PreprocessSettings, ServerSettings):
+    from ofa_serving.settings import SecuritySettings, SupervisorSettings
+
+    for cls in (OFASettings, PreprocessSettings, ServerSettings, SecuritySettings, SupervisorSettings):
         for row in describe_settings(cls):
             if row["env"]:
                 assert f"`{row['env']}`" in docs, row["env"]
             if row["param"]:
                 assert f"`{row['param']}`" in docs, row["param"]
+
+
+def test_secret_settings_stay_out_of_the_repr(tmp_path):
+    from ofa_serving.settings import SecuritySettings
+
+    s = load_settings(
+        SecuritySettings,
+        environ={"OFA_ADMIN_KEY": "admin-secret-0123456789", "OFA_API_KEY": "api-secret-0123456789",
+                 "OFA_API_KEY_FILE": str(tmp_path / "k"), "OFA_ALLOW_UNPATCHED_TRITON": "yes"},
+    )  # fmt: skip
+    assert s.admin_key == "admin-secret-0123456789" and s.api_key == "api-secret-0123456789"
+    assert s.api_key_file == tmp_path / "k" and s.allow_unpatched_triton is True
+    assert "-secret-0123456789" not in repr(s) and str(tmp_path / "k") in repr(s)
+    assert load_settings(SecuritySettings, environ={}).allow_unpatched_triton is False
+    with pytest.raises(SettingsError, match="OFA_ALLOW_UNPATCHED_TRITON: expected a boolean"):
+        load_settings(SecuritySettings, environ={"OFA_ALLOW_UNPATCHED_TRITON": "please"})
