@@ -4,9 +4,10 @@
     print(CaptionClient("127.0.0.1:8001").caption("cat.jpg").text)
 
 CLI: ``python -m client caption PATH... [--url] [--protocol] [--beam-size] [--max-length] [--num-captions]
-[--json] [--api-key] [--tls] [--ca-cert] [--client-cert --client-key] [--allow-private-urls]`` and
-``python -m client health``. The inference key defaults to ``$CAPTION_API_KEY`` (or the file
-``$CAPTION_API_KEY_FILE``). See docs/serving.md.
+[--json] [--retries N] [--deadline S] [-v] [--api-key] [--tls] [--ca-cert] [--client-cert --client-key]
+[--allow-private-urls]`` and ``python -m client health``. The inference key defaults to ``$CAPTION_API_KEY`` (or
+the file ``$CAPTION_API_KEY_FILE``). Transient failures are retried within a deadline per call
+(``CaptionClient(retries=..., deadline=...)``, ``client.retry_count``). See docs/serving.md.
 """
 
 from .api import (
@@ -22,6 +23,7 @@ from .api import (
     ServerUnavailableError,
     api_key_headers,
     download_image,
+    grpc_service_config,
     is_url,
     load_image_bytes,
     read_api_key,
@@ -41,6 +43,7 @@ __all__ = [
     "ServerUnavailableError",
     "api_key_headers",
     "download_image",
+    "grpc_service_config",
     "is_url",
     "load_image_bytes",
     "read_api_key",

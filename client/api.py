@@ -9,10 +9,20 @@
             print(r)                                                # a Caption or a CaptionError, in order
 
 Errors keep the server's message and come as typed exceptions: :class:`InvalidInputError` (the server said
-INVALID_ARGUMENT: undecodable image, settings out of range), :class:`ServerUnavailableError` (nothing listens,
-the model is not ready; retried with backoff, as it is safe to), :class:`CaptionTimeoutError`,
-:class:`AuthenticationError` (no or a wrong API key; never retried), :class:`ImageSourceError` (the client could
-not read the file or download the URL), all :class:`CaptionError`.
+INVALID_ARGUMENT: undecodable image, settings out of range; never retried), :class:`ServerUnavailableError`
+(transient: nothing listens, the server is stopping or its queue is full, the model is being reloaded, a backend
+process died under the request), :class:`CaptionTimeoutError`, :class:`AuthenticationError` (no or a wrong API
+key; never retried), :class:`ImageSourceError` (the client could not read the file or download the URL), all
+:class:`CaptionError`.
+
+Retries: a caption request is idempotent (same image and settings, same answer), so a transient failure
+(``error.transient``; what Triton 2.51 answers in each case is listed in docs/serving.md) is sent again, up to
+``retries`` times, after a wait drawn uniformly from
+``[0, min(max_backoff, backoff * 2**n))`` (exponential backoff with full jitter), on a new connection, and never
+past ``deadline`` seconds from the start of the call (each attempt's timeout is cut to the time left). Every retry
+is counted in :attr:`CaptionClient.retry_count` and logged at DEBUG on the ``client`` logger (the record carries
+``retry_error``, ``retry_status`` and ``retry_message``: the error's type name, status and message, for tools that
+count causes).
 
 Security: the inference key (``api_key``, else ``$CAPTION_API_KEY``, else the file ``$CAPTION_API_KEY_FILE``)
 goes in a request header on every call (``ofa-api-key`` over HTTP, ``triton-grpc-protocol-ofa-api-key`` over
@@ -28,6 +38,8 @@ import contextlib
 import http.client
 import io
 import ipaddress
+import json
+import logging
 import os
 import random
 import re
@@ -63,6 +75,7 @@ __all__ = [
     "ServerUnavailableError",
     "api_key_headers",
     "download_image",
+    "grpc_service_config",
     "is_url",
     "load_image_bytes",
     "read_api_key",
@@ -76,6 +89,21 @@ DOWNLOAD_TIMEOUT = 30.0
 #: Redirects followed per download; each one is checked like the first URL.
 MAX_REDIRECTS = 5
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+
+#: Default extra attempts after a transient failure: enough that the deadline, not the count, ends the retrying.
+DEFAULT_RETRIES = 50
+#: Default total seconds of one call, all attempts and waits included (the longer of this and ``timeout``): rides
+#: out a supervisor heal (about 5 s) and a tritonserver restart (10-40 s measured, warm-up included).
+DEFAULT_DEADLINE = 60.0
+#: Default longest wait between two attempts (the cap of the exponential backoff).
+MAX_BACKOFF = 2.0
+#: Attempts gRPC itself makes per client attempt when ``grpc_retry_policy=True`` (its service config).
+GRPC_POLICY_ATTEMPTS = 3
+
+_log = logging.getLogger("client")
+# The retry loop's clock and sleep (tests replace them).
+_clock = time.monotonic
+_sleep = time.sleep
 
 #: HTTP header that carries the inference key (the server's ``OFA_API_KEY``).
 API_KEY_HEADER = "ofa-api-key"
@@ -95,15 +123,25 @@ class Caption:
 
 
 class CaptionError(Exception):
-    """Base of the client's errors; ``str()`` is the message (the server's, where it sent one)."""
+    """Base of the client's errors; ``str()`` is the message (the server's, where it sent one).
+
+    ``status`` is the server's status (``"StatusCode.INTERNAL"``, ``"500"``...) where there was one; ``transient``
+    says whether sending the same request again may succeed (the client retries those); ``retries`` is how many
+    retries the call made before it gave up with this error.
+    """
 
     #: True when the key was cut out of the message (and the original exception is not chained).
     redacted = False
+    #: Whether errors of this type are worth a retry (an instance may say otherwise).
+    transient = False
 
-    def __init__(self, message: str, status: str | None = None) -> None:
+    def __init__(self, message: str, status: str | None = None, *, transient: bool | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        if transient is not None:
+            self.transient = transient
+        self.retries = 0
 
 
 class InvalidInputError(CaptionError):
@@ -111,7 +149,12 @@ class InvalidInputError(CaptionError):
 
 
 class ServerUnavailableError(CaptionError):
-    """The server cannot be reached or is not ready (UNAVAILABLE); retried with backoff before raising."""
+    """The server could not answer for now: it cannot be reached (connection refused, reset or closed), says
+    UNAVAILABLE / HTTP 503 (stopping, queue full) or 502 (a proxy in front of it), the model is being (re)loaded,
+    or a backend process died under the request. Transient, so retried with backoff within the deadline before it
+    is raised (except a TLS handshake failure: same type, ``transient`` False)."""
+
+    transient = True
 
 
 class CaptionTimeoutError(CaptionError):
@@ -510,8 +553,25 @@ class CaptionClient:
             ``https://`` and ``grpcs://`` mean TLS.
         protocol: ``"grpc"`` or ``"http"`` (default: from the URL's scheme, else gRPC).
         model: the model to call (the ``caption`` ensemble).
-        timeout: seconds to wait for one answer.
-        retries: extra attempts after :class:`ServerUnavailableError`, with exponential backoff from ``backoff`` s.
+        timeout: seconds to wait for one answer (one attempt; cut to what is left of ``deadline``).
+        retries: most extra attempts of one call after a transient failure (:class:`ServerUnavailableError`:
+            connection refused, reset or closed, gRPC UNAVAILABLE, HTTP 503, the model being reloaded, a backend
+            stub that died under the request); ``0`` turns retrying off, gRPC's own included. Never retried:
+            invalid input, authentication, timeouts, other server errors.
+        backoff: the first wait's upper bound in seconds; the n-th wait is drawn uniformly from
+            ``[0, min(max_backoff, backoff * 2**n))`` (full jitter, so that clients refused together do not come
+            back together).
+        deadline: total seconds one call may take, all attempts and waits included (each attempt's ``timeout`` is
+            cut to the time left, and no wait outlasts it); default: the longer of :data:`DEFAULT_DEADLINE` (60 s)
+            and ``timeout``, which rides out a supervisor heal and a tritonserver restart.
+        max_backoff: the longest single wait (default :data:`MAX_BACKOFF`).
+        grpc_retry_policy: also give the gRPC channel a retry policy (a service config in tritonclient's
+            ``channel_args``) that makes gRPC itself resend a request answered UNAVAILABLE, up to
+            :data:`GRPC_POLICY_ATTEMPTS` times within the attempt's timeout, before this client's own loop sees
+            the failure. Off by default, as Triton refuses a missing or wrong key with UNAVAILABLE too and gRPC
+            cannot tell the two apart (it would resend refused keys); gRPC's retries are not counted in
+            :attr:`retry_count`. What it never covers, so the client's loop still does: other statuses (a dead
+            stub's INTERNAL, a reload's NOT_FOUND), a failure after the response started, and HTTP.
         api_key: the inference key, sent with every request (header ``ofa-api-key`` over HTTP, metadata
             ``triton-grpc-protocol-ofa-api-key`` over gRPC); default ``$CAPTION_API_KEY``, else the contents of
             the file ``$CAPTION_API_KEY_FILE``; none when neither is set (``""`` sends none either).
@@ -531,8 +591,11 @@ class CaptionClient:
         *,
         model: str = "caption",
         timeout: float = 120.0,
-        retries: int = 3,
+        retries: int = DEFAULT_RETRIES,
         backoff: float = 0.5,
+        deadline: float | None = None,
+        max_backoff: float = MAX_BACKOFF,
+        grpc_retry_policy: bool = False,
         api_key: str | None = None,
         tls: bool = False,
         ca_cert: str | os.PathLike[str] | None = None,
@@ -563,15 +626,30 @@ class CaptionClient:
         )
         key = read_api_key(api_key)
         self._api_key = _Secret(key) if key is not None else None
+        if retries < 0 or backoff < 0 or max_backoff < 0:
+            raise ValueError("retries, backoff and max_backoff must not be negative")
+        if timeout <= 0 or (deadline is not None and deadline <= 0):
+            raise ValueError("timeout and deadline must be positive")
         self.model = model
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.max_backoff = max_backoff
+        #: Total seconds one call may take, all attempts and waits included.
+        self.deadline = float(deadline) if deadline is not None else max(DEFAULT_DEADLINE, timeout)
+        self.grpc_retry_policy = grpc_retry_policy
+        self._retry_count = 0
         self.allow_private_urls = allow_private_urls
         self.download_timeout = download_timeout
         self._local = threading.local()
         self._clients: list[Any] = []
         self._lock = threading.Lock()
+
+    @property
+    def retry_count(self) -> int:
+        """Retries this client has made since it was created (all threads; gRPC's own retries not included)."""
+        with self._lock:
+            return self._retry_count
 
     @property
     def has_api_key(self) -> bool:
@@ -590,8 +668,46 @@ class CaptionClient:
         return f"CaptionClient({where!r}, model={self.model!r}, api_key={key})"
 
     # -- connections -----------------------------------------------------------------------------------
+    def grpc_channel_args(self) -> list[tuple[str, Any]]:
+        """The gRPC channel arguments this client passes to tritonclient (``channel_args`` replaces tritonclient's
+        own, so its defaults are repeated here): message sizes and keepalive as tritonclient sets them, fast
+        reconnects (a channel is also replaced after a failure), retries off with ``retries=0`` (gRPC's
+        transparent retries of requests that never reached the server included), and with
+        ``grpc_retry_policy`` a service config whose retry policy resends UNAVAILABLE."""
+        import tritonclient.grpc as tc
+
+        keepalive = tc.KeepAliveOptions()
+        args: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            # (not grpc.min_reconnect_backoff_ms: it is also the connect timeout, 20 s by default)
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", int(max(self.max_backoff, 0.1) * 1000)),
+            ("grpc.enable_retries", 1 if self.retries > 0 else 0),
+        ]
+        if self.grpc_retry_policy and self.retries > 0:
+            args.append(
+                (
+                    "grpc.service_config",
+                    json.dumps(grpc_service_config(min(GRPC_POLICY_ATTEMPTS, self.retries + 1))),
+                )
+            )
+        return args
+
     def _client(self) -> Any:
+        """This thread's tritonclient client. An HTTP client's socket timeouts are fixed when it is made, so one
+        made for a longer timeout than the current attempt may take (or a much shorter one) is replaced."""
         client = getattr(self._local, "client", None)
+        timeout = getattr(self._local, "attempt_timeout", None) or self.timeout
+        if client is not None and self.protocol == "http":
+            made_for = getattr(self._local, "timeout", timeout)
+            if made_for > timeout + 0.05 or made_for < timeout - 1.0:
+                self._drop_connection()
+                client = None
         if client is None:
             if self.protocol == "grpc":
                 import tritonclient.grpc as tc
@@ -602,6 +718,7 @@ class CaptionClient:
                     root_certificates=self.ca_cert,
                     private_key=self.client_key,
                     certificate_chain=self.client_cert,
+                    channel_args=self.grpc_channel_args(),
                 )
             else:
                 import tritonclient.http as tc
@@ -612,13 +729,14 @@ class CaptionClient:
                     self.address,
                     ssl=self.ssl,
                     ssl_options=options or None,
-                    connection_timeout=self.timeout,
-                    network_timeout=self.timeout,
+                    connection_timeout=timeout,
+                    network_timeout=timeout,
                 )
             if self._api_key is not None:
                 header = GRPC_API_KEY_HEADER if self.protocol == "grpc" else API_KEY_HEADER
                 client.register_plugin(_HeadersPlugin(header, self._api_key))
             self._local.client = client
+            self._local.timeout = timeout
             with self._lock:
                 self._clients.append(client)
         return client
@@ -646,19 +764,49 @@ class CaptionClient:
         self.close()
 
     # -- calls -----------------------------------------------------------------------------------------
-    def _call(self, fn, *args, **kwargs):
-        """``fn(client, ...)`` with errors mapped to CaptionError; UNAVAILABLE is retried with backoff."""
-        for attempt in range(self.retries + 1):
+    def _call(self, fn):
+        """``fn(client, timeout)`` with errors mapped to CaptionError; transient ones are retried (see the
+        module's docstring) until ``retries`` or the deadline runs out. ``timeout`` is the attempt's own:
+        ``self.timeout`` cut to what is left of the deadline."""
+        start = _clock()
+        end = start + self.deadline
+        retries = 0
+        while True:
+            attempt_timeout = max(0.001, min(self.timeout, end - _clock()))
             try:
-                return fn(self._client(), *args, **kwargs)
+                self._local.attempt_timeout = attempt_timeout
+                return fn(self._client(), attempt_timeout)
             except Exception as exc:  # noqa: BLE001 - mapped below
                 error = self._error(exc)
-                if not isinstance(error, ServerUnavailableError) or attempt == self.retries:
-                    # The original exception is chained unless the key had to be cut out of the message.
-                    raise error from (None if error.redacted else exc)
+                cause = None if error.redacted else exc  # chained unless the key had to be cut out
+                if not error.transient or retries >= self.retries:
+                    raise _gave_up(error, retries, _clock() - start) from cause
+                wait = random.uniform(0.0, min(self.max_backoff, self.backoff * 2**retries))
+                if _clock() + wait >= end:  # no time left for another attempt
+                    raise _gave_up(error, retries, _clock() - start) from cause
+                # A new connection: a gRPC channel that saw the server go away backs off its reconnects, and
+                # behind a load balancer a new connection may reach another replica.
                 self._drop_connection()
-                time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
+                retries += 1
+                with self._lock:
+                    self._retry_count += 1
+                _log.debug(
+                    "retry %d of at most %d in %.2f s (%s://%s, model %s): %s: %s",
+                    retries,
+                    self.retries,
+                    wait,
+                    self.protocol,
+                    self.address,
+                    self.model,
+                    type(error).__name__,
+                    error.message,
+                    extra={
+                        "retry_error": type(error).__name__,
+                        "retry_status": error.status,
+                        "retry_message": error.message,
+                    },
+                )
+                _sleep(wait)
 
     def _error(self, exc: BaseException) -> CaptionError:
         """:func:`_map_error`, saying whether a key was sent when the server wants one, and never showing the key."""
@@ -671,13 +819,18 @@ class CaptionClient:
             )
             error = AuthenticationError(f"{error.message} ({hint})", error.status)
         if self._api_key is not None and self._api_key.reveal() in error.message:
-            error = type(error)(error.message.replace(self._api_key.reveal(), "<hidden>"), error.status)
+            error = type(error)(
+                error.message.replace(self._api_key.reveal(), "<hidden>"),
+                error.status,
+                transient=error.transient,
+            )
             error.redacted = True
         return error
 
     def _drop_connection(self) -> None:
         client = getattr(self._local, "client", None)
         self._local.client = None
+        self._local.timeout = None
         if client is not None:
             with self._lock:
                 if client in self._clients:
@@ -723,10 +876,12 @@ class CaptionClient:
                 inputs.append(tensor)
         outputs = [tc.InferRequestedOutput(name) for name in output_names]
 
-        def infer(client):
+        def infer(client, timeout):
             if self.protocol == "grpc":
-                return client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout)
-            return client.infer(self.model, inputs, outputs=outputs)
+                return client.infer(self.model, inputs, outputs=outputs, client_timeout=timeout)
+            return client.infer(
+                self.model, inputs, outputs=outputs
+            )  # the socket timeouts of _client(timeout)
 
         return self._call(infer)
 
@@ -810,6 +965,50 @@ def _text(value: Any) -> str:
 
 
 _AUTH_STATUSES = frozenset({"401", "403", "StatusCode.UNAUTHENTICATED", "StatusCode.PERMISSION_DENIED"})
+#: What Triton 2.51 answers while a backend stub is dead or was killed under the request (INTERNAL / HTTP 500):
+#: "Stub process 'ofa_0_0' is not healthy." The supervisor reloads the model within seconds.
+_DEAD_STUB = re.compile(r"stub process\b.*\bnot healthy", re.IGNORECASE)
+#: NOT_FOUND / HTTP 404 for a model the server knows but has not loaded (being unloaded or loaded: a heal, a
+#: reload): "Request for unknown model: 'caption' has no available versions". A model the server does not know at
+#: all ("... is not found") is not transient.
+_RELOADING = re.compile(r"has no available versions|is not at ready state|is not ready", re.IGNORECASE)
+#: A TLS handshake that failed (gRPC says UNAVAILABLE): a certificate does not fix itself, so never retried.
+_TLS_FAILURE = re.compile(r"ssl|handshake|certificate", re.IGNORECASE)
+
+
+def grpc_service_config(max_attempts: int = GRPC_POLICY_ATTEMPTS) -> dict[str, Any]:
+    """A gRPC service config whose retry policy makes gRPC resend a KServe ``ModelInfer`` answered UNAVAILABLE
+    (``max_attempts`` attempts in all, 2-5; backoff from 0.1 s up to 1 s with gRPC's full jitter), for the channel
+    argument ``("grpc.service_config", json.dumps(...))`` with ``("grpc.enable_retries", 1)``.
+
+    gRPC retries only what never produced a response (a status in a trailers-only answer, a failed connection),
+    only the statuses listed (UNAVAILABLE here: not a dead stub's INTERNAL nor a reload's NOT_FOUND), within the
+    call's own deadline, and it cannot tell Triton's UNAVAILABLE for a refused key from a transient one.
+    """
+    return {
+        "methodConfig": [
+            {
+                "name": [{"service": "inference.GRPCInferenceService", "method": "ModelInfer"}],
+                "retryPolicy": {
+                    "maxAttempts": max(2, min(5, max_attempts)),
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+
+
+def _gave_up(error: CaptionError, retries: int, seconds: float) -> CaptionError:
+    """``error`` as raised by a call that made ``retries`` retries in ``seconds`` (said in the message)."""
+    error.retries = retries
+    if retries:
+        note = f" (gave up after {retries} {'retry' if retries == 1 else 'retries'} in {seconds:.1f} s)"
+        error.message += note
+        error.args = (error.message,)
+    return error
 
 
 def _map_error(exc: BaseException) -> CaptionError:
@@ -829,15 +1028,25 @@ def _map_error(exc: BaseException) -> CaptionError:
             return AuthenticationError(message, status or None)
         if status in ("StatusCode.INVALID_ARGUMENT", "400"):
             return InvalidInputError(message, status)
-        if status in ("StatusCode.UNAVAILABLE", "503"):
-            return ServerUnavailableError(message, status)
+        if status in ("StatusCode.UNAVAILABLE", "503", "502"):  # 502: a proxy whose server is restarting
+            tls = status == "StatusCode.UNAVAILABLE" and bool(_TLS_FAILURE.search(message))
+            return ServerUnavailableError(message, status, transient=not tls)
         if status == "StatusCode.DEADLINE_EXCEEDED" or "timed out" in message.lower():
             return CaptionTimeoutError(message, status)
+        if _DEAD_STUB.search(message) or (
+            status in ("StatusCode.NOT_FOUND", "404") and _RELOADING.search(message)
+        ):
+            return ServerUnavailableError(message, status)
         if not status and any(s in message.lower() for s in ("connection refused", "failed to connect")):
             return ServerUnavailableError(message, status)
         return CaptionError(message, status or None)
     if isinstance(exc, TimeoutError) or type(exc).__name__ in ("timeout", "Timeout"):
         return CaptionTimeoutError(f"no answer in time: {exc}")
+    if isinstance(exc, ssl.SSLError):
+        return ServerUnavailableError(f"TLS handshake with the server failed: {exc}", transient=False)
     if isinstance(exc, ConnectionError | OSError):
         return ServerUnavailableError(f"cannot reach the server: {exc}")
+    if isinstance(exc, http.client.HTTPException) and "closed" in str(exc).lower():
+        # geventhttpclient's HTTPConnectionClosed: the server closed the connection (stopping, restarting).
+        return ServerUnavailableError(f"the server closed the connection: {exc}")
     return CaptionError(f"{type(exc).__name__}: {exc}")

@@ -9,6 +9,11 @@ It prints ``path<TAB>caption`` lines, or JSON lines with ``--json`` (``{"image",
 ...]`` (``caption``/``score`` stay the best). Every failure is also reported on stderr and makes the exit status
 1. A progress bar goes to stderr when there are many images and stderr is a terminal.
 
+Retries (``caption``): a transient failure (server unreachable, stopping or overloaded, the model being reloaded,
+a backend process that died under the request) is retried with backoff up to ``--retries`` times within
+``--deadline`` seconds per image (defaults: those of :class:`client.CaptionClient`); ``--retries 0`` turns
+retrying off. Invalid images and refused keys are never retried. ``-v`` logs each retry on stderr.
+
 Security options (both commands): ``--api-key`` (default ``$CAPTION_API_KEY``, or the file named by
 ``$CAPTION_API_KEY_FILE``; prefer those, as a command line is visible to other local users), ``--tls``,
 ``--ca-cert``, ``--client-cert``/``--client-key`` (mutual TLS).
@@ -17,13 +22,15 @@ Security options (both commands): ``--api-key`` (default ``$CAPTION_API_KEY``, o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .api import CaptionClient, CaptionError, ImageSourceError, is_url
+from .api import DEFAULT_DEADLINE, DEFAULT_RETRIES, CaptionClient, CaptionError, ImageSourceError, is_url
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main"]
 
@@ -108,6 +115,20 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="captions per image, best first, 1..beam size (default: one, the best)",
     )
+    cap.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        help=f"most retries of an image after a transient failure; 0 = none (default {DEFAULT_RETRIES})",
+    )
+    cap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help=f"seconds per image, all attempts and waits included (default: the longer of {DEFAULT_DEADLINE:g} "
+        "and --timeout)",
+    )
+    cap.add_argument("-v", "--verbose", action="store_true", help="log each retry on stderr")
     cap.add_argument("--json", action="store_true", help="print JSON lines instead of path<TAB>caption")
     cap.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -153,14 +174,19 @@ def _caption(args: argparse.Namespace) -> int:
 
     failures = 0
     sources = [src for _, src in items]
-    with CaptionClient(
-        args.url,
-        args.protocol,
-        timeout=args.timeout,
-        allow_private_urls=args.allow_private_urls,
-        download_timeout=args.download_timeout,
-        **_connection(args),
-    ) as client:
+    with (
+        _retry_messages(args.verbose),
+        CaptionClient(
+            args.url,
+            args.protocol,
+            timeout=args.timeout,
+            retries=args.retries,
+            deadline=args.deadline,
+            allow_private_urls=args.allow_private_urls,
+            download_timeout=args.download_timeout,
+            **_connection(args),
+        ) as client,
+    ):
         results = client.imap(
             sources,
             concurrency=args.concurrency,
@@ -187,11 +213,53 @@ def _caption(args: argparse.Namespace) -> int:
                     emit(f"{name}\t{' '.join(caption.text.split())}")
             if bar is not None:
                 bar.update(1)
+        retried = client.retry_count
     if bar is not None:
         bar.close()
     if failures:
         print(f"{failures} of {len(items)} image(s) failed", file=sys.stderr)
+    if retried:
+        print(f"{retried} retr{'y' if retried == 1 else 'ies'} after transient failures", file=sys.stderr)
     return 1 if failures else 0
+
+
+@contextlib.contextmanager
+def _retry_messages(verbose: bool) -> Iterator[None]:
+    """While captioning: every retry on stderr with ``-v``, else a single notice at the first one."""
+    logger = logging.getLogger("client")
+    if verbose:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        handler = _FirstRetryNotice()
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+class _FirstRetryNotice(logging.Handler):
+    """Says once on stderr that the client is retrying (a server that is down makes each image wait up to its
+    deadline), and how to see each retry or turn retrying off."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.shown = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.shown or not hasattr(record, "retry_error"):
+            return
+        self.shown = True
+        print(
+            f"retrying after a transient failure ({record.retry_error}: {record.retry_message}); each image waits "
+            "up to --deadline seconds: -v shows every retry, --retries 0 turns retrying off",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _connection(args: argparse.Namespace) -> dict[str, object]:

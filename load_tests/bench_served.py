@@ -7,6 +7,9 @@
     under a bound derived from the engine's own latency, and its plot.
 
 Every request carries distinct bytes (``loadlib.UniqueImages``), so Triton's response cache cannot answer.
+Requests go over raw tritonclient, each sent once: a benchmark measures the server, so a failure is counted and
+reported as one (``client.CaptionClient`` would retry it, fold the wait into the latency and hide it); there are
+no client-side retries to report.
 """
 
 from __future__ import annotations

@@ -12,8 +12,10 @@ cache cannot answer):
    refused by ``ofa``'s full queue has been decoded by ``preprocess`` first, seconds on a CPU) and every one of
    them before the first caption.
 2. **retrying clients**: ``--client-requests`` (default 96) images through ``client.CaptionClient.caption_many``
-   with as many in flight (past the 16 executing + 64 waiting that ``ofa`` holds) and ``--retries``/``--backoff``.
-   Expected: every image captioned; the refusals the client absorbed are counted.
+   with as many in flight (past the 16 executing + 64 waiting that ``ofa`` holds), ``--retries``, ``--backoff``
+   and ``--max-backoff`` (exponential backoff with full jitter) within ``--timeout`` per image. Expected: every
+   image captioned; the refusals the client absorbed are counted: every attempt by outcome, and the client's
+   retries by cause, apart from failures.
 
 Afterwards the server must be ready with the same Python backend stub processes. Prints a summary and writes
 ``load_tests/results/burst.json``; exits 1 when an expectation is missed.
@@ -44,7 +46,14 @@ from load_tests.loadlib import (
     server_from_args,
     server_ready,
 )
-from load_tests.reliabilitylib import caption_inputs, fire, server_pid_on_port, stub_processes
+from load_tests.reliabilitylib import (
+    ClientRetries,
+    caption_inputs,
+    fire,
+    format_retries,
+    server_pid_on_port,
+    stub_processes,
+)
 
 QUEUE_FULL = "Exceeds maximum queue size"
 QUEUE_TIMEOUT = "Request timeout expired"
@@ -58,8 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--client-requests", type=int, default=int(env("BURST_CLIENT_REQUESTS", "96")), help="phase 2 size"
     )
-    p.add_argument("--retries", type=int, default=8, help="CaptionClient retries in phase 2")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=100,
+        help="most CaptionClient retries per image in phase 2 (the --timeout deadline usually ends them first)",
+    )
     p.add_argument("--backoff", type=float, default=1.0, help="CaptionClient backoff (s) in phase 2")
+    p.add_argument(
+        "--max-backoff", type=float, default=30.0, help="CaptionClient's longest wait (s) in phase 2"
+    )
     p.add_argument(
         "--max-refusal-p50-s",
         type=float,
@@ -68,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--beam-size", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--max-length", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--timeout", type=float, default=900.0, help="bound on each phase (s)")
+    p.add_argument(
+        "--timeout", type=float, default=900.0, help="bound on each phase (s); phase 2's deadline per image"
+    )
     return p.parse_args(argv)
 
 
@@ -154,9 +173,17 @@ def retrying_clients(args, server, corpus: UniqueImages) -> dict:
     grpcclient.InferenceServerClient.infer = counting
     start = time.monotonic()
     try:
-        with CaptionClient(
-            f"grpc://{server.grpc_address}", retries=args.retries, backoff=args.backoff, timeout=args.timeout
-        ) as client:
+        with (
+            ClientRetries() as retried,
+            CaptionClient(
+                f"grpc://{server.grpc_address}",
+                retries=args.retries,
+                backoff=args.backoff,
+                max_backoff=args.max_backoff,
+                timeout=args.timeout,
+                deadline=args.timeout,
+            ) as client,
+        ):
             results = client.caption_many(
                 images, concurrency=args.client_requests, beam_size=args.beam_size, max_length=args.max_length
             )
@@ -164,13 +191,17 @@ def retrying_clients(args, server, corpus: UniqueImages) -> dict:
         grpcclient.InferenceServerClient.infer = original
     wall = time.monotonic() - start
     failed = [f"{type(r).__name__}: {r}" for r in results if not isinstance(r, Caption)]
+    causes = retried.summary()["by_cause"]
     return {
         "requests": args.client_requests,
-        "retries": args.retries,
+        "max_retries": args.retries,
         "backoff_s": args.backoff,
+        "max_backoff_s": args.max_backoff,
         "wall_s": round(wall, 2),
         "captioned": len(results) - len(failed),
         "failed": failed[:20],
+        "retries": client.retry_count,
+        "retries_by_cause": causes,
         "attempts": dict(attempts),
         "checks": {"every image captioned": not failed},
     }
@@ -193,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         phase2 = retrying_clients(args, server, corpus)
         _log(
-            f"phase 2: {phase2['captioned']} captioned, attempts {phase2['attempts']} in {phase2['wall_s']} s"
+            f"phase 2: {phase2['captioned']} captioned, {len(phase2['failed'])} failed, {phase2['retries']} "
+            f"client retries; attempts {phase2['attempts']} in {phase2['wall_s']} s"
         )
         stubs_after = {s.instance: s.pid for s in stub_processes(pid)} if pid else {}
         server_checks = {
@@ -228,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         f"phase 2: {phase2['captioned']}/{args.client_requests} captioned through CaptionClient in "
         f"{phase2['wall_s']} s; attempts {phase2['attempts']}"
     )
+    retried = {"total": phase2["retries"], "by_cause": phase2["retries_by_cause"]}
+    print(f"phase 2 client retries (apart from failures): {format_retries(retried)}")
     for name, ok in checks.items():
         print(f"[{'ok' if ok else 'FAIL'}] {name}")
     print(f"report: {out}")

@@ -12,6 +12,11 @@ exactly one Locust request event (request_type ``grpc`` or ``http``, name ``capt
 milliseconds, the response length in bytes (caption text + score) and the exception on failure, so Locust's
 statistics count each request once.
 
+No retries, unlike ``client.CaptionClient``: the users send each request once over raw tritonclient, as a load
+generator measures the server (a refusal or an error is what it reports; a retry would fold the wait for the
+server into a latency and hide the failure). Their reports therefore have no client-side retries; ``make soak``
+and ``make burst``, which go through ``CaptionClient``, count them apart from failures.
+
 Options (command line, or the environment variable in brackets)::
 
     --triton-host      [TRITON_HOST]         server address (127.0.0.1)

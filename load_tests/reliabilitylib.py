@@ -8,19 +8,102 @@ Standard library + numpy only at import time (``tritonclient`` is imported where
   :func:`listening_addresses` (the liveness check is ``ofa_serving.probe``, shipped in the image);
 * memory over time: :class:`RssSampler`;
 * bursts: :func:`fire` sends many ``caption`` requests at once over gRPC (asynchronous calls from one thread, so
-  a burst really arrives within milliseconds) and returns one :class:`Outcome` per request.
+  a burst really arrives within milliseconds) and returns one :class:`Outcome` per request;
+* client retries: :class:`ClientRetries` counts ``client.CaptionClient``'s retries by cause, so that the tools
+  report them apart from failures.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# ------------------------------------------------------------------------------------------- client retries
+
+#: Longest part of an error message kept as a retry's cause.
+CAUSE_CHARS = 100
+
+
+def retry_cause(error_type: str, message: str) -> str:
+    """A short, stable name for why a request was retried: the error type and the start of the server's message
+    (the client's " (gave up after ...)" note and a per-request id dropped)."""
+    message = re.sub(r"\[request id: [^\]]*\] ", "", message.split(" (gave up after ")[0])
+    return f"{error_type}: {message[:CAUSE_CHARS]}"
+
+
+class ClientRetries(logging.Handler):
+    """Counts the retries of every ``client.CaptionClient`` in this process by cause, from the DEBUG record the
+    client logs per retry (logger ``client``, attributes ``retry_error`` and ``retry_message``). Use as a context
+    manager (or :meth:`start`/:meth:`stop`): it turns that logger's DEBUG records on while installed (and only
+    sends them here)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.causes: Counter[str] = Counter()
+        self._counting = threading.Lock()
+        self._saved: tuple[int, bool] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error_type = getattr(record, "retry_error", None)
+        if error_type is None:
+            return
+        message = str(getattr(record, "retry_message", ""))
+        with self._counting:
+            self.causes[retry_cause(error_type, message)] += 1
+
+    @property
+    def total(self) -> int:
+        """Retries counted so far."""
+        with self._counting:
+            return sum(self.causes.values())
+
+    def summary(self) -> dict[str, object]:
+        """``{"total": n, "by_cause": {cause: count}}``, most frequent cause first."""
+        with self._counting:
+            return {"total": sum(self.causes.values()), "by_cause": dict(self.causes.most_common())}
+
+    def start(self) -> ClientRetries:
+        """Install (the same as entering the context)."""
+        return self.__enter__()
+
+    def stop(self) -> None:
+        """Remove (the same as leaving the context)."""
+        self.__exit__()
+
+    def __enter__(self) -> ClientRetries:
+        logger = logging.getLogger("client")
+        self._saved = (logger.level, logger.propagate)
+        logger.addHandler(self)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False  # the retries are counted here, not printed by the root logger
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("client")
+        logger.removeHandler(self)
+        if self._saved is not None:
+            logger.setLevel(self._saved[0])
+            logger.propagate = self._saved[1]
+
+
+def format_retries(summary: Mapping[str, object], limit: int = 5) -> str:
+    """One line for a table: ``"12 (ServerUnavailableError: ...: 9; ...)"``, or ``"0"``."""
+    total = int(summary.get("total", 0) or 0)
+    causes = dict(summary.get("by_cause", {}) or {})
+    if not total:
+        return "0"
+    shown = "; ".join(f"{cause}: {n}" for cause, n in list(causes.items())[:limit])
+    more = f"; {len(causes) - limit} more causes" if len(causes) > limit else ""
+    return f"{total} ({shown}{more})"
+
 
 # ------------------------------------------------------------------------------------------- processes
 

@@ -4,15 +4,17 @@
 ``model_repository/``, the demo checkpoint unless ``OFA_MODEL_DIR`` is set, free 127.0.0.1 ports), or against one
 already answering on ``--http-port``/``--grpc-port`` (its PID is found by its port). Meanwhile:
 
-* ``--users`` closed-loop users (default 4) caption the sample images through ``client.CaptionClient`` without
-  retries (a failure is a failure), half over gRPC and half over HTTP. Every request's bytes are distinct (the
+* ``--users`` closed-loop users (default 4) caption the sample images through ``client.CaptionClient`` with its
+  retries (``--retries``, default the client's; 0 = none), half over gRPC and half over HTTP: a request that still
+  fails after its retries is a failure, and the retries are counted apart, by cause (on a healthy server there are
+  none: each one is a transient fault the client hid). Every request's bytes are distinct (the
   response cache cannot answer), except one in ``--repeat-every`` (default 10), which repeats an earlier image
   (the cache path); user 0 sends a broken image every ``--bad-every`` requests (default 10), which must be
   refused with INVALID_ARGUMENT (the error path) and is counted apart;
 * the resident memory (RSS, from /proc) of tritonserver and of each Python backend stub is sampled every
   ``--interval`` seconds.
 
-Verdict (exit 1 when missed): no failed request, at least one request per user, the same stub processes at the
+Verdict (exit 1 when missed): no failed request (client retries are reported, not failed), at least one request per user, the same stub processes at the
 end (none died and was replaced), the server still ready, and for every process and the total: RSS at the end
 (median of the last 30 s) at most ``--max-growth-pct`` (10 %) above RSS right after warm-up (median of the 30 s
 after ``--warmup-seconds``, default 20 % of the run, at least 60 s). Prints a table (RSS every minute, the
@@ -46,7 +48,9 @@ from load_tests.loadlib import (
     server_ready,
 )
 from load_tests.reliabilitylib import (
+    ClientRetries,
     RssSampler,
+    format_retries,
     is_process_key,
     rss_growth,
     server_pid_on_port,
@@ -79,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bad-every", type=int, default=10, help="user 0 sends a broken image every Nth (0 = never)"
     )
     p.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        help="CaptionClient retries of a request after a transient failure (default: the client's; 0 = none)",
+    )
+    p.add_argument(
         "--peak-rounds",
         type=int,
         default=3,
@@ -106,7 +116,7 @@ class Tally:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.latencies: list[float] = []
-        self.ok = self.cached = self.refused_as_expected = 0
+        self.ok = self.cached = self.refused_as_expected = self.retries = 0
         self.per_user: dict[int, int] = {}
         self.failures: list[str] = []
 
@@ -138,7 +148,8 @@ def user_loop(
     tally: Tally,
     barrier: threading.Barrier,
 ):
-    """Caption until ``deadline``: one request in flight, no retries; every outcome is tallied.
+    """Caption until ``deadline``: one request in flight (retried by the client after transient failures);
+    every outcome is tallied, and the client's retries.
 
     The first ``--peak-rounds`` requests of all users start together (``barrier``), so that the batches steady
     load can produce at its largest are served during the warm-up: memory reaches its working-set high-water mark
@@ -149,7 +160,8 @@ def user_loop(
     broken = broken_images()
     sent: list[bytes] = []
     settings = {"beam_size": args.beam_size, "max_length": args.max_length}
-    with CaptionClient(url, protocol=protocol, retries=0, timeout=180) as client:
+    retries = {} if args.retries is None else {"retries": args.retries}
+    with CaptionClient(url, protocol=protocol, timeout=180, **retries) as client:
         n = 0
         while time.monotonic() < deadline:
             n += 1
@@ -178,6 +190,8 @@ def user_loop(
             tally.add_ok(user, time.monotonic() - start, repeat)
             if not repeat:
                 sent = [data]
+        with tally.lock:
+            tally.retries += client.retry_count
 
 
 def rss_table(samples: list[dict], every_s: float = 60.0) -> list[dict]:
@@ -219,6 +233,7 @@ def run(args: argparse.Namespace, server) -> dict:
         f"stubs {stubs_before}"
     )
     sampler.start()
+    retry_log = ClientRetries().start()
     deadline = time.monotonic() + args.seconds
     threads = []
     barrier = threading.Barrier(args.users)
@@ -249,6 +264,7 @@ def run(args: argparse.Namespace, server) -> dict:
             break
     sampler.sample()
     sampler.stop()
+    retry_log.stop()
     stubs_after = {s.instance: s.pid for s in stub_processes(pid)}
     growth = rss_growth(sampler.samples, args.warmup_seconds, WINDOW_S)
     metrics_after = scrape_metrics(server.host, server.metrics_port)
@@ -283,6 +299,8 @@ def run(args: argparse.Namespace, server) -> dict:
             "broken_refused_as_expected": tally.refused_as_expected,
             "failed": len(tally.failures),
             "failures": tally.failures[:50],
+            "retries": tally.retries,
+            "retries_by_cause": retry_log.summary()["by_cause"],
             "per_second": round(tally.ok / args.seconds, 3),
         },
         "latency": latency_summary(tally.latencies),
@@ -314,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         f"requests: {r['ok']} ok ({r['of_which_repeats']} repeats), {r['broken_refused_as_expected']} broken images "
         f"refused as expected, {r['failed']} failed; {r['per_second']} captions/s; latency {report['latency']}"
     )
+    retried = {"total": r["retries"], "by_cause": r["retries_by_cause"]}
+    print(f"client retries (apart from failures): {format_retries(retried)}")
     print(f"{'RSS of':>22} {'after warm-up':>14} {'end':>8} {'peak':>8} {'growth':>8}")
     for name, g in report["rss_growth"].items():
         print(

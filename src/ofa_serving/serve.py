@@ -7,10 +7,18 @@
    With ``OFA_MODELS`` (``name=dir ...``) several checkpoints are served at once, each as its own public
    model, from a repository generated at start (``ofa_serving.repository``).
 2. tritonserver in the foreground on ``HOST`` (127.0.0.1) and ``HTTP_PORT``/``GRPC_PORT``/``METRICS_PORT``
-   (8000/8001/8002); once ready it prints how to call it. SIGINT/SIGTERM are forwarded to the server (graceful
-   stop, in-flight requests finish); a second signal kills it.
+   (8000/8001/8002); once ready it prints how to call it. SIGINT/SIGTERM are forwarded to the server at once and
+   it drains: readiness turns false, new requests are refused with UNAVAILABLE (a retrying client goes to another
+   replica), the requests in flight are answered, and it exits within ``OFA_EXIT_TIMEOUT_SECS`` (30 s); the
+   supervisor neither heals nor restarts anything meanwhile. A second signal kills it.
+   The wheel's tritonserver (2.51) has known unfixed CVEs (:mod:`ofa_serving.security`): a non-loopback ``HOST``
+   is refused before anything starts (exit status 2, the CVEs named) unless ``OFA_ALLOW_UNPATCHED_TRITON=1``.
+   The admin APIs always need the admin key; inference needs ``OFA_API_KEY`` when that is set.
 3. Unless ``OFA_SUPERVISE=0``, :mod:`ofa_serving.supervisor` probes every model and reloads one whose backend stub
-   died or hung (tritonserver 2.51 does not), logging ``[supervisor]`` lines (docs/reliability.md).
+   died or hung (tritonserver 2.51 does not), and starts tritonserver again on the same ports when it crashes
+   (a signal such as SIGSEGV or SIGKILL, or a non-zero exit while no stop was asked for), logging ``[supervisor]``
+   lines (docs/reliability.md). After a crash loop (``OFA_MAX_SERVER_CRASHES`` crashes within
+   ``OFA_SERVER_CRASH_WINDOW_S``: 5 in 300 s) it gives up and the exit status is non-zero.
 """
 
 from __future__ import annotations
@@ -21,10 +29,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .launcher import ServerStartError, TritonServer
+from .launcher import ServerStartError, TritonServer, find_triton
 from .repository import DEFAULT_NAME, prepare_models, prepare_server
-from .settings import ServerSettings, SettingsError, SupervisorSettings, load_settings
-from .supervisor import new_admin_key, run_supervised
+from .security import API_HEADER, check_exposure, detect_runtime
+from .settings import (
+    SecuritySettings,
+    ServerSettings,
+    SettingsError,
+    SupervisorSettings,
+    load_settings,
+)
+from .supervisor import describe_exit, drain, exit_status, new_admin_key, run_supervised
 
 __all__ = ["prepare_checkpoint", "usage_text", "main"]
 
@@ -80,16 +95,24 @@ def usage_text(server: TritonServer, kind: str, models: tuple[str, ...] = (DEFAU
     warn = "\n  NOTE: demo checkpoint, captions are meaningless.\n" if kind == "demo" else ""
     model = models[0]
     pick = "" if model == DEFAULT_NAME else f" --model {model}"
+    if server.grpc_tls:
+        pick += f" --tls --ca-cert {server.grpc_tls_ca or '<CA of the server certificate>'}"
+    key_note, curl_key = "", ""
+    if server.api_key:  # never the key itself: it stays where the operator put it
+        key_note = (
+            "\n  Inference needs the API key: export CAPTION_API_KEY=<OFA_API_KEY's value> for the CLI.\n"
+        )
+        curl_key = f' -H "{API_HEADER}: $CAPTION_API_KEY"'
     listing = f"\n  Models: {', '.join(models)}\n" if models != (DEFAULT_NAME,) else ""
     return f"""
 === OFA captioning is ready: HTTP {http}  gRPC {grpc}  metrics {server.metrics_url} ===
-{warn}{listing}
+{warn}{listing}{key_note}
   python -m client caption path/to/image.jpg --url {grpc}{pick}
   python -m client caption photos/ --protocol http --url {server.http_address} --json
   python -m client health --url {grpc}{pick}
 
   {{ printf '{{"inputs":[{{"name":"image","shape":[1,1],"datatype":"BYTES","data":["'; base64 < image.jpg | tr -d '\\n'; \\
-     printf '"]}}]}}'; }} | curl -s --data-binary @- {http}/v2/models/{model}/infer
+     printf '"]}}]}}'; }} | curl -s{curl_key} --data-binary @- {http}/v2/models/{model}/infer
 
   Stop with Ctrl-C (in-flight requests finish first; a second Ctrl-C kills).
 """
@@ -101,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(ServerSettings)
         supervision = load_settings(SupervisorSettings)
+        security = load_settings(SecuritySettings)
+        # before anything is downloaded or started: a vulnerable server stays on loopback unless overridden
+        check_exposure(settings.host, detect_runtime(find_triton().binary), security.allow_unpatched_triton)
         admin_key = new_admin_key() if supervision.supervise else None
         if settings.models:
             server, served, generated = prepare_models(settings, admin_key=admin_key)
@@ -119,13 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _log("interrupted while preparing the checkpoint")
         return 130
-    signals = {"count": 0}
+    signals = {"count": 0, "supervising": False}
 
     def forward(signum, _frame):
         signals["count"] += 1
         if signals["count"] == 1:
-            _log(f"{signal.Signals(signum).name}: stopping tritonserver (pid {server.pid}) gracefully")
-            server.terminate()
+            _log(
+                f"{signal.Signals(signum).name}: stopping tritonserver (pid {server.pid}) gracefully: readiness "
+                "turns false, new requests are refused (UNAVAILABLE), those in flight are answered within "
+                f"{server.exit_timeout_secs} s (OFA_EXIT_TIMEOUT_SECS); no heal or restart meanwhile"
+            )
+            if signals["supervising"]:  # the ensembles first: tritonserver alone keeps accepting requests
+                unloaded = drain(server, admin_key)
+                _log(f"unloaded {', '.join(unloaded) or 'no ensemble'}; SIGTERM sent")
+            else:
+                server.terminate()
         elif server.process is not None and server.process.poll() is None:
             _log("second signal: killing tritonserver")
             server.process.kill()
@@ -144,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                 if server.process.poll() is not None:
                     raise
         if admin_key is not None and server.process.poll() is None and not signals["count"]:
+            signals["supervising"] = True
             return run_supervised(server, admin_key, lambda: signals["count"] > 0, supervision)
-        return server.wait()
+        code = server.wait()
+        if code and not signals["count"]:
+            _log(f"tritonserver {describe_exit(code)}; not restarted (OFA_SUPERVISE=0)")
+        return exit_status(code)
     except ServerStartError as exc:
         _log(f"error: {exc}")
         server.stop(timeout=5)

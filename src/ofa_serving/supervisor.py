@@ -17,11 +17,20 @@ again (its ensembles come back with it), probe it. Each heal writes a log line a
 and the state file (``OFA_SUPERVISOR_STATE``, JSON). If a model cannot be healed ``max_heal_failures`` times in a
 row the supervisor restarts tritonserver (when it can) or gives up, so that the container is restarted.
 
+A crashed tritonserver (killed by a signal such as SIGSEGV or the OOM killer's SIGKILL, or a non-zero exit while
+no stop was asked for) is started again at once on the same ports by :func:`run_supervised`, which logs the signal
+or status and counts it in the state file; ``OFA_MAX_SERVER_CRASHES`` crashes within
+``OFA_SERVER_CRASH_WINDOW_S`` (5 in 300 s) are a crash loop: it gives up with a non-zero exit status.
+
 The model-repository API is the server's only way to reload a model; the launcher starts tritonserver with
 ``--model-control-mode=explicit --load-model=*`` and restricts that API (HTTP and gRPC) to requests that carry
 the header ``ofa-admin-key`` with a secret generated at start (:func:`model_control_flags`): clients cannot load
 or unload models. ``python -m ofa_serving.supervisor tritonserver <flags>`` runs a tritonserver command line
 under supervision (the container image's command).
+
+A requested stop (SIGTERM/SIGINT to ``make serve`` or to the image's command) is a graceful drain (:func:`drain`):
+the ensembles are unloaded (new requests refused at once, readiness false) and tritonserver gets SIGTERM at once; the
+requests in flight are answered; from then on nothing is probed, healed or restarted.
 """
 
 from __future__ import annotations
@@ -31,7 +40,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -40,43 +48,46 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .probe import ModelCheck, list_models, probe_model, server_ready
+from .security import ADMIN_HEADER, API_HEADER, admin_key_from_settings, restricted_api_flags
 
 __all__ = [
     "ADMIN_HEADER",
     "model_control_flags",
     "new_admin_key",
+    "child_processes",
     "stub_pids",
     "Supervisor",
     "CommandServer",
     "run_supervised",
+    "drain",
+    "CrashLoop",
+    "describe_exit",
+    "exit_status",
     "main",
 ]
 
-#: The header the model-repository API of a supervised server requires (HTTP; gRPC metadata gets Triton's prefix).
-ADMIN_HEADER = "ofa-admin-key"
 _STUB = "triton_python_backend_stub"
 
 
 def new_admin_key() -> str:
-    """A fresh secret for :data:`ADMIN_HEADER` (``OFA_ADMIN_KEY`` when set: operators who call the API)."""
-    return os.environ.get("OFA_ADMIN_KEY", "").strip() or secrets.token_urlsafe(24)
+    """The key of :data:`ADMIN_HEADER`: ``OFA_ADMIN_KEY`` or ``OFA_ADMIN_KEY_FILE`` when set (operators who call
+    the admin APIs), else a fresh secret. Raises :class:`~ofa_serving.settings.SettingsError` for a bad one."""
+    from .settings import SecuritySettings, load_settings
+
+    return admin_key_from_settings(load_settings(SecuritySettings))
 
 
-def model_control_flags(admin_key: str) -> list[str]:
-    """tritonserver flags: explicit model control, every model loaded at start, repository API behind the key."""
-    restricted = f"model-repository:{ADMIN_HEADER}={admin_key}"
-    return [
-        "--model-control-mode=explicit",
-        "--load-model=*",
-        f"--http-restricted-api={restricted}",
-        f"--grpc-restricted-protocol={restricted}",
-    ]
+def model_control_flags(admin_key: str, api_key: str | None = None) -> list[str]:
+    """tritonserver flags: explicit model control, every model loaded at start, the admin APIs (model repository
+    among them) behind ``admin_key`` and, with ``api_key``, inference behind it
+    (:func:`~ofa_serving.security.restricted_api_flags`)."""
+    return ["--model-control-mode=explicit", "--load-model=*", *restricted_api_flags(admin_key, api_key)]
 
 
 def _log(message: str) -> None:
@@ -103,20 +114,27 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def stub_pids(server_pid: int, model: str) -> list[int]:
-    """PIDs of the Python backend stubs of ``model`` (instances ``<model>_<group>_<index>``) under ``server_pid``."""
-    instance = re.compile(rf"^{re.escape(model)}_\d+_\d+$")
+def child_processes(parent: int) -> list[tuple[int, list[str]]]:
+    """``(pid, argv)`` of the live (not zombie) child processes of ``parent``, by PID."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         fields = _proc_stat(int(entry.name))
-        if fields is None or int(fields[1]) != server_pid or fields[0] in ("Z", "X"):
+        if fields is None or int(fields[1]) != parent or fields[0] in ("Z", "X"):
             continue
-        args = _cmdline(int(entry.name))
-        if args and args[0].endswith(_STUB) and any(instance.match(a) for a in args[1:]):
-            out.append(int(entry.name))
+        out.append((int(entry.name), _cmdline(int(entry.name))))
     return sorted(out)
+
+
+def stub_pids(server_pid: int, model: str) -> list[int]:
+    """PIDs of the Python backend stubs of ``model`` (instances ``<model>_<group>_<index>``) under ``server_pid``."""
+    instance = re.compile(rf"^{re.escape(model)}_\d+_\d+$")
+    return [
+        pid
+        for pid, args in child_processes(server_pid)
+        if args and args[0].endswith(_STUB) and any(instance.match(a) for a in args[1:])
+    ]
 
 
 def _stopped(pid: int) -> bool:
@@ -134,12 +152,17 @@ class Supervisor:
         server: the running server: ``.pid``, ``.http_url`` (a :class:`~ofa_serving.launcher.TritonServer` or a
             :class:`CommandServer`).
         admin_key: the secret of :data:`ADMIN_HEADER` the server was started with.
+        api_key: the inference key the server requires (header ``ofa-api-key``), sent with every probe; default:
+            the server's ``api_key`` attribute if it has one, else none (inference open).
         interval_s: seconds between probe rounds.
         probe_timeout_s: how long one model's probe may take before it counts as unanswered.
         hang_after_s: a model whose probes go unanswered and that completes no execution for this long is hung.
         state_file: JSON file with the counters and the last events (``None``: none).
         restart: called to restart the whole server when a model cannot be healed (``None``: give up).
         max_heal_failures: failed heals of one model in a row before ``restart``.
+        stopping: true once a stop of the server was requested (it drains): from then on no probe round runs
+            and no model is healed, since killing a stub or unloading a model would fail the requests the drain
+            is answering (default: only :meth:`stop` ends the rounds).
     """
 
     def __init__(
@@ -154,15 +177,23 @@ class Supervisor:
         restart: Callable[[], None] | None = None,
         max_heal_failures: int = 3,
         log: Callable[[str], None] = _log,
+        api_key: str | None = None,
+        stopping: Callable[[], bool] | None = None,
     ) -> None:
         self.server = server
+        self.stopping = stopping
+        #: admin APIs (repository, config, statistics); ``probe_headers``: those plus the inference key
         self.headers = {ADMIN_HEADER: admin_key}
+        api_key = api_key or getattr(server, "api_key", None)
+        self.probe_headers = {**self.headers, **({API_HEADER: api_key} if api_key else {})}
         self.interval_s, self.probe_timeout_s, self.hang_after_s = interval_s, probe_timeout_s, hang_after_s
         self.state_file = Path(state_file) if state_file else None
         self.restart_server, self.max_heal_failures, self.log = restart, max_heal_failures, log
         #: heals per model; ``restarts``: server restarts
         self.heals: Counter[str] = Counter()
         self.restarts = 0
+        #: exits of tritonserver while not asked to stop (restarted by :func:`run_supervised` unless a crash loop)
+        self.server_crashes = 0
         self.events: list[dict[str, Any]] = []
         self.gave_up = False
         self._ensembles: dict[str, bool] = {}
@@ -197,7 +228,9 @@ class Supervisor:
             self._is_ensemble(model)  # remember it while it has a config
 
             def run(name: str = model) -> None:
-                checks[name] = probe_model(self.base_url, name, timeout=self.probe_timeout_s)
+                checks[name] = probe_model(
+                    self.base_url, name, timeout=self.probe_timeout_s, headers=self.probe_headers
+                )
 
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
@@ -206,6 +239,9 @@ class Supervisor:
             thread.join(self.probe_timeout_s + 5)
         healed = []
         for model, check in sorted(checks.items()):
+            if self.draining():  # the probes saw the drain (models unloaded or stopping): not a fault
+                self.log("a stop was requested: no heal while the server drains")
+                break
             reason = self._needs_heal(model, check)
             if reason and self.heal(model, reason):
                 healed.append(model)
@@ -242,7 +278,10 @@ class Supervisor:
         """Whether ``model`` is an ensemble (remembered from when it was loaded: an unloaded model has no config)."""
         if model not in self._ensembles:
             try:
-                with urllib.request.urlopen(f"{self.base_url}/v2/models/{model}/config", timeout=5) as resp:
+                req = urllib.request.Request(
+                    f"{self.base_url}/v2/models/{model}/config", headers=self.headers
+                )
+                with urllib.request.urlopen(req, timeout=5) as resp:
                     self._ensembles[model] = json.loads(resp.read()).get("platform") == "ensemble"
             except (urllib.error.URLError, OSError, ValueError):
                 return False
@@ -250,7 +289,8 @@ class Supervisor:
 
     def _executions(self, model: str) -> int | None:
         try:
-            with urllib.request.urlopen(f"{self.base_url}/v2/models/{model}/stats", timeout=5) as resp:
+            req = urllib.request.Request(f"{self.base_url}/v2/models/{model}/stats", headers=self.headers)
+            with urllib.request.urlopen(req, timeout=5) as resp:
                 stats = json.loads(resp.read()).get("model_stats", [])
             return sum(int(s.get("execution_count", 0)) for s in stats)
         except (urllib.error.URLError, OSError, ValueError):
@@ -283,9 +323,14 @@ class Supervisor:
         # Unloading returns at once; a model whose stub died stays UNLOADING in 2.51 (its old instance is never
         # finalized), but loading it again does not wait for that: load right away.
         self._repository("unload", model, timeout=30)
+        if self.draining():  # a stop came during the heal: loading would bring the drained ensembles back
+            self.log(f"{model}: a stop was requested during the heal; not loading it again")
+            return False
         status, text = self._repository("load", model, timeout=600)
         self._reload_unloaded()
-        check = probe_model(self.base_url, model, timeout=max(self.probe_timeout_s, 30.0))
+        check = probe_model(
+            self.base_url, model, timeout=max(self.probe_timeout_s, 30.0), headers=self.probe_headers
+        )
         seconds = time.monotonic() - start
         # loaded, and the probe answered, or is still waiting behind queued requests (the next rounds judge that)
         ok = status == 200 and check.status in ("ok", "timeout")
@@ -348,6 +393,7 @@ class Supervisor:
             "heals": dict(self.heals),
             "heals_total": sum(self.heals.values()),
             "server_restarts": self.restarts,
+            "server_crashes": self.server_crashes,
             "gave_up": self.gave_up,
             "events": self.events,
         }
@@ -355,12 +401,43 @@ class Supervisor:
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, self.state_file)
 
+    def server_crashed(self, how: str, restarting: bool) -> None:
+        """Count a crash of tritonserver (``how``: "killed by SIGSEGV", ...) and whether it is being restarted."""
+        self.server_crashes += 1
+        if restarting:
+            self.restarts += 1
+        else:
+            self.gave_up = True
+        self.events.append(
+            {
+                "time": time.time(),
+                "server": "tritonserver",
+                "reason": how,
+                "restarted": restarting,
+                "seconds": None,
+            }
+        )
+        self.events = self.events[-50:]
+        self._write_state()
+
+    def server_back(self, seconds: float) -> None:
+        """The server restarted after the last crash is ready again, ``seconds`` after that crash."""
+        for event in reversed(self.events):
+            if event.get("server"):
+                event["seconds"] = round(seconds, 2)
+                break
+        self._write_state()
+
     # -- loop ---------------------------------------------------------------------------------------------
+    def draining(self) -> bool:
+        """Whether a stop was requested (:meth:`stop`, or the ``stopping`` callable): no more rounds or heals."""
+        return self._stop.is_set() or (self.stopping is not None and self.stopping())
+
     def run(self) -> None:
         """Probe rounds every ``interval_s`` until :meth:`stop` (or giving up)."""
         while not self._stop.wait(self.interval_s):
             with self._round:
-                if self._paused.is_set():
+                if self._paused.is_set() or self.draining():
                     continue
                 try:
                     self.check_once()
@@ -404,16 +481,134 @@ def default_state_file(http_port: int) -> Path:
     return Path(tempfile.gettempdir()) / f"ofa-supervisor-{http_port}.json"
 
 
+# ------------------------------------------------------------------------------------------- server crashes
+
+#: The Python backend's shared-memory pools (one per stub, named on its command line), created and mapped by
+#: tritonserver.
+_SHM_DIR, _SHM_PREFIX = "/dev/shm/", "triton_python_backend_shm_region_"
+
+
+def describe_exit(returncode: int) -> str:
+    """How a process ended, from its ``Popen.returncode``: ``killed by SIGSEGV``, ``exited with status 1``."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def exit_status(returncode: int) -> int:
+    """The status a shell reports for ``Popen.returncode``: 128 + the signal for a process killed by one."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class CrashLoop:
+    """Crashes of tritonserver in a sliding window: ``max_crashes`` of them within ``window_s`` are a crash loop."""
+
+    def __init__(
+        self, max_crashes: int = 5, window_s: float = 300.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_crashes, self.window_s, self.clock = max_crashes, window_s, clock
+        self._times: deque[float] = deque()
+
+    def crashed(self) -> bool:
+        """Record a crash now; True when it completes a crash loop (give up rather than restart)."""
+        now = self.clock()
+        self._times.append(now)
+        while now - self._times[0] > self.window_s:
+            self._times.popleft()
+        return len(self._times) >= self.max_crashes
+
+    @property
+    def recent(self) -> int:
+        """Crashes within the window that ends at the last one recorded."""
+        return len(self._times)
+
+
+def _shm_regions(pid: int) -> set[str]:
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text(errors="replace")
+    except OSError:
+        return set()
+    found = set()
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        if len(fields) == 6 and fields[5].startswith(_SHM_DIR + _SHM_PREFIX):
+            found.add(fields[5].removesuffix(" (deleted)").strip())
+    return found
+
+
+def _group(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                members.append(int(entry.name))
+    return members
+
+
+class _Leftovers:
+    """What a dead tritonserver leaves behind: its stubs (its process group) and their shared-memory pools.
+
+    The server maps the pool of every stub it runs and unlinks them when it exits cleanly; killed (or after a
+    heal killed a stub) nobody does, and each pool takes megabytes of /dev/shm (RAM). The pools are noted while
+    the server runs, since the stubs of a killed server exit by themselves within seconds.
+    """
+
+    def __init__(self) -> None:
+        self.regions: set[str] = set()
+        self._noted = 0.0
+
+    def note(self, pid: int | None, every_s: float = 1.0) -> None:
+        """Note the pools the server ``pid`` maps (at most every ``every_s`` seconds)."""
+        if pid is not None and time.monotonic() - self._noted >= every_s:
+            self._noted = time.monotonic()
+            self.regions |= _shm_regions(pid)
+
+    def clean(self, pgid: int) -> list[str]:
+        """Once the server (leader of process group ``pgid``) has exited: kill its stubs, remove their pools."""
+        members = _group(pgid)
+        for pid in members:  # a stub just started may not have mapped its pool yet: it is on its command line
+            self.regions |= _shm_regions(pid)
+            self.regions |= {
+                _SHM_DIR + a for a in _cmdline(pid) if a.startswith(_SHM_PREFIX) and "/" not in a
+            }
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 2.0
+        for pid in members:  # stubs orphaned to this process (PID 1 of a container) must be reaped by it
+            with contextlib.suppress(ChildProcessError, OSError):
+                while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        removed = []
+        for path in sorted(self.regions):
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.unlink(path)
+                removed.append(path)
+        self.regions.clear()
+        return removed
+
+
 # ------------------------------------------------------------------------------------------- command line
 
 
 class CommandServer:
-    """A tritonserver command line run as a child process (the container image: ``tritonserver`` on PATH)."""
+    """A tritonserver command line run as a child process (the container image: ``tritonserver`` on PATH).
+
+    It runs in a session of its own (its stubs too: :func:`run_supervised` can find them once it is gone), and
+    Linux sends it SIGTERM when the thread that started it exits.
+    """
 
     def __init__(self, command: Sequence[str]) -> None:
         self.command = list(command)
         port = next((a.split("=", 1)[1] for a in self.command if a.startswith("--http-port=")), "8000")
         self.http_port = int(port)
+        #: how long tritonserver drains after SIGTERM (its ``--exit-timeout-secs``, 30 s by default)
+        timeout = next((a.split("=", 1)[1] for a in self.command if a.startswith("--exit-timeout-secs=")), "")
+        self.exit_timeout_secs = int(timeout) if timeout.isdigit() else 30
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.process: subprocess.Popen | None = None
 
@@ -422,13 +617,24 @@ class CommandServer:
         return self.process.pid if self.process else None
 
     def start(self) -> CommandServer:
-        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
+        """Start the command (again, after an exit: same command, same ports); returns at once."""
+        from .launcher import _die_with_parent
+
+        self.process = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+        )
         return self
 
     def is_ready(self) -> bool:
         return server_ready(self.http_url)
 
+    def terminate(self) -> None:
+        """SIGTERM (graceful: in-flight requests finish); does not wait."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
     def stop(self, timeout: float = 40.0) -> int | None:
+        """SIGTERM, SIGKILL after ``timeout`` s, then whatever is left of its process group; its exit code."""
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -438,30 +644,45 @@ class CommandServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         return self.process.returncode
 
 
 def run_supervised(server: Any, admin_key: str, stopping: Callable[[], bool], settings: Any = None) -> int:
-    """Supervise the running, ready ``server`` until it exits (or ``stopping()``); its exit code.
+    """Supervise the running, ready ``server`` until a stop is requested (``stopping()``) or it gives up; the exit
+    status for the process.
 
-    ``server`` needs ``pid``, ``http_url``, ``http_port``, ``process``, ``stop(timeout=)``, ``start()`` and
-    ``wait_ready()`` or ``is_ready()`` (:class:`~ofa_serving.launcher.TritonServer`, :class:`CommandServer`).
-    ``settings`` is a :class:`~ofa_serving.settings.SupervisorSettings` (default: from the environment).
+    The models: a :class:`Supervisor` probes and heals them. The server itself: when tritonserver exits while
+    no stop was requested, killed by a signal (SIGSEGV, SIGABRT, SIGKILL: the OOM killer) or with a non-zero
+    status, its leftover stubs are killed, their shared memory removed, and it is started again at once with the
+    same command on the same ports (a dead server's ports are free at once); the probes resume when it is ready.
+    Each crash is logged with its signal or status and counted in the state file. The ``max_server_crashes``-th
+    crash within ``server_crash_window_s`` is a crash loop: no restart, the status is non-zero (128 + the
+    signal, or the server's status) and whatever supervises this process (make, the container runtime) acts.
+
+    Returns tritonserver's own status after a requested stop (0 after a clean drain), 0 when it exited with 0
+    on its own, 1 when a model could not be healed and the server not restarted, the last crash's status after a
+    crash loop. ``server`` needs ``pid``, ``http_url``, ``http_port``, ``process``, ``start()``, ``stop(timeout=)``,
+    ``terminate()`` and ``is_ready()`` (:class:`~ofa_serving.launcher.TritonServer`, :class:`CommandServer`); the
+    caller's signal handler starts the drain (:func:`drain`) when a stop is requested, and ``stopping()`` turns
+    true: no probe round or heal from then on, no restart, and a server still running ``exit_timeout_secs`` + 15 s
+    later is killed. ``settings`` is a
+    :class:`~ofa_serving.settings.SupervisorSettings` (default: from the environment).
     """
     from .settings import SupervisorSettings, load_settings
 
     settings = settings or load_settings(SupervisorSettings)
-    restarting = threading.Event()
+    requested = threading.Event()  # a model cannot be healed by reloading: restart the server
+    restarted = threading.Event()
 
     def restart() -> None:
-        restarting.set()
-        try:
-            server.stop(timeout=10)
-            server.start()
-        finally:
-            restarting.clear()
-        while server.process.poll() is None and not server.is_ready():
-            time.sleep(1)
+        # Called from the supervisor's thread. The restart runs in this function's own thread (the one that
+        # started the server: the server must not die with the supervisor's thread); wait for it.
+        restarted.clear()
+        requested.set()
+        while not restarted.wait(0.5) and not stopping():
+            pass
 
     state = settings.state_file or default_state_file(server.http_port)
     supervisor = Supervisor(
@@ -472,35 +693,189 @@ def run_supervised(server: Any, admin_key: str, stopping: Callable[[], bool], se
         hang_after_s=settings.hang_after_s,
         state_file=state,
         restart=restart,
+        stopping=stopping,
     )
+    crashes = CrashLoop(settings.max_server_crashes, settings.server_crash_window_s)
+    leftovers = _Leftovers()
+
+    def start_again(since: float) -> bool:
+        """Start the server again; True once it is ready (False: it exited first, or a stop was requested)."""
+        if stopping():  # asked to stop while no server ran: nothing to start, nothing to drain
+            _log("a stop was requested while tritonserver was down; not starting it again")
+            return False
+        server.start()
+        if stopping():  # the stop signal came while the server was being started: pass it on
+            server.terminate()
+            return False
+        _log(f"tritonserver started again (pid {server.pid}) {time.monotonic() - since:.1f} s after it ended")
+        while server.process.poll() is None and not stopping():
+            if server.is_ready():
+                return True
+            time.sleep(0.25)
+        return False
+
     _log(
         f"supervising tritonserver (pid {server.pid}): every model probed every {settings.probe_interval_s:g} s; "
-        f"heal counters in {state}"
+        f"restarted when it crashes, up to {settings.max_server_crashes - 1} time(s) within "
+        f"{settings.server_crash_window_s:g} s; heal counters in {state}"
     )
     supervisor.start()
     try:
         while True:
             process = server.process
-            while process.poll() is None and not stopping() and not supervisor.gave_up:
+            while (
+                process.poll() is None
+                and not stopping()
+                and not supervisor.gave_up
+                and not requested.is_set()
+            ):
+                leftovers.note(process.pid)
                 time.sleep(0.2)
-            while restarting.is_set():
-                time.sleep(0.2)
-            if stopping() or supervisor.gave_up or server.process is process:
+            if stopping():
                 break
-        supervisor.stop()  # no probes while the server drains (its endpoints close)
-        if supervisor.gave_up:
-            server.stop(timeout=10)
-            return 1
-        return server.process.wait()
+            if supervisor.gave_up:  # a model could not be healed and no restart was possible
+                supervisor.stop()
+                server.stop(timeout=10)
+                leftovers.clean(process.pid)
+                return 1
+            if requested.is_set():
+                _log(f"stopping tritonserver (pid {process.pid}) to start it again")
+                since = time.monotonic()
+                server.stop(timeout=10)
+                leftovers.clean(process.pid)
+                try:
+                    ready = start_again(since)
+                except (OSError, RuntimeError) as exc:
+                    _log(f"cannot start tritonserver again ({exc}); giving up")
+                    return 1
+                if ready:
+                    seconds = time.monotonic() - since
+                    _log(f"tritonserver is ready again (pid {server.pid}) after {seconds:.1f} s")
+                requested.clear()
+                restarted.set()
+                continue
+            code, pid, since = process.returncode, process.pid, time.monotonic()
+            if code == 0:
+                _log(f"tritonserver (pid {pid}) exited with status 0 without being asked to; stopping too")
+                supervisor.stop()
+                leftovers.clean(pid)
+                server.stop(timeout=0)
+                return 0
+            how = describe_exit(code)
+            supervisor._paused.set()  # no probe rounds until it is back (one in progress ends by itself)
+            loop = crashes.crashed()
+            removed = leftovers.clean(pid)
+            server.stop(timeout=0)  # closes what the launcher holds for it
+            count = (
+                f"crash {crashes.recent} within {settings.server_crash_window_s:g} s; "
+                f"{settings.max_server_crashes} make a crash loop"
+            )
+            shm = f"; removed its {len(removed)} shared-memory pool(s)" if removed else ""
+            if loop:
+                _log(
+                    f"tritonserver (pid {pid}) {how} ({count}); giving up with exit status "
+                    f"{exit_status(code)} (the restart policy takes over){shm}"
+                )
+                supervisor.server_crashed(how, restarting=False)
+                return exit_status(code)
+            _log(f"tritonserver (pid {pid}) {how} while not asked to stop ({count}); restarting it{shm}")
+            supervisor.server_crashed(how, restarting=True)
+            try:
+                ready = start_again(since)
+            except (OSError, RuntimeError) as exc:
+                _log(f"cannot start tritonserver again ({exc}); giving up")
+                return exit_status(code)
+            if ready:
+                seconds = time.monotonic() - since
+                _log(f"tritonserver is ready again (pid {server.pid}), {seconds:.1f} s after the crash")
+                supervisor.server_back(seconds)
+                supervisor.resume()
+                if requested.is_set():  # the fresh server is the restart the supervisor asked for
+                    requested.clear()
+                    restarted.set()
+        # A stop was requested: the caller's signal handler sent it to tritonserver, which drains: readiness false,
+        # new requests refused with UNAVAILABLE, those in flight answered, exit within its --exit-timeout-secs.
+        # No probe round and no heal meanwhile (``stopping`` tells the supervisor), no restart after it.
+        supervisor.stop()
+        code = _wait_for_drain(server)
+        leftovers.clean(server.process.pid)
+        return exit_status(code)
     finally:
+        restarted.set()  # a supervisor waiting for a restart that will not come
         supervisor.stop()
 
 
+def drain(server: Any, admin_key: str | None, timeout: float = 2.0) -> list[str]:
+    """Begin the graceful stop of the running ``server``: unload its ensembles, then SIGTERM (does not wait).
+
+    tritonserver 2.51 alone turns readiness false on SIGTERM but goes on accepting new requests on connections that
+    clients hold open (HTTP keep-alive, gRPC channels) until its exit timeout, and then exits cutting short the
+    requests in flight (docs/reliability.md). Unloaded first, an ensemble (the public model: ``caption``) refuses new
+    requests at once with UNAVAILABLE ("... has no available versions", which clients retry elsewhere) and strict
+    readiness turns false, while the requests already in it finish in its steps, which stay loaded until
+    tritonserver unloads everything as it exits. Without ``admin_key`` (no model control) it only sends SIGTERM.
+    Each call is bounded by ``timeout`` s; whatever fails, SIGTERM is sent. Returns the ensembles unloaded.
+    """
+    unloaded: list[str] = []
+    if admin_key is not None:
+        headers = {ADMIN_HEADER: admin_key}
+        base = server.http_url.rstrip("/")
+        try:
+            states = list_models(base, headers=headers, timeout=timeout)
+        except (RuntimeError, OSError, ValueError):
+            states = {}
+        for model, state in states.items():
+            if state != "READY" or _platform(base, model, headers, timeout) != "ensemble":
+                continue
+            req = urllib.request.Request(
+                f"{base}/v2/repository/models/{model}/unload", data=b"{}", headers=headers, method="POST"
+            )
+            with (
+                contextlib.suppress(urllib.error.URLError, OSError),
+                urllib.request.urlopen(req, timeout=timeout),
+            ):
+                unloaded.append(model)
+    server.terminate()
+    return unloaded
+
+
+def _platform(base_url: str, model: str, headers: dict[str, str], timeout: float) -> str | None:
+    """The ``platform`` of ``model``'s config (``"ensemble"``, ...); None when it cannot be read."""
+    req = urllib.request.Request(f"{base_url}/v2/models/{model}/config", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read()).get("platform")
+    except (urllib.error.URLError, OSError, ValueError, AttributeError):
+        return None
+
+
+#: How long past its own exit timeout a draining tritonserver may take before it is killed.
+_DRAIN_GRACE_S = 15.0
+
+
+def _wait_for_drain(server: Any) -> int:
+    """Wait for the draining ``server`` to exit; its returncode. tritonserver itself ends the drain after its exit
+    timeout (``server.exit_timeout_secs``); one still running :data:`_DRAIN_GRACE_S` later is killed."""
+    process = server.process
+    limit = getattr(server, "exit_timeout_secs", None)
+    try:
+        return process.wait(None if limit is None else limit + _DRAIN_GRACE_S)
+    except subprocess.TimeoutExpired:
+        _log(
+            f"tritonserver (pid {process.pid}) still draining {limit + _DRAIN_GRACE_S:g} s after the stop; killing it"
+        )
+        process.kill()
+        return process.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ofa_serving.supervisor tritonserver <flags>``: run that server and keep its models healthy.
+    """``python -m ofa_serving.supervisor tritonserver <flags>``: run that server, keep its models healthy and
+    restart it when it crashes (:func:`run_supervised`).
 
     The command must contain ``--model-control-mode=explicit`` and ``--load-model=*``; the restricted-API flags
-    with a fresh key are appended. SIGTERM/SIGINT go to tritonserver (graceful drain); the exit code is its own.
+    with a fresh key are appended. SIGTERM/SIGINT drain tritonserver (:func:`drain`: the ensembles unloaded, then
+    SIGTERM); before it is ready they go to it as they are. The exit status is its own, or non-zero after a crash
+    loop.
     """
     parser = argparse.ArgumentParser(
         prog="python -m ofa_serving.supervisor", description=__doc__.split("\n\n")[0]
@@ -514,13 +889,38 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "the command must load every model under explicit model control (see model_control_flags)"
         )
-    key = new_admin_key()
-    server = CommandServer(command + model_control_flags(key)[2:])
+    from .security import api_key_from_settings, grpc_tls_flags
+    from .settings import SecuritySettings, SettingsError, SupervisorSettings, load_settings
+
+    try:
+        settings = load_settings(SupervisorSettings)
+        security = load_settings(SecuritySettings)
+        key, api_key = new_admin_key(), api_key_from_settings(security)
+        tls = grpc_tls_flags(security.grpc_tls_cert, security.grpc_tls_key, security.grpc_tls_ca)
+    except SettingsError as exc:
+        _log(f"error: {exc}")
+        return 2
+    # the admin APIs behind the key, inference behind OFA_API_KEY if set, gRPC over TLS if configured
+    server = CommandServer(command + model_control_flags(key, api_key)[2:] + tls)
+    server.api_key = api_key  # the supervisor's probes send it
+    from .security import write_key_file
+
+    write_key_file(server.http_port, key)  # for the image's HEALTHCHECK probe (owner-only file)
     stopping = threading.Event()
+    supervising = threading.Event()  # ready and supervised: a stop unloads the ensembles first (drain)
 
     def forward(signum, _frame):
+        first = not stopping.is_set()
         stopping.set()
-        if server.process is not None and server.process.poll() is None:
+        if server.process is None or server.process.poll() is not None:
+            return
+        if first and supervising.is_set():
+            _log(f"{signal.Signals(signum).name}: draining tritonserver (pid {server.pid})")
+            unloaded = drain(server, key)
+            _log(
+                f"unloaded {', '.join(unloaded) or 'no ensemble'} and sent SIGTERM: in-flight requests finish"
+            )
+        else:
             server.process.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
@@ -529,9 +929,13 @@ def main(argv: list[str] | None = None) -> int:
     while server.process.poll() is None and not stopping.is_set() and not server.is_ready():
         time.sleep(1)
     if server.process.poll() is not None or stopping.is_set():
-        return server.process.wait()
-    code = run_supervised(server, key, stopping.is_set)
-    return server.process.wait() if stopping.is_set() else code
+        code = server.process.wait()
+        if not stopping.is_set():
+            _log(f"tritonserver (pid {server.pid}) {describe_exit(code)} before it was ready")
+        server.stop(timeout=0)
+        return exit_status(code)
+    supervising.set()
+    return run_supervised(server, key, stopping.is_set, settings)
 
 
 if __name__ == "__main__":

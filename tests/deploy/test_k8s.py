@@ -28,7 +28,15 @@ from .deploylib import (
 SERVER = parse_dockerfile(DOCKER / "Dockerfile")
 SERVER_FLAGS = flag_map(SERVER.in_stage(SERVER.final_stage, "CMD")[0].exec_form())  # (after the supervisor)
 IMAGE_USER = int(SERVER.in_stage(SERVER.final_stage, "USER")[-1].args.split(":")[0])
-MANIFESTS = ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "locust.yaml", "podmonitor.yaml"]
+MANIFESTS = [
+    "deployment.yaml",
+    "service.yaml",
+    "hpa.yaml",
+    "pdb.yaml",
+    "networkpolicy.yaml",
+    "locust.yaml",
+    "podmonitor.yaml",
+]
 #: API versions of the kinds used here; stable in every Kubernetes since 1.25 (autoscaling/v2 GA in 1.23,
 #: policy/v1 PodDisruptionBudget in 1.21, batch/v1 Job long before).
 EXPECTED_API = {
@@ -37,6 +45,7 @@ EXPECTED_API = {
     "HorizontalPodAutoscaler": "autoscaling/v2",
     "PodDisruptionBudget": "policy/v1",
     "Job": "batch/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
     "PodMonitor": "monitoring.coreos.com/v1",
 }
 KUBERNETES_VERSIONS = ["1.25.0", "1.37.0"]  # oldest and newest schemas kubernetes-validate 1.37 bundles
@@ -92,7 +101,7 @@ def test_manifests_are_schema_valid(version):
             continue  # a CRD: no schema in kubernetes-validate, checked structurally below
         kubernetes_validate.validate(obj, version, strict=True)
         checked += 1
-    assert checked >= 7
+    assert checked >= 8
 
 
 def test_validation_catches_typos():
@@ -108,7 +117,7 @@ def test_validation_catches_typos():
 def test_kustomization_lists_existing_manifests():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     resources = kustomization["resources"]
-    assert set(resources) == {"deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"}
+    assert set(resources) == {"deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "networkpolicy.yaml"}
     for resource in resources:
         assert (K8S / resource).is_file()
     version = pyproject()["project"]["version"]
@@ -182,18 +191,35 @@ def test_gpu_and_resources(container, deployment):
     assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
     assert "/tmp" in mounts, "HOME=/tmp must be writable under a read-only root filesystem"
     assert SERVER.env(SERVER.final_stage)["HOME"] == "/tmp"
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["OFA_MODEL_DIR"] == SERVER.env(SERVER.final_stage)["OFA_MODEL_DIR"]
+
+
+#: Seconds tritonserver may take after its drain to unload its models and exit (measured: 4.5 s on 2 CPU cores,
+#: docs/reliability.md), on top of preStop + --exit-timeout-secs in the grace period.
+UNLOAD_MARGIN_S = 10
 
 
 def test_graceful_termination(container, deployment):
     spec = deployment["spec"]["template"]["spec"]
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep"
-    drain = int(pre_stop[1]) + int(SERVER_FLAGS["--exit-timeout-secs"])
-    assert spec["terminationGracePeriodSeconds"] > drain, "SIGKILL would cut in-flight requests short"
+    assert pre_stop[0] == "sleep" and len(pre_stop) == 2
+    drain = int(pre_stop[1]) + int(SERVER_FLAGS["--exit-timeout-secs"]) + UNLOAD_MARGIN_S
+    assert spec["terminationGracePeriodSeconds"] >= drain, "SIGKILL would cut in-flight requests short"
     rolling = deployment["spec"]["strategy"]["rollingUpdate"]
     assert rolling["maxUnavailable"] == 0
+    # a rollout starts a new pod before it stops an old one, and there is always another pod to retry on
+    assert rolling["maxSurge"] >= 1 and deployment["spec"]["replicas"] >= 2
+
+
+def test_pre_stop_waits_as_long_as_readiness_takes_to_fail(container):
+    # Whatever routes by the readiness probe stops sending within period x failure threshold; SIGTERM (and the
+    # refusals of the drain) comes only after that.
+    readiness = container["readinessProbe"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert int(pre_stop[1]) == readiness["periodSeconds"] * readiness["failureThreshold"]
+    # the image stops with SIGTERM (Docker's default; a STOPSIGNAL would change what the supervisor receives)
+    assert not SERVER.all("STOPSIGNAL")
 
 
 def test_runs_as_the_image_user_non_root(container, deployment):
@@ -222,6 +248,164 @@ def test_services_expose_the_container_ports(container):
     headless = one("Service", "ofa-triton-headless")
     assert headless["spec"]["clusterIP"] == "None"
     assert [p["targetPort"] for p in headless["spec"]["ports"]] == ["grpc"]
+
+
+# -- network policy -------------------------------------------------------------------------------------------
+
+#: The Secret that holds the keys (created by `kubectl create secret`, never part of the manifests).
+SECRET = "ofa-triton-keys"
+GATEWAY_LABEL = {"ofa-captioning/gateway": "true"}
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return one("NetworkPolicy", "ofa-triton")
+
+
+def rule_ports(rule: dict, container: dict) -> set[int]:
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    out = set()
+    for port in rule["ports"]:
+        assert port.get("protocol", "TCP") == "TCP" and "endPort" not in port, port
+        out.add(named[port["port"]] if isinstance(port["port"], str) else port["port"])
+    return out
+
+
+def admitted_to_inference(pod_labels: dict, namespace_labels: dict | None = None) -> bool:
+    """Whether the policy's inference rule admits a pod with these labels (in this namespace, or in a namespace
+    with ``namespace_labels``)."""
+    policy = one("NetworkPolicy", "ofa-triton")
+    (rule,) = [
+        r
+        for r in policy["spec"]["ingress"]
+        if int(SERVER_FLAGS["--http-port"]) in {p["port"] for p in r["ports"]}
+    ]
+    for peer in rule["from"]:
+        pods = matches(peer.get("podSelector", {}).get("matchLabels", {}), pod_labels)
+        if "namespaceSelector" in peer:
+            # another namespace: its labels must match (and the pod's, if the peer also selects pods)
+            labels = peer["namespaceSelector"]["matchLabels"]
+            if namespace_labels is not None and pods and matches(labels, namespace_labels):
+                return True
+        elif namespace_labels is None and pods:  # a podSelector alone: pods of the policy's own namespace
+            return True
+    return False
+
+
+def test_network_policy_selects_the_server_pods(policy, deployment):
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert matches(spec["podSelector"]["matchLabels"], pod_labels)
+    # Ingress and egress are both policed: what no rule allows is denied.
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    assert spec.get("egress", []) == [], "the server needs no outgoing connection"
+
+
+def test_network_policy_ports_and_peers(policy, container):
+    http, grpc, metrics = (int(SERVER_FLAGS[f"--{k}-port"]) for k in ("http", "grpc", "metrics"))
+    rules = policy["spec"]["ingress"]
+    assert len(rules) == 2
+    by_ports = {frozenset(rule_ports(r, container)): r for r in rules}
+    assert set(by_ports) == {frozenset({http, grpc}), frozenset({metrics})}, "nothing else is reachable"
+    inference, monitoring = by_ports[frozenset({http, grpc})], by_ports[frozenset({metrics})]
+    # Inference: a labelled gateway namespace, or labelled pods of this namespace; never an empty selector
+    # (which would admit everyone) and never an ipBlock.
+    peers = inference["from"]
+    assert peers and all(set(p) <= {"namespaceSelector", "podSelector"} for p in peers)
+    for peer in peers:
+        for selector in peer.values():
+            assert selector.get("matchLabels") == GATEWAY_LABEL, peer
+    # Metrics: the monitoring namespace only.
+    (peer,) = monitoring["from"]
+    assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def test_network_policy_decisions(deployment):
+    # The rule as evaluated for typical clients.
+    assert admitted_to_inference(GATEWAY_LABEL)
+    assert admitted_to_inference({"app": "ingress-nginx"}, namespace_labels={**GATEWAY_LABEL, "x": "y"})
+    assert not admitted_to_inference({"app": "something-else"})
+    assert not admitted_to_inference(GATEWAY_LABEL, namespace_labels={"kubernetes.io/metadata.name": "other"})
+    assert not admitted_to_inference(deployment["spec"]["template"]["metadata"]["labels"])
+
+
+def test_network_policy_monitoring_namespace_matches_the_adapter():
+    # The Prometheus the adapter queries lives in the namespace the metrics rule admits.
+    values = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())
+    assert re.fullmatch(r"http://[\w-]+\.monitoring\.svc", values["prometheus"]["url"])
+
+
+# -- keys -----------------------------------------------------------------------------------------------------
+
+
+def test_admin_key_is_a_mounted_secret_file(deployment, container):
+    env = {e["name"]: e for e in container["env"]}
+    path = Path(env["OFA_ADMIN_KEY_FILE"]["value"])
+    (mount,) = [m for m in container["volumeMounts"] if path.is_relative_to(m["mountPath"])]
+    assert mount.get("readOnly") is True
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == SECRET and not secret.get("optional"), "the admin key is required"
+    items = {i["key"]: i["path"] for i in secret["items"]}
+    assert Path(mount["mountPath"]) / items["admin-key"] == path
+    # Readable by the server's group (fsGroup), by nobody else; the server user is not root.
+    mode = secret["defaultMode"]
+    assert mode & 0o040 and not mode & 0o007, oct(mode)
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == IMAGE_USER
+    assert "OFA_ADMIN_KEY" not in env, "one source for the admin key"
+
+
+def test_api_key_is_an_optional_secret_reference(container):
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["OFA_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": SECRET, "key": "api-key", "optional": True}, "absent key = inference open"
+    assert "OFA_API_KEY_FILE" not in env, "a _FILE pointing at a missing file fails the start"
+
+
+def literal_secrets(obj: dict) -> list[str]:
+    """Places where a manifest object writes a secret value: Secret data, secret-looking env with a value."""
+    found = []
+    if obj["kind"] == "Secret" and (obj.get("data") or obj.get("stringData")):
+        found.append(f"Secret {obj['metadata']['name']}")
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, dict):
+            if "name" in node and "value" in node and isinstance(node["name"], str):
+                name = node["name"]
+                if re.search(r"KEY|PASSWORD|PASSWD|TOKEN|SECRET", name, re.I) and not name.endswith("_FILE"):
+                    found.append(f"{where}: env {name}")
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    walk(obj, f"{obj['kind']} {obj['metadata']['name']}")
+    return found
+
+
+def test_no_literal_secret_in_manifests():
+    found = [f for obj in objects() for f in literal_secrets(obj)]
+    assert not found, found
+    # The checker sees one.
+    bad = yaml.safe_load(yaml.safe_dump(one("Deployment", "ofa-triton")))
+    bad["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "OFA_API_KEY", "value": "k" * 32})
+    assert literal_secrets(bad) and literal_secrets(
+        {"kind": "Secret", "metadata": {"name": "x"}, "stringData": {"admin-key": "k"}}
+    )
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "secretGenerator" not in kustomization, "the keys are created with kubectl, not from files in git"
+
+
+def test_probes_stay_open(container):
+    # The kubelet's httpGet probes send no key: the health endpoints must never be in a restricted group.
+    from ofa_serving.security import ADMIN_APIS, INFERENCE_APIS
+
+    assert "health" not in ADMIN_APIS + INFERENCE_APIS
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["path"].startswith("/v2/health/")
+        assert "httpHeaders" not in container[probe]["httpGet"]
 
 
 # -- autoscaling ----------------------------------------------------------------------------------------------
@@ -313,11 +497,15 @@ def test_locust_jobs():
     triton = {p["name"]: p["port"] for p in one("Service", "ofa-triton")["spec"]["ports"]}
     for job in (master, worker):
         (c,) = job["spec"]["template"]["spec"]["containers"]
-        env = {e["name"]: e["value"] for e in c["env"]}
+        env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["TRITON_HOST"] == "ofa-triton"
         assert int(env["GRPC_PORT"]) == triton["grpc"] and int(env["HTTP_PORT"]) == triton["http"]
         assert c["image"] == f"ofa-captioning-locust:{pyproject()['project']['version']}"
         assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+        # Admitted to the inference ports by the NetworkPolicy, with the server's inference key if it has one.
+        assert admitted_to_inference(job["spec"]["template"]["metadata"]["labels"])
+        (api_key,) = [e for e in c["env"] if e["name"] == "CAPTION_API_KEY"]
+        assert api_key["valueFrom"]["secretKeyRef"] == {"name": SECRET, "key": "api-key", "optional": True}
 
 
 def test_locust_args_are_known_options():

@@ -43,12 +43,12 @@ def test_caption_client_without_the_key_is_refused_at_once(locked_server, protoc
         (None, "no API key was sent"),
         ("wrong-key-0123456789", "the API key sent was refused"),
     ):
-        # A retry would sleep at least 5 s (backoff 10 s times 0.5..1.5) and show in the time taken.
+        # Refused at once: no retry (counted by the client) and no wait.
         client = CaptionClient(url, api_key=key, retries=3, backoff=10.0, timeout=60, **options)
         start = time.monotonic()
         with client, pytest.raises(AuthenticationError, match=hint) as refused:
             client.caption(png(30, 20, fresh_seed()), **FAST)
-        assert time.monotonic() - start < 5.0
+        assert time.monotonic() - start < 5.0 and client.retry_count == 0
         assert "is restricted, expecting header" in str(refused.value)
         assert API_KEY not in str(refused.value) and "wrong-key-0123456789" not in str(refused.value)
         assert client.health(models=("caption",)) == {"live": True, "ready": True, "model:caption": True}

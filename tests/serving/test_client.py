@@ -209,6 +209,7 @@ class FakeCaptionClient:
 
     models: list[str] = []
     options: list[dict] = []
+    retry_count = 0
 
     def __init__(self, url, protocol, timeout=None, retries=None, model="caption", **options):
         self.protocol, self.address = protocol or "grpc", url

@@ -216,6 +216,7 @@ def test_tls_settings_reach_tritonclient(monkeypatch, certs):
 
     CaptionClient("h:8001", tls=True, **files)._client()
     assert made["url"] == "h:8001" and "plugin" not in made
+    assert made["kwargs"].pop("channel_args")  # retries and reconnects (tests/serving/test_client_retries.py)
     assert made["kwargs"] == {
         "ssl": True,
         "root_certificates": str(certs.ca),
