@@ -11,6 +11,7 @@ import threading
 import traceback
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,8 @@ __all__ = [
     "responses",
     "RequestCancelled",
     "cancelled",
+    "ServerDraining",
+    "draining",
     "EngineHealth",
 ]
 
@@ -86,9 +89,22 @@ def cancelled(request: Any) -> RequestCancelled | None:
     return RequestCancelled("request cancelled before it was computed") if check and check() else None
 
 
+class ServerDraining(Exception):
+    """The server is stopping: the request was not computed, and another replica (or this one once restarted) can
+    take it."""
+
+
+def draining(flag: Path | None) -> ServerDraining | None:
+    """A :class:`ServerDraining` while the file ``flag`` exists (the supervisor creates it as a graceful stop
+    begins, :func:`ofa_serving.supervisor.drain`), else ``None``."""
+    if flag is not None and flag.exists():
+        return ServerDraining("the server is stopping: retry the request (on another replica)")
+    return None
+
+
 def error_response(pb: Any, exc: BaseException, *, model_name: str) -> Any:
     """One request's error response, logged: INVALID_ARG for a :class:`RequestError`, CANCELLED for a
-    :class:`RequestCancelled`, INTERNAL otherwise.
+    :class:`RequestCancelled`, UNAVAILABLE for :class:`ServerDraining`, INTERNAL otherwise.
 
     A bad request is logged in one line. An internal error gets an error id: the client is told only
     ``<model>: internal error, id <id>``; the server log has the id with the traceback (exception texts may hold
@@ -98,6 +114,9 @@ def error_response(pb: Any, exc: BaseException, *, model_name: str) -> Any:
     if isinstance(exc, RequestCancelled):
         message = f"{model_name}: {exc}"
         code = getattr(pb.TritonError, "CANCELLED", None)
+    elif isinstance(exc, ServerDraining):
+        message = f"{model_name}: {exc}"
+        code = getattr(pb.TritonError, "UNAVAILABLE", None)
     elif isinstance(exc, RequestError):
         message = str(exc)
         code = getattr(pb.TritonError, "INVALID_ARG", None)

@@ -156,6 +156,13 @@ def prepare_backend_dir(
     return directory
 
 
+def drain_file_path(http_port: int) -> Path:
+    """``<tmp>/ofa-draining-<port>``: while it exists, the server on ``http_port`` refuses new requests with
+    UNAVAILABLE (its ``preprocess`` reads ``OFA_DRAIN_FILE``); the supervisor creates it when a graceful stop
+    begins, each start removes it."""
+    return Path(tempfile.gettempdir()) / f"ofa-draining-{int(http_port)}"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
     return free_ports(1, host)[0]
@@ -409,8 +416,14 @@ class TritonServer:
             cmd.append(f"--cache-config=local,size={self.response_cache_bytes}")
         return cmd + self.extra_args
 
+    @property
+    def drain_file(self) -> Path:
+        """The flag that makes ``preprocess`` refuse new requests while this server drains (:func:`drain_file_path`)."""
+        return drain_file_path(self.http_port)
+
     def environment(self) -> dict[str, str]:
-        """The server's environment: ours plus LD_LIBRARY_PATH, PATH, PYTHONPATH, OFA_MODEL_DIR and ``env``."""
+        """The server's environment: ours plus LD_LIBRARY_PATH, PATH, PYTHONPATH, OFA_MODEL_DIR, OFA_DRAIN_FILE and
+        ``env``."""
         triton = find_triton()
         env = dict(os.environ)
 
@@ -430,6 +443,7 @@ class TritonServer:
             env.pop(name, None)
         if self.model_dir is not None:
             env["OFA_MODEL_DIR"] = str(self.model_dir)
+        env["OFA_DRAIN_FILE"] = str(self.drain_file)
         env.update(self.extra_env)
         return env
 
@@ -447,6 +461,7 @@ class TritonServer:
         if self.model_dir is not None and not self.model_dir.is_dir():
             raise ServerStartError(f"checkpoint directory {self.model_dir} does not exist")
         cmd, env = self.command(), self.environment()
+        Path(env["OFA_DRAIN_FILE"]).unlink(missing_ok=True)  # a new server is not draining
         out = None
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)

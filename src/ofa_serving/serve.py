@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 "turns false, new requests are refused (UNAVAILABLE), those in flight are answered within "
                 f"{server.exit_timeout_secs} s (OFA_EXIT_TIMEOUT_SECS); no heal or restart meanwhile"
             )
-            if signals["supervising"]:  # the ensembles first: tritonserver alone keeps accepting requests
-                unloaded = drain(server, admin_key)
-                _log(f"unloaded {', '.join(unloaded) or 'no ensemble'}; SIGTERM sent")
+            if signals["supervising"]:  # the drain flag first: tritonserver alone keeps accepting requests
+                drain(server)
+                _log("drain flag raised (new requests refused with UNAVAILABLE); SIGTERM sent")
             else:
                 server.terminate()
         elif server.process is not None and server.process.poll() is None:

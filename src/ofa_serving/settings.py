@@ -281,6 +281,11 @@ class PreprocessSettings:
         minimum=1,
         help="images with more pixels (width x height) are refused before decoding (decompression bombs)",
     )
+    drain_file: Path | None = setting(
+        env="OFA_DRAIN_FILE",
+        help="while this file exists new requests are refused with UNAVAILABLE (set by the launcher; the "
+        "supervisor creates it when a graceful stop begins)",
+    )
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,9 @@ or unload models. ``python -m ofa_serving.supervisor tritonserver <flags>`` runs
 under supervision (the container image's command).
 
 A requested stop (SIGTERM/SIGINT to ``make serve`` or to the image's command) is a graceful drain (:func:`drain`):
-the ensembles are unloaded (new requests refused at once, readiness false) and tritonserver gets SIGTERM at once; the
-requests in flight are answered; from then on nothing is probed, healed or restarted.
+the drain flag is raised (``preprocess`` refuses new requests at once with UNAVAILABLE) and tritonserver gets
+SIGTERM at once (readiness false); the requests in flight are answered; from then on nothing is probed, healed or
+restarted.
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ class Supervisor:
             thread.join(self.probe_timeout_s + 5)
         healed = []
         for model, check in sorted(checks.items()):
-            if self.draining():  # the probes saw the drain (models unloaded or stopping): not a fault
+            if self.draining():  # the probes saw the drain (refusals, the server stopping): not a fault
                 self.log("a stop was requested: no heal while the server drains")
                 break
             reason = self._needs_heal(model, check)
@@ -616,12 +617,24 @@ class CommandServer:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
+    @property
+    def drain_file(self) -> Path:
+        """The flag that makes ``preprocess`` refuse new requests while the server drains."""
+        from .launcher import drain_file_path
+
+        return drain_file_path(self.http_port)
+
     def start(self) -> CommandServer:
         """Start the command (again, after an exit: same command, same ports); returns at once."""
         from .launcher import _die_with_parent
 
+        self.drain_file.unlink(missing_ok=True)  # a new server is not draining
         self.process = subprocess.Popen(
-            self.command, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+            self.command,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            env={**os.environ, "OFA_DRAIN_FILE": str(self.drain_file)},
         )
         return self
 
@@ -805,48 +818,18 @@ def run_supervised(server: Any, admin_key: str, stopping: Callable[[], bool], se
         supervisor.stop()
 
 
-def drain(server: Any, admin_key: str | None, timeout: float = 2.0) -> list[str]:
-    """Begin the graceful stop of the running ``server``: unload its ensembles, then SIGTERM (does not wait).
+def drain(server: Any) -> None:
+    """Begin the graceful stop of the running ``server``: raise its drain flag, then SIGTERM (does not wait).
 
     tritonserver 2.51 alone turns readiness false on SIGTERM but goes on accepting new requests on connections that
     clients hold open (HTTP keep-alive, gRPC channels) until its exit timeout, and then exits cutting short the
-    requests in flight (docs/reliability.md). Unloaded first, an ensemble (the public model: ``caption``) refuses new
-    requests at once with UNAVAILABLE ("... has no available versions", which clients retry elsewhere) and strict
-    readiness turns false, while the requests already in it finish in its steps, which stay loaded until
-    tritonserver unloads everything as it exits. Without ``admin_key`` (no model control) it only sends SIGTERM.
-    Each call is bounded by ``timeout`` s; whatever fails, SIGTERM is sent. Returns the ensembles unloaded.
+    requests in flight (docs/reliability.md). With the flag (``server.drain_file``, the ``OFA_DRAIN_FILE`` of its
+    ``preprocess``) raised first, every new request is refused at once with UNAVAILABLE (HTTP 503), which clients
+    and proxies retry on another replica, while the requests already past ``preprocess`` are answered.
     """
-    unloaded: list[str] = []
-    if admin_key is not None:
-        headers = {ADMIN_HEADER: admin_key}
-        base = server.http_url.rstrip("/")
-        try:
-            states = list_models(base, headers=headers, timeout=timeout)
-        except (RuntimeError, OSError, ValueError):
-            states = {}
-        for model, state in states.items():
-            if state != "READY" or _platform(base, model, headers, timeout) != "ensemble":
-                continue
-            req = urllib.request.Request(
-                f"{base}/v2/repository/models/{model}/unload", data=b"{}", headers=headers, method="POST"
-            )
-            with (
-                contextlib.suppress(urllib.error.URLError, OSError),
-                urllib.request.urlopen(req, timeout=timeout),
-            ):
-                unloaded.append(model)
+    with contextlib.suppress(OSError):
+        Path(server.drain_file).touch()
     server.terminate()
-    return unloaded
-
-
-def _platform(base_url: str, model: str, headers: dict[str, str], timeout: float) -> str | None:
-    """The ``platform`` of ``model``'s config (``"ensemble"``, ...); None when it cannot be read."""
-    req = urllib.request.Request(f"{base_url}/v2/models/{model}/config", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read()).get("platform")
-    except (urllib.error.URLError, OSError, ValueError, AttributeError):
-        return None
 
 
 #: How long past its own exit timeout a draining tritonserver may take before it is killed.
@@ -873,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     restart it when it crashes (:func:`run_supervised`).
 
     The command must contain ``--model-control-mode=explicit`` and ``--load-model=*``; the restricted-API flags
-    with a fresh key are appended. SIGTERM/SIGINT drain tritonserver (:func:`drain`: the ensembles unloaded, then
+    with a fresh key are appended. SIGTERM/SIGINT drain tritonserver (:func:`drain`: the drain flag raised, then
     SIGTERM); before it is ready they go to it as they are. The exit status is its own, or non-zero after a crash
     loop.
     """
@@ -907,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
 
     write_key_file(server.http_port, key)  # for the image's HEALTHCHECK probe (owner-only file)
     stopping = threading.Event()
-    supervising = threading.Event()  # ready and supervised: a stop unloads the ensembles first (drain)
+    supervising = threading.Event()  # ready and supervised: a stop raises the drain flag first (drain)
 
     def forward(signum, _frame):
         first = not stopping.is_set()
@@ -916,9 +899,9 @@ def main(argv: list[str] | None = None) -> int:
             return
         if first and supervising.is_set():
             _log(f"{signal.Signals(signum).name}: draining tritonserver (pid {server.pid})")
-            unloaded = drain(server, key)
+            drain(server)
             _log(
-                f"unloaded {', '.join(unloaded) or 'no ensemble'} and sent SIGTERM: in-flight requests finish"
+                "raised the drain flag (new requests refused with UNAVAILABLE) and sent SIGTERM: in-flight requests finish"
             )
         else:
             server.process.send_signal(signum)

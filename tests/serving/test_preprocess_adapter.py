@@ -111,3 +111,21 @@ def test_checkpoint_with_another_image_size_is_refused_at_load(pb, tmp_path, mon
         SettingsError, match=r"dims \[3, 480, 480\] but the checkpoint .* 384.*needs \[3, 384, 384\]"
     ):
         load_adapter("preprocess").TritonPythonModel().initialize(init_args("preprocess"))
+
+
+def test_while_the_drain_flag_stands_new_requests_are_refused_with_unavailable(pb, tmp_path, monkeypatch):
+    flag = tmp_path / "draining"
+    monkeypatch.setenv("OFA_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("OFA_DRAIN_FILE", str(flag))
+    m = load_adapter("preprocess").TritonPythonModel()
+    m.initialize(init_args("preprocess"))
+    assert pixel_values(pb, m.execute([image_request(pb, encoded((1, 2, 3)))])[0]).shape == (1, 3, 480, 480)
+    flag.touch()  # the supervisor begins a graceful stop
+    responses = m.execute([image_request(pb, encoded((1, 2, 3))), image_request(pb, b"not an image")])
+    for response in responses:  # not decoded at all: even a bad image is only told to go elsewhere
+        assert response.error().code() == pb.TritonError.UNAVAILABLE
+        assert response.error().message() == (
+            "preprocess: the server is stopping: retry the request (on another replica)"
+        )
+    flag.unlink()  # a new server on the port starts without it
+    assert pixel_values(pb, m.execute([image_request(pb, encoded((1, 2, 3)))])[0]).shape == (1, 3, 480, 480)

@@ -5,7 +5,8 @@ A thin adapter over ``ofa_captioning.preprocess`` (the same function the engine 
 of one execute() are decoded one at a time and each is reduced to its pixel tensor at once, so that at most one
 full-size decoded image is alive besides the batch's tensors (32 images of up to ``max_image_pixels`` would
 otherwise be held together). An undecodable image fails only its own request (INVALID_ARG with the reason), a
-request whose client gave up is skipped; one response per request, in order.
+request whose client gave up is skipped, and while the server drains (``OFA_DRAIN_FILE`` exists) a new request is
+refused with UNAVAILABLE so that its client retries elsewhere; one response per request, in order.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ofa_serving.adapter import (
     RequestCancelled,
     cancelled,
     check_tensor_dims,
+    draining,
     input_array,
     model_config_dict,
     responses,
@@ -66,7 +68,8 @@ class TritonPythonModel:
 
     def _read(self, request):
         """The request's images as ``(None, pixels)`` rows, or the error that makes it invalid."""
-        gone = cancelled(request)  # its client gave up: nothing to decode
+        # its client gave up, or the server is stopping: nothing to decode
+        gone = cancelled(request) or draining(self.settings.drain_file)
         if gone is not None:
             return gone
         try:
