@@ -37,7 +37,13 @@ from ofa_serving.probe import server_ready
 from ofa_serving.supervisor import stub_pids
 
 from .conftest import FAST, fresh_seed, model_metric, png, wait_for
-from .test_server_restart import Supervised, _environment, _start, _supervisor_lines, _wait_ready
+from .test_server_restart import (
+    Supervised,
+    _environment,
+    _wait_ready,
+    serve_running,
+    start_supervised,
+)
 
 #: Total seconds one call may take, all attempts included (rides out a heal, ~5 s, and a restart, 10-20 s).
 DEADLINE_S = 60.0
@@ -162,24 +168,8 @@ class Traffic:
 def serving(demo_checkpoint, tmp_path_factory):
     """``python -m ofa_serving.serve`` on free ports, supervised (probes every second), warm-up off, ready."""
     base = tmp_path_factory.mktemp("no-lost-calls")
-    ports = free_ports(3)
-    env = _environment(
-        base, ports, OFA_MODEL_DIR=str(demo_checkpoint), OFA_EXIT_TIMEOUT_SECS=str(EXIT_TIMEOUT_S)
-    )
-    log = base / "serve.log"
-    sup = Supervised(
-        _start([sys.executable, "-m", "ofa_serving.serve"], env, log),
-        log,
-        base / "supervisor.json",
-        ports[0],
-        ports[1],
-    )
-    try:
-        _wait_ready(sup)
+    with serve_running(base, demo_checkpoint, OFA_EXIT_TIMEOUT_SECS=str(EXIT_TIMEOUT_S)) as sup:
         yield sup
-    finally:
-        sup.close()
-        print(f"\n--- [supervisor] lines of serve ---\n{_supervisor_lines(sup.text())}")
 
 
 def _addresses(sup: Supervised) -> tuple[str, str]:
@@ -394,14 +384,7 @@ def test_the_image_command_raises_the_drain_flag_forwards_sigterm_and_heals_noth
     env = _environment(tmp_path, ports, FAKE_DIR=str(tmp_path))
     command = [sys.executable, str(script), f"--http-port={ports[0]}", "--exit-timeout-secs=5"]
     command += ["--model-control-mode=explicit", "--load-model=*"]
-    log = tmp_path / "supervisor.log"
-    sup = Supervised(
-        _start([sys.executable, "-m", "ofa_serving.supervisor", *command], env, log),
-        log,
-        tmp_path / "supervisor.json",
-        ports[0],
-        ports[1],
-    )
+    sup = start_supervised(tmp_path, ports, ["ofa_serving.supervisor", *command], env, "supervisor.log")
     try:
         _wait_ready(sup)
         (tmp_path / "hold").touch()

@@ -16,6 +16,7 @@ server (a tiny HTTP server that answers readiness) through crashes, a crash loop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -197,26 +198,37 @@ def _wait_ready(sup: Supervised) -> None:
 # ----------------------------------------------------------------------------------------------- make serve
 
 
-@pytest.fixture(scope="module")
-def served(demo_checkpoint, tmp_path_factory):
-    """``python -m ofa_serving.serve`` on free ports, supervised, the demo checkpoint, ready."""
-    base = tmp_path_factory.mktemp("serve-restart")
-    ports = free_ports(3)
-    env = _environment(base, ports, OFA_MODEL_DIR=str(demo_checkpoint))
-    log = base / "serve.log"
-    sup = Supervised(
-        _start([sys.executable, "-m", "ofa_serving.serve"], env, log),
-        log,
-        base / "supervisor.json",
-        ports[0],
-        ports[1],
+def start_supervised(
+    base: Path, ports: list[int], module: list[str], env: dict[str, str], log: str
+) -> Supervised:
+    """``python -m <module...>`` (``ofa_serving.serve``, or ``ofa_serving.supervisor <command>`` as the image runs
+    it) started in ``base`` with ``env`` on ``ports``; its output in ``base/<log>``. Not yet waited for."""
+    path = base / log
+    return Supervised(
+        _start([sys.executable, "-m", *module], env, path), path, base / "supervisor.json", ports[0], ports[1]
     )
+
+
+@contextlib.contextmanager
+def serve_running(base: Path, checkpoint: Path, **extra: str):
+    """``python -m ofa_serving.serve`` on free ports, supervised, ``checkpoint``, ready; ``extra`` environment.
+    Yields the :class:`Supervised`; stops it and prints its ``[supervisor]`` lines afterwards."""
+    ports = free_ports(3)
+    env = _environment(base, ports, OFA_MODEL_DIR=str(checkpoint), **extra)
+    sup = start_supervised(base, ports, ["ofa_serving.serve"], env, "serve.log")
     try:
         _wait_ready(sup)
         yield sup
     finally:
         sup.close()
         print(f"\n--- [supervisor] lines of serve ---\n{_supervisor_lines(sup.text())}")
+
+
+@pytest.fixture(scope="module")
+def served(demo_checkpoint, tmp_path_factory):
+    """``python -m ofa_serving.serve`` on free ports, supervised, the demo checkpoint, ready."""
+    with serve_running(tmp_path_factory.mktemp("serve-restart"), demo_checkpoint) as sup:
+        yield sup
 
 
 def _supervisor_lines(text: str) -> str:
@@ -293,14 +305,7 @@ def test_the_image_command_restarts_then_gives_up_on_a_crash_loop(demo_checkpoin
         if not arg.startswith(("--http-restricted-api", "--grpc-restricted-protocol", "--model-control-mode"))
     ] + ["--model-control-mode=explicit", "--load-model=*"]
     env = _environment(tmp_path, ports, launcher.environment(), OFA_MAX_SERVER_CRASHES="2")
-    log = tmp_path / "supervisor.log"
-    sup = Supervised(
-        _start([sys.executable, "-m", "ofa_serving.supervisor", *command], env, log),
-        log,
-        tmp_path / "supervisor.json",
-        ports[0],
-        ports[1],
-    )
+    sup = start_supervised(tmp_path, ports, ["ofa_serving.supervisor", *command], env, "supervisor.log")
     try:
         _wait_ready(sup)
         first = wait_for(sup.server_pid, 30, "one tritonserver")
@@ -378,14 +383,7 @@ def fake_supervised(tmp_path):
         env = _environment(base, ports, FAKE_PID_FILE=str(pids), **extra)
         command = [sys.executable, str(script), f"--http-port={ports[0]}"]
         command += ["--model-control-mode=explicit", "--load-model=*"]
-        log = base / "supervisor.log"
-        sup = Supervised(
-            _start([sys.executable, "-m", "ofa_serving.supervisor", *command], env, log),
-            log,
-            base / "supervisor.json",
-            ports[0],
-            ports[1],
-        )
+        sup = start_supervised(base, ports, ["ofa_serving.supervisor", *command], env, "supervisor.log")
         started.append(sup)
         _wait_ready(sup)
         return sup, pids
