@@ -54,7 +54,9 @@ class TritonPythonModel:
 
     def execute(self, requests):
         """One response per request, in order; a bad image fails only its own request."""
-        rows = [self._read(request) for request in requests]
+        # While the server drains, nothing is decoded: every request of this execution is told to go elsewhere.
+        stopping = draining(self.settings.drain_file)
+        rows = [stopping or self._read(request) for request in requests]
         skipped = sum(isinstance(r, RequestCancelled) for r in rows)
         if skipped:
             pb_utils.Logger.log_info(f"{self.model_name}: {skipped} cancelled request(s) not decoded")
@@ -68,8 +70,7 @@ class TritonPythonModel:
 
     def _read(self, request):
         """The request's images as ``(None, pixels)`` rows, or the error that makes it invalid."""
-        # its client gave up, or the server is stopping: nothing to decode
-        gone = cancelled(request) or draining(self.settings.drain_file)
+        gone = cancelled(request)  # its client gave up: nothing to decode
         if gone is not None:
             return gone
         try:
