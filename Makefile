@@ -9,14 +9,15 @@ DEV_STAMP := $(VENV)/.dev-installed
 # cpu, cu126, cu130 or cu132 (also read from the environment: TORCH=cpu make setup).
 TORCH ?= auto
 TORCH_STAMP := $(VENV)/.torch-$(TORCH)
-PLATFORM_CHECK := src/ofa_serving/platform_check.py
+PLATFORM_CHECK := requirements/platform_check.py
 # Where `make serve` and the tests find the demo checkpoint when OFA_MODEL_DIR is not set.
 DEMO_CHECKPOINT ?= checkpoints/ofa-tiny-demo
 export DEMO_CHECKPOINT
 
 .PHONY: setup setup-dev check-platform serve test test-unit lint bench bench-engine load-test soak burst clean
 
-## setup: check the platform, create .venv, install torch (TORCH=auto|cpu|cu126|cu130|cu132) and the pinned runtime
+## setup: check the platform, create .venv, install torch (TORCH=auto|cpu|cu126|cu130|cu132), the pinned runtime and
+## the product (ofa_captioning, ofa_serving, ofa_eval, client)
 setup: $(RUNTIME_STAMP)
 
 ## check-platform: what make setup checks first, and the torch build TORCH means on this machine
@@ -37,14 +38,16 @@ $(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml | $(TORCH_STAMP)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . || $(PY) -m pip install -q --no-deps -e .
 	@touch $@
 
-## setup-dev: setup + test tools and ModelScope's OFA reference (test-only)
+## setup-dev: setup + the harness (load_tests/, its test kit), test tools and ModelScope's OFA reference (test-only)
 setup-dev: $(DEV_STAMP)
 
-$(DEV_STAMP): requirements/dev.txt $(RUNTIME_STAMP)
+$(DEV_STAMP): requirements/dev.txt load_tests/pyproject.toml $(RUNTIME_STAMP)
 	$(PY) -m pip install -q -r requirements/runtime.txt -r requirements/dev.txt
 	# fairseq is imported by ModelScope's OFA package; --no-deps keeps torchaudio out,
 	# --no-build-isolation keeps pip from putting a CUDA torch into the build environment.
 	$(PY) -c "import fairseq" 2>/dev/null || $(PY) -m pip install -q --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
+	# the harness (load_tests/ and its test kit), its own distribution: the product never imports it
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e load_tests || $(PY) -m pip install -q --no-deps -e load_tests
 	@touch $@
 
 ## serve: set up, prepare the checkpoint and run tritonserver in the foreground

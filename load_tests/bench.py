@@ -4,7 +4,7 @@ when a target is missed.
 
 One run, one machine, the same images and the same generation settings for every path:
 
-(a) ``reference``: ModelScope's OFA in-process (``ofa_testkit.reference``), sequential, one image per call, on a
+(a) ``reference``: ModelScope's OFA in-process (``load_tests.testkit.reference``), sequential, one image per call, on a
     few images only (it is slow);
 (b) ``engine``: ``ofa_captioning.Captioner`` in-process on encoded bytes, at batch 1 and at batches 4, 8 and 16;
     the best batch is the engine's best throughput (``bench_inprocess.py``);

@@ -23,7 +23,7 @@ and the share of that peak each target would need, so that a target out of reach
 
 On a CUDA host the engine is also timed on the GPU (``--gpu-dtype``).
 
-Last, both sides are timed again with freed memory kept for reuse (``ofa_captioning.memory``;
+Last, both sides are timed again with freed memory kept for reuse (``load_tests.testkit.memory``;
 ``--no-kept-memory-pass`` skips it). With glibc's defaults the reference maps its per-step tensors above 32 MiB
 afresh and faults their pages in again every step, 30-50 % of its time at batch 8; the engine's stay below
 that. This pass's ratios are printed and not gated: the targets are defined against the reference as it runs by
@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from ofa_testkit.parity import same_results
+from load_tests.testkit.parity import same_results
 
 # (dtype, batch size) -> minimum engine images/s over reference images/s (issue 11).
 TARGETS = {("float32", 1): 5.0, ("float32", 8): 10.0, ("bfloat16", 8): 15.0}
@@ -95,7 +95,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--no-kept-memory-pass",
         action="store_true",
-        help="skip the second, ungated timing pass with freed memory kept for reuse (ofa_captioning.memory)",
+        help="skip the second, ungated timing pass with freed memory kept for reuse (load_tests.testkit.memory)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--gpu-dtype", default="float16", help="engine dtype on CUDA, if CUDA is available")
@@ -125,8 +125,8 @@ def stage_profile(engine, images: list[bytes], batch: int) -> dict:
     """Seconds per image of each stage of one call at ``batch`` (best of two, no profiler attached)."""
     import torch
 
-    from ofa_captioning.generate import BeamSearchSettings, beam_search
-    from ofa_captioning.preprocess import load_image
+    from ofa_captioning.beam_search import BeamSearchSettings, beam_search
+    from ofa_captioning.images import load_image
 
     images = images[:batch]
     n = len(images)
@@ -177,7 +177,7 @@ def _beam_op_profile(model, enc, settings, steps: int) -> list[dict]:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from ofa_captioning.generate import beam_search
+    from ofa_captioning.beam_search import beam_search
 
     per_step = max(steps, 1)
     vocab = model.config.vocab_size
@@ -252,8 +252,8 @@ def arithmetic(checkpoint, pixels) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+    from ofa_captioning.beam_search import beam_search
     from ofa_captioning.captioner import Captioner
-    from ofa_captioning.generate import beam_search
 
     engine = Captioner.from_pretrained(checkpoint)
     model = engine.model
@@ -374,11 +374,11 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from load_tests.testkit.images import image_corpus
+    from load_tests.testkit.reference import Reference
+    from load_tests.testkit.servers import demo_checkpoint_dir
     from ofa_captioning.captioner import Captioner
     from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
-    from ofa_serving.testing import demo_checkpoint_dir
-    from ofa_testkit.images import image_corpus
-    from ofa_testkit.reference import Reference
 
     checkpoint = args.checkpoint or ensure_demo_checkpoint(demo_checkpoint_dir())
     corpus = image_corpus()
@@ -431,7 +431,7 @@ def run(args: argparse.Namespace) -> dict:
     # afresh); the ratios of this pass are printed, not gated.
     kept_rows = []
     if not args.no_kept_memory_pass:
-        from ofa_captioning.memory import keep_freed_memory
+        from load_tests.testkit.memory import keep_freed_memory
 
         if keep_freed_memory():
             kept_rows = timed_rows(reference, engines, pixels, args.batch_sizes)
@@ -530,7 +530,7 @@ def markdown(res: dict) -> str:
     if res.get("kept_memory_rows"):
         lines += [
             "",
-            "The same, timed again with freed memory kept for reuse on both sides (`ofa_captioning.memory`; not "
+            "The same, timed again with freed memory kept for reuse on both sides (`load_tests.testkit.memory`; not "
             "gated). With glibc's defaults the reference faults its per-step tensors above 32 MiB in afresh every "
             "step, much of its time at batch 8:",
             "",

@@ -1,6 +1,6 @@
 """The in-process phases of ``make bench``: ModelScope's reference and the engine, on the same encoded images.
 
-(a) ``reference``: ModelScope's OFA (``ofa_testkit.reference``), sequential, one image per call;
+(a) ``reference``: ModelScope's OFA (``load_tests.testkit.reference``), sequential, one image per call;
 (b) ``engine``: ``ofa_captioning.Captioner`` on encoded bytes (decode + preprocess + generate), at batch 1 and at
     each of ``--batches``; the best batch is the engine's best throughput, the yardstick of the served phases.
 """
@@ -35,7 +35,7 @@ def timed_calls(
 
 def bench_reference(model_dir: Path, images: list[bytes], args: argparse.Namespace) -> list[dict]:
     """(a) ModelScope's OFA in-process, sequential, one image per call."""
-    from ofa_testkit.reference import Reference
+    from load_tests.testkit.reference import Reference
 
     log("reference: loading ModelScope's OFA")
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ REFERENCE_PACKAGES = ("modelscope", "fairseq", "transformers")
 METRICS_PACKAGES = ("prometheus_client",)
 PLOT_PACKAGES = ("matplotlib",)
 # This project's own packages: a ModuleNotFoundError naming one of them is a bug, not a missing install.
-_OWN_PACKAGES = {"ofa_captioning", "ofa_serving", "ofa_eval", "ofa_testkit", "client", "load_tests"}
+_OWN_PACKAGES = {"ofa_captioning", "ofa_serving", "ofa_eval", "load_tests.testkit", "client", "load_tests"}
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -196,8 +196,8 @@ def ensure_server(
         raise RuntimeError(
             f"no Triton server answers on http://{host}:{http_port} and starting one was not asked"
         )
+    from load_tests.testkit.servers import running
     from ofa_serving.launcher import TritonServer
-    from ofa_serving.testing import running
 
     model_dir = resolve_model_dir(model_dir)
     kwargs = {} if response_cache_bytes is None else {"response_cache_bytes": response_cache_bytes}
@@ -307,8 +307,8 @@ def resolve_model_dir(model_dir: str | os.PathLike | None = None) -> Path:
         return Path(model_dir)
     if os.environ.get("OFA_MODEL_DIR"):
         return Path(os.environ["OFA_MODEL_DIR"])
+    from load_tests.testkit.servers import demo_checkpoint_dir
     from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
-    from ofa_serving.testing import demo_checkpoint_dir
 
     return Path(ensure_demo_checkpoint(demo_checkpoint_dir()))
 
@@ -319,8 +319,8 @@ MetricKey = tuple[str, frozenset[tuple[str, str]]]
 
 
 def parse_metrics(text: str) -> dict[MetricKey, float]:
-    """Prometheus text exposition -> ``{(name, frozenset(labels)): value}`` (``ofa_serving.testing``'s parser)."""
-    from ofa_serving.testing import parse_metrics as parse
+    """Prometheus text exposition -> ``{(name, frozenset(labels)): value}`` (``load_tests.testkit.servers``'s parser)."""
+    from load_tests.testkit.servers import parse_metrics as parse
 
     return parse(text)
 
@@ -369,7 +369,7 @@ def settled_metrics(
 
 def model_metric(metrics: Mapping[MetricKey, float], name: str, model: str) -> float:
     """Sum of metric ``name`` over the series labelled ``model=<model>`` (all versions); 0 if absent."""
-    from ofa_serving.testing import metric_sum
+    from load_tests.testkit.servers import metric_sum
 
     return metric_sum(metrics, name, model=model) or 0.0
 

@@ -5,8 +5,8 @@
 * ``demo_checkpoint_zh``: the Chinese demo checkpoint (``--language zh``), under ``checkpoints/ofa-tiny-demo-zh``
   (or ``$DEMO_CHECKPOINT_ZH``).
 * ``image_corpus``: ``[(name, encoded bytes), ...]``, 18 synthetic images covering formats, modes, sizes,
-  aspect ratios and EXIF orientations (see ``ofa_testkit.images``).
-* ``reference``: ModelScope's OFA (``ofa_testkit.reference``) on the demo checkpoint. ``make test`` always
+  aspect ratios and EXIF orientations (see ``load_tests.testkit.images``).
+* ``reference``: ModelScope's OFA (``load_tests.testkit.reference``) on the demo checkpoint. ``make test`` always
   installs it, so a failing import is an error of every test that uses it, never a skip.
 
 ``make test-kernels`` runs the tests marked ``kernel_parity`` once more with the CPU math libraries held to
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ofa_testkit.images import image_corpus as _build_corpus
+from load_tests.testkit.images import image_corpus as _build_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,8 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 @pytest.fixture(scope="session")
 def demo_checkpoint() -> Path:
     """Path of the demo checkpoint (built on first use, then reused across sessions)."""
+    from load_tests.testkit.servers import demo_checkpoint_dir
     from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
-    from ofa_serving.testing import demo_checkpoint_dir
 
     return Path(ensure_demo_checkpoint(demo_checkpoint_dir()))
 
@@ -86,7 +86,7 @@ def image_corpus() -> list[tuple[str, bytes]]:
 
 @pytest.fixture(scope="session")
 def reference(demo_checkpoint: Path):
-    """ModelScope's OFA captioning reference (ofa_testkit.reference.Reference) on the demo checkpoint."""
-    from ofa_testkit.reference import Reference
+    """ModelScope's OFA captioning reference (load_tests.testkit.reference.Reference) on the demo checkpoint."""
+    from load_tests.testkit.reference import Reference
 
     return Reference(demo_checkpoint)

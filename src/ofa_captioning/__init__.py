@@ -6,7 +6,7 @@
 
 Modules: ``config`` (config.json/configuration.json), ``checkpoint`` (weights), ``model`` (the network),
 ``generate`` (beam search), ``captioner`` (the API), ``tokenizer``, ``preprocess``, ``demo_checkpoint``,
-``download``. Attributes below are imported lazily, so ``import ofa_captioning.preprocess`` stays light.
+``download``. Attributes below are imported lazily, so ``import ofa_captioning.images`` stays light.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ _LAZY = {
     "TaskConfig": "config",
     "load_configs": "config",
     "OFATokenizer": "tokenizer",
-    "ImageDecodeError": "preprocess",
-    "preprocess_images": "preprocess",
+    "ImageDecodeError": "images",
+    "preprocess_images": "images",
     "ensure_demo_checkpoint": "demo_checkpoint",
 }
 

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .beam_search import BeamSearchSettings, Hypothesis, beam_search
 from .checkpoint import load_state_dict
 from .config import ModelConfig, TaskConfig, load_configs
-from .generate import BeamSearchSettings, Hypothesis, beam_search
+from .images import ImageInput, preprocess_images
 from .model import OFAModel
-from .preprocess import ImageInput, preprocess_images
 from .tokenizer import OFATokenizer, load_tokenizer, postprocess_caption
 
 __all__ = ["MAX_BEAM_SIZE", "MAX_LENGTH", "MIN_BEAM_SIZE", "MIN_LENGTH", "Caption", "Captioner"]

@@ -1,11 +1,11 @@
 """The uint8 pixel path: resize on the host, normalize on the model's device, bit for bit the reference's pixels.
 
-:func:`~ofa_captioning.preprocess.preprocess_images` computes the reference's float32 pixels in one go. Split in
+:func:`~ofa_captioning.images.preprocess_images` computes the reference's float32 pixels in one go. Split in
 two, the same arithmetic moves 4x fewer bytes between processes and devices:
 
 * :func:`resized_pixels` (host, PIL): decode, EXIF, RGB, bicubic resize to S x S, as ``uint8 [B, 3, S, S]``;
 * :func:`normalize_pixels` (the model's device, torch): ``(v / 255 - mean) / std`` for every byte ``v``, looked up
-  in the same float32 table (:func:`~ofa_captioning.preprocess.normalize_lut`) as the one-step path, so the
+  in the same float32 table (:func:`~ofa_captioning.images.normalize_lut`) as the one-step path, so the
   float32 tensor the model sees is identical bit for bit.
 
 The Triton ensemble uses this split: ``preprocess`` sends the uint8 pixels through shared memory and ``ofa``
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, decoded_images, normalize_lut
+from .images import DEFAULT_MAX_PIXELS, ImageInput, decoded_images, normalize_lut
 
 __all__ = ["normalize_pixels", "resized_pixels"]
 
@@ -32,7 +32,7 @@ def resized_pixels(
 ) -> np.ndarray:
     """Images (encoded bytes or PIL) -> ``uint8 [B, 3, size, size]``: the reference's RGB pixels after its
     bicubic resize, before ``ToTensor`` and ``Normalize``. Errors as
-    :func:`~ofa_captioning.preprocess.preprocess_images` (the bad image's index is named)."""
+    :func:`~ofa_captioning.images.preprocess_images` (the bad image's index is named)."""
     if size <= 0:
         raise ValueError(f"size must be positive, got {size}")
     items = list(images)
@@ -52,7 +52,7 @@ def normalize_pixels(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """``uint8 [B, 3, H, W]`` (or one image ``[3, H, W]``) -> float32 ``[B, 3, H, W]`` on ``device`` (default:
-    where ``pixels`` are), equal bit for bit to :func:`~ofa_captioning.preprocess.preprocess_images`.
+    where ``pixels`` are), equal bit for bit to :func:`~ofa_captioning.images.preprocess_images`.
 
     The bytes travel to the device first (a quarter of the float32 size) and are normalized there by a gather
     from the per-channel 256-entry table.

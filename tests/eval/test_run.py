@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from load_tests.testkit.parity import assert_same_results
 from ofa_eval import DatasetError, load_caption_set
 from ofa_eval.cli import main
 from ofa_eval.predict import EnginePredictor
-from ofa_testkit.parity import assert_same_results
 
 from .evalset import FAST, SAMPLES_DIR, SAMPLES_SET, run_eval
 

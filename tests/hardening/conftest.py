@@ -34,9 +34,9 @@ import pytest
 
 from load_tests.loadlib import settled_metrics
 from load_tests.reliabilitylib import stub_processes
+from load_tests.testkit.servers import metric_sum, parse_metrics, running, started
 from ofa_serving.launcher import TritonServer, default_model_repository
 from ofa_serving.supervisor import Supervisor, new_admin_key
-from ofa_serving.testing import metric_sum, parse_metrics, running, started
 
 READY_TIMEOUT_S = 600  # model load + warm-up on a busy 2-core machine
 MAX_IMAGE_BYTES = 2 * 1024 * 1024
@@ -305,7 +305,7 @@ def models_ready(server: TritonServer) -> dict[str, bool]:
 
 def png(width: int, height: int, seed: int) -> bytes:
     """A small distinct PNG (different seed = different bytes, so the response cache never answers it)."""
-    from ofa_testkit.images import synthetic_rgb
+    from load_tests.testkit.images import synthetic_rgb
 
     buffer = io.BytesIO()
     synthetic_rgb(width, height, seed=seed).save(buffer, format="PNG")

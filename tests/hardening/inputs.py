@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from ofa_testkit.images import (
+from load_tests.testkit.images import (
     animated_gif,
     cmyk_jpeg,
     encode,

@@ -23,8 +23,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from load_tests.reliabilitylib import caption_inputs, fire, rss_bytes
-from ofa_captioning.preprocess import ImageDecodeError, load_image
-from ofa_testkit.parity import same_results
+from load_tests.testkit.parity import same_results
+from ofa_captioning.images import ImageDecodeError, load_image
 
 from . import inputs
 from .conftest import FAST, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, models_ready, png, stub_pids

@@ -4,7 +4,7 @@ The adapters keep a bad request's exception in a list of their ``execute()`` unt
 exception's traceback references the frame that raised it, which references ``execute()``'s frame (``f_back``),
 which holds that list: a reference cycle, freed only by Python's cyclic garbage collector. Until then the good
 requests' outputs of that ``execute()`` stay allocated; in the soak the ``preprocess`` stub and its
-shared-memory pool grew by tens of MB (docs/reliability.md). ``ofa_serving.adapter.error_response`` now drops
+shared-memory pool grew by tens of MB (docs/reliability.md). ``ofa_serving.backend_utils.error_response`` now drops
 the tracebacks once the error is logged; these tests fail if a cycle comes back.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ofa_serving.adapter import error_response
+from ofa_serving.backend_utils import error_response
 from ofa_serving.batching import RequestError, run_batched
 from tests.serving import fake_pb_utils
 from tests.serving.conftest import init_args

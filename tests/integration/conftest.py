@@ -12,8 +12,8 @@ import os
 import pytest
 
 from client import CaptionClient
+from load_tests.testkit.servers import metric_sum, parse_metrics, running
 from ofa_serving.launcher import TritonServer
-from ofa_serving.testing import metric_sum, parse_metrics, running
 
 READY_TIMEOUT_S = 600  # model load + warm-up on a busy 2-core machine
 
@@ -60,7 +60,7 @@ def metric(server: TritonServer, name: str, model: str) -> float:
 
 def decode_error(data: bytes) -> str:
     """The engine's own message for undecodable ``data`` (what the server must pass on to the client)."""
-    from ofa_captioning.preprocess import ImageDecodeError, load_image
+    from ofa_captioning.images import ImageDecodeError, load_image
 
     try:
         load_image(data)
@@ -71,7 +71,7 @@ def decode_error(data: bytes) -> str:
 
 def distinct_images(count: int, start_seed: int = 1000) -> list[bytes]:
     """``count`` different small PNG images (distinct bytes, so the response cache never answers them)."""
-    from ofa_testkit.images import synthetic_rgb
+    from load_tests.testkit.images import synthetic_rgb
 
     out = []
     for i in range(count):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ofa_testkit.parity import assert_same_results
+from load_tests.testkit.parity import assert_same_results
 
 from .conftest import decode_error, distinct_images
 

@@ -9,7 +9,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client import InvalidInputError
-from ofa_testkit.parity import assert_same_results
+from load_tests.testkit.parity import assert_same_results
 
 from .conftest import distinct_images, metric
 

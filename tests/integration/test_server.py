@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from client import Caption, InvalidInputError
-from ofa_testkit.parity import SCORE_ATOL, assert_same_results
+from load_tests.testkit.parity import SCORE_ATOL, assert_same_results
 
 from .conftest import decode_error, distinct_images, metric
 

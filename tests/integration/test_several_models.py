@@ -10,11 +10,11 @@ import urllib.request
 import pytest
 
 from client import CaptionClient
+from load_tests.testkit.parity import assert_same_results
+from load_tests.testkit.servers import running
 from ofa_serving.launcher import free_ports
 from ofa_serving.repository import prepare_models
 from ofa_serving.settings import ServerSettings, load_settings
-from ofa_serving.testing import running
-from ofa_testkit.parity import assert_same_results
 from tests.conftest import REPO_ROOT
 
 from .conftest import READY_TIMEOUT_S, distinct_images, metric

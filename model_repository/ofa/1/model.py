@@ -16,7 +16,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ofa_captioning.captioner import Captioner
-from ofa_serving.adapter import (
+from ofa_serving.backend_utils import (
     EngineHealth,
     RequestCancelled,
     cancelled,

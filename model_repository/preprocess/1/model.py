@@ -1,7 +1,7 @@
 """Triton adapter `preprocess`: encoded image bytes -> ``pixel_values`` [3, S, S] uint8 (resized RGB; `ofa`
 normalizes them on the model's device, ``ofa_captioning.pixels``).
 
-A thin adapter over ``ofa_captioning.preprocess`` (the same function the engine and the tests use). The images
+A thin adapter over ``ofa_captioning.images`` (the same function the engine and the tests use). The images
 of one execute() are decoded one at a time and each is reduced to its pixel tensor at once, so that at most one
 full-size decoded image is alive besides the batch's tensors (32 images of up to ``max_image_pixels`` would
 otherwise be held together). An undecodable image fails only its own request (INVALID_ARG with the reason), a
@@ -15,9 +15,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ofa_captioning.config import load_task_config
+from ofa_captioning.images import ImageDecodeError
 from ofa_captioning.pixels import resized_pixels
-from ofa_captioning.preprocess import ImageDecodeError
-from ofa_serving.adapter import (
+from ofa_serving.backend_utils import (
     RequestCancelled,
     cancelled,
     check_tensor_dims,
@@ -27,7 +27,7 @@ from ofa_serving.adapter import (
     responses,
 )
 from ofa_serving.batching import RequestError, run_batched
-from ofa_serving.images import PayloadError, decode_image_payload
+from ofa_serving.payloads import PayloadError, decode_image_payload
 from ofa_serving.settings import PreprocessSettings, load_settings
 
 

@@ -21,14 +21,14 @@ import types
 import pytest
 import torch
 
-from ofa_captioning.captioner import Captioner
-from ofa_testkit.reference import (
+from load_tests.testkit.reference import (
     Reference,
     _quiet_modelscope,
     assert_tie_aware_parity,
     engine_results,
     install_stand_ins,
 )
+from ofa_captioning.captioner import Captioner
 
 pytestmark = pytest.mark.reference
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from load_tests.testkit.images import animated_gif, encode, multipage_tiff, synthetic_rgb
 from ofa_captioning.config import load_configs
-from ofa_captioning.pixels import _normalize_on_device, normalize_pixels, resized_pixels
-from ofa_captioning.preprocess import (
+from ofa_captioning.images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     load_image,
@@ -23,7 +23,7 @@ from ofa_captioning.preprocess import (
     preprocess_image,
     preprocess_images,
 )
-from ofa_testkit.images import animated_gif, encode, multipage_tiff, synthetic_rgb
+from ofa_captioning.pixels import _normalize_on_device, normalize_pixels, resized_pixels
 
 HALF = (0.5, 0.5, 0.5)
 PIL_DEFAULT_BOMB_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Image.MAX_IMAGE_PIXELS unless someone changed it

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from load_tests.testkit.parity import assert_same_results
 from ofa_captioning.captioner import Captioner
 from ofa_captioning.demo_checkpoint import FILES_ZH, build_demo_checkpoint_zh
 from ofa_captioning.tokenizer import NUM_BINS, NUM_CODES, OFATokenizerZH, postprocess_caption
-from ofa_testkit.parity import assert_same_results
 
 # Two images of different formats and shapes; both are clear of beam-search near-ties on this checkpoint.
 PARITY_IMAGES = (2, 9)  # panorama_1200x200.jpg, exif_orient8.jpg
@@ -31,8 +31,8 @@ def engine(demo_checkpoint_zh: Path) -> Captioner:
 
 @pytest.fixture(scope="module")
 def reference_zh(demo_checkpoint_zh: Path):
-    """ModelScope's OFA captioning (ofa_testkit.reference.Reference) on the Chinese demo checkpoint."""
-    from ofa_testkit.reference import Reference
+    """ModelScope's OFA captioning (load_tests.testkit.reference.Reference) on the Chinese demo checkpoint."""
+    from load_tests.testkit.reference import Reference
 
     return Reference(demo_checkpoint_zh)
 
@@ -83,7 +83,7 @@ def test_engine_loads_demo_zh(engine: Captioner) -> None:
 @pytest.mark.reference
 def test_modelscope_loads_demo_zh(demo_checkpoint_zh: Path) -> None:
     """ModelScope's own OFAModel.from_pretrained and OFATokenizerZH.from_pretrained load the directory unchanged."""
-    from ofa_testkit.reference import install_stand_ins
+    from load_tests.testkit.reference import install_stand_ins
 
     install_stand_ins()
     from modelscope.models.multi_modal.ofa import OFAModel

@@ -2,7 +2,7 @@
 
 Random weights give the same caption for many images, so captions alone prove little: the scores (which do
 differ per image) must agree within 1e-4 as well, and for a subset every finished hypothesis is compared. Every
-comparison goes through ``ofa_testkit.reference.assert_tie_aware_parity``: the only accepted divergence is a beam-search
+comparison goes through ``load_tests.testkit.reference.assert_tie_aware_parity``: the only accepted divergence is a beam-search
 near-tie, checked by re-scoring the engine's tokens with ModelScope's model (issue 9); the corpus includes an image
 built to sit on such a tie.
 """
@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from load_tests.testkit.images import encode, synthetic_rgb
+from load_tests.testkit.parity import assert_same_results
+from load_tests.testkit.reference import TIE_MARGIN, RefHypothesis, assert_tie_aware_parity, engine_results
 from ofa_captioning.captioner import Caption, Captioner
-from ofa_testkit.images import encode, synthetic_rgb
-from ofa_testkit.parity import assert_same_results
-from ofa_testkit.reference import TIE_MARGIN, RefHypothesis, assert_tie_aware_parity, engine_results
 
 pytestmark = pytest.mark.reference
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from load_tests.testkit.reference import Reference, assert_tie_aware_parity, engine_results
 from ofa_captioning.captioner import Caption, Captioner
-from ofa_testkit.reference import Reference, assert_tie_aware_parity, engine_results
 
 pytestmark = pytest.mark.reference
 

@@ -480,7 +480,7 @@ class RefHypothesis(NamedTuple):
 
 
 #: How much worse than the reference's best an engine caption may score where a beam-search near-tie made the two
-#: searches diverge (the score tolerance itself is :data:`ofa_testkit.parity.SCORE_ATOL`).
+#: searches diverge (the score tolerance itself is :data:`load_tests.testkit.parity.SCORE_ATOL`).
 TIE_MARGIN = 0.02
 
 

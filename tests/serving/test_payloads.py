@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from ofa_serving.images import PayloadError, decode_image_payload
+from ofa_serving.payloads import PayloadError, decode_image_payload
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 argument, ``$CAPTION_API_KEY`` or ``$CAPTION_API_KEY_FILE``), never retried when refused and never shown, and
 the TLS settings reaching tritonclient and working against servers with certificates from a test CA.
 
-The servers are in-process stand-ins (tests/serving/fake_caption_servers.py) that answer a missing key exactly
+The servers are in-process stand-ins (tests/client/fake_caption_servers.py) that answer a missing key exactly
 as Triton 2.51 does: gRPC UNAVAILABLE "This protocol is restricted, expecting header
 'triton-grpc-protocol-ofa-api-key'", HTTP 403 "This API is restricted, expecting header 'ofa-api-key'"."""
 

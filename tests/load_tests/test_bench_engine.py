@@ -75,8 +75,8 @@ def test_the_report_says_when_a_target_needs_more_than_the_peak():
 
 
 def test_beam_profile_tells_the_output_projection_from_the_layers(demo_checkpoint):
+    from ofa_captioning.beam_search import beam_search
     from ofa_captioning.captioner import Captioner
-    from ofa_captioning.generate import beam_search
 
     engine = Captioner.from_pretrained(demo_checkpoint)
     model = engine.model

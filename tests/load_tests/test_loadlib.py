@@ -240,7 +240,7 @@ def test_server_tools_share_the_server_options_and_pick_free_ports(tool):
 
 
 def test_metric_sum_matches_labels_and_tells_absent_from_zero():
-    from ofa_serving.testing import metric_sum
+    from load_tests.testkit.servers import metric_sum
 
     metrics = parse_metrics(
         'nv_inference_request_failure{model="ofa",reason="BACKEND",version="1"} 2\n'
@@ -256,7 +256,7 @@ def test_metric_sum_matches_labels_and_tells_absent_from_zero():
 
 
 def test_demo_checkpoint_dir_is_the_setting_under_the_checkout():
-    from ofa_serving.testing import demo_checkpoint_dir
+    from load_tests.testkit.servers import demo_checkpoint_dir
 
     assert demo_checkpoint_dir({}) == REPO_ROOT / "checkpoints" / "ofa-tiny-demo"
     assert demo_checkpoint_dir({"DEMO_CHECKPOINT": "elsewhere/demo"}) == REPO_ROOT / "elsewhere" / "demo"
@@ -264,7 +264,7 @@ def test_demo_checkpoint_dir_is_the_setting_under_the_checkout():
 
 
 class _Server:
-    """Records the lifecycle calls of :func:`ofa_serving.testing.running`; ``fail`` makes it never get ready."""
+    """Records the lifecycle calls of :func:`load_tests.testkit.servers.running`; ``fail`` makes it never get ready."""
 
     def __init__(self, fail: bool = False):
         self.fail, self.calls = fail, []
@@ -283,7 +283,7 @@ class _Server:
 
 
 def test_running_starts_waits_and_always_stops():
-    from ofa_serving.testing import running
+    from load_tests.testkit.servers import running
 
     server = _Server()
     with running(server, ready_timeout=7, stop_timeout=3) as inside:

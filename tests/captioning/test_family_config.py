@@ -110,8 +110,8 @@ def test_refused_generator_fields_cover_the_reference_keywords():
     """Every SequenceGenerator keyword is either implemented, inert in the reference, or refused."""
     import inspect
 
+    from load_tests.testkit.reference import install_stand_ins
     from ofa_captioning.config import BEAM_SEARCH_FIELDS, BEAM_SEARCH_INERT
-    from ofa_testkit.reference import install_stand_ins
 
     install_stand_ins()
     from modelscope.models.multi_modal.ofa.generate.sequence_generator import SequenceGenerator

@@ -1,4 +1,4 @@
-"""ofa_captioning.memory: freed memory kept for reuse instead of being faulted in afresh."""
+"""load_tests.testkit.memory: freed memory kept for reuse instead of being faulted in afresh."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 # thresholds) and prints the page faults of the second round.
 _SCRIPT = """
 import ctypes, resource, sys
-from ofa_captioning.memory import keep_freed_memory
+from load_tests.testkit.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 libc = ctypes.CDLL(None)

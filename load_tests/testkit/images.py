@@ -4,7 +4,7 @@
 and EXIF orientations that preprocessing must handle. Every image has different content (seeded shapes,
 gradients and text), so the pixels and the caption scores differ per image.
 
-``python -m ofa_testkit.images samples/`` regenerates the small sample images committed under ``samples/``.
+``python -m load_tests.testkit.images samples/`` regenerates the small sample images committed under ``samples/``.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def test_missing_special_token_is_an_error() -> None:
 
 def test_tokenizer_module_does_not_import_transformers() -> None:
     code = (
-        "import sys, ofa_captioning.tokenizer, ofa_captioning.preprocess, ofa_captioning.download; "
+        "import sys, ofa_captioning.tokenizer, ofa_captioning.images, ofa_captioning.download; "
         "bad = [m for m in ('transformers', 'modelscope', 'tritonclient', 'triton_python_backend_utils') "
         "if m in sys.modules]; assert not bad, bad"
     )

@@ -172,7 +172,7 @@ VARIANT = dict(
 
 
 def _reference_model(config: dict):
-    from ofa_testkit.reference import install_stand_ins
+    from load_tests.testkit.reference import install_stand_ins
 
     install_stand_ins()
     from modelscope.models.multi_modal.ofa import OFAModel as RefOFAModel

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from ofa_captioning.captioner import Caption, Captioner
-from ofa_captioning.config import ModelConfig
-from ofa_captioning.generate import (
+from load_tests.testkit.parity import assert_same_results
+from ofa_captioning.beam_search import (
     TOPK_BLOCK,
     BeamSearchSettings,
     beam_search,
     block_repeated_ngrams,
     row_topk,
 )
+from ofa_captioning.captioner import Caption, Captioner
+from ofa_captioning.config import ModelConfig
 from ofa_captioning.model import OFAModel
-from ofa_testkit.parity import assert_same_results
 
 
 @pytest.fixture(scope="module")

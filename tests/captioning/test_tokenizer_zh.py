@@ -149,7 +149,7 @@ def tok(vocab_dir) -> OFATokenizerZH:
 
 def _reference_tokenizer(path: Path):
     """ModelScope's tokenizer as OfaForAllTasks builds it for a zh/cn checkpoint."""
-    from ofa_testkit.reference import install_stand_ins
+    from load_tests.testkit.reference import install_stand_ins
 
     install_stand_ins()
     from modelscope.models.multi_modal.ofa.tokenization_ofa import OFATokenizerZH as RefTokenizer

@@ -1,4 +1,4 @@
-"""The one parity rule (ofa_testkit.parity): tokens and texts equal, scores within SCORE_ATOL, never float ==."""
+"""The one parity rule (load_tests.testkit.parity): tokens and texts equal, scores within SCORE_ATOL, never float ==."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import math
 
 import pytest
 
+from load_tests.testkit.parity import SCORE_ATOL, assert_same_results, result_differences, same_results
+from load_tests.testkit.reference import RefHypothesis
 from ofa_captioning.captioner import Caption
-from ofa_testkit.parity import SCORE_ATOL, assert_same_results, result_differences, same_results
-from ofa_testkit.reference import RefHypothesis
 
 
 def test_scores_a_few_ulps_apart_are_the_same_result():

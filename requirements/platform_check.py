@@ -1,11 +1,14 @@
 """What ``make setup`` checks and decides before it installs anything: the platform and the torch build.
 
+It lives in ``requirements/``, beside the pins it guards, and in no package: it runs before any package (or even
+the virtual environment) exists, so it cannot be imported from an installed one.
+
 Run by path with the interpreter that will create the virtual environment, before any environment exists, so
 this file uses the standard library only and parses on Python 3.6 (a newcomer's old system python3 must get
 the sentence below, not a SyntaxError)::
 
-    python3 src/ofa_serving/platform_check.py [--torch auto]   # exit 1 with one sentence if unsupported
-    .venv/bin/python src/ofa_serving/platform_check.py --install-torch auto   # install the chosen build
+    python3 requirements/platform_check.py [--torch auto]   # exit 1 with one sentence if unsupported
+    .venv/bin/python requirements/platform_check.py --install-torch auto   # install the chosen build
 
 The platform: ``nvidia-pytriton`` (which carries the ``tritonserver`` binary) is one wheel tagged
 ``manylinux_2_35_x86_64`` with Python-backend stubs for Python 3.8-3.13, and the project needs Python 3.10+
@@ -38,7 +41,7 @@ WHY_PYTHON = (
 )
 LINUX = "Ubuntu 22.04, Debian 12, Fedora 36 or newer"
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 RUNTIME_REQUIREMENTS = REPO / "requirements" / "runtime.txt"
 PYTORCH_INDEX = "https://download.pytorch.org/whl/"
 

@@ -7,5 +7,5 @@ Modules:
     parity     the one rule for comparing two computations' captions: same tokens and text, scores within
                ``SCORE_ATOL`` (``assert_same_results``); bit-exact equality only for the same computation twice
     images     deterministic synthetic images (``image_corpus``, ``synthetic_rgb``, encoders);
-               ``python -m ofa_testkit.images samples/`` regenerates the committed sample images
+               ``python -m load_tests.testkit.images samples/`` regenerates the committed sample images
 """

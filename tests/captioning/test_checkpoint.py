@@ -104,7 +104,7 @@ def test_a_truncated_demo_file_makes_the_checkpoint_incomplete(demo_checkpoint: 
 @pytest.mark.reference
 def test_modelscope_loads_demo_checkpoint_unchanged(demo_checkpoint: Path, state):
     """The layout proof: ModelScope's own OFAModel/OFATokenizer.from_pretrained read the directory as is."""
-    from ofa_testkit.reference import install_stand_ins
+    from load_tests.testkit.reference import install_stand_ins
 
     install_stand_ins()
     from modelscope.models.multi_modal.ofa import OFAModel as RefOFAModel

@@ -15,8 +15,8 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .launcher import TritonServer, repo_root
-from .settings import ServerSettings, load_settings
+from ofa_serving.launcher import TritonServer, repo_root
+from ofa_serving.settings import ServerSettings, load_settings
 
 __all__ = ["MetricKey", "demo_checkpoint_dir", "metric_sum", "parse_metrics", "running", "started"]
 

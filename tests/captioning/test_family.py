@@ -22,16 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ofa_captioning.captioner import Captioner
-from ofa_captioning.checkpoint import load_state_dict
-from ofa_captioning.demo_checkpoint import DEMO_TASK_CONFIG
-from ofa_testkit.reference import (
+from load_tests.testkit.reference import (
     Reference,
     assert_tie_aware_parity,
     build_modelscope_checkpoint,
     engine_results,
     write_prefixed_copy,
 )
+from ofa_captioning.captioner import Captioner
+from ofa_captioning.checkpoint import load_state_dict
+from ofa_captioning.demo_checkpoint import DEMO_TASK_CONFIG
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.reference
