@@ -80,7 +80,8 @@ lint: setup-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-## bench-engine: engine vs ModelScope reference, in-process (issue: engine targets)
+## bench-engine: engine vs ModelScope reference, in-process, calls alternating; exits 1 when a target or float32
+## parity is missed; load_tests/results/bench_engine.{json,md}
 bench-engine: setup-dev
 	$(PY) load_tests/bench_engine.py
 

@@ -3,6 +3,10 @@
     python load_tests/bench_engine.py [--images 8] [--batch-sizes 1 8] [--dtypes float32 bfloat16]
                                       [--report-only] [--json results.json]
 
+:func:`timed_calls` is the one engine-vs-reference measurement of the harness: it hands each chunk of the input
+to every side in turn and times each call. ``make bench`` runs it one side at a time on encoded images (its
+reference and engine phases); this tool runs it with the sides alternating on pixels.
+
 Both sides start from the same float32 pixel batch (the reference's own preprocessing), so the timed figures are
 model + beam search + text decoding + postprocessing. Calls alternate between the reference and each engine
 dtype (image by image at batch 1, batch by batch at batch 8), so that load from other processes hits all of them
@@ -10,14 +14,15 @@ alike; the load average is printed because this machine is shared. The ratios ar
 
 Targets (ratio of the engine's images/s to the reference's): float32 batch 1 >= 5x and batch 8 >= 10x with
 captions identical to the reference and scores within 1e-4; bfloat16 (opt-in, CPU) batch 8 >= 15x. bfloat16's
-agreement with float32 on the parity corpus is printed, not gated. The exit status is 1 (with a red line per
-miss, plain with ``NO_COLOR`` set) when a target or the float32 parity is missed; ``--report-only`` always exits 0.
+agreement with float32 on the parity corpus is printed, not gated. A missed target or float32 parity prints a red
+``[FAIL]`` line (plain with ``NO_COLOR`` set) and the exit status is 1; ``--report-only`` always exits 0. The
+report goes to ``load_tests/results/bench_engine.json`` and ``.md`` (``--json`` elsewhere).
 
-The profile splits one call per batch size into stages, timed without a profiler: decode and resize
-(``preprocess``, on the encoded images), the ResNet, the rest of the encoder, and beam search; then, from one
-``torch.profiler`` run of beam search, where a decoder step's time goes by operator family (the output
-projection, the layers' linears, attention, top-k, log-softmax, copies, host syncs: ``.item()``/``bool()``)
-and how many operators a step runs. With the profile comes the arithmetic floor: the multiply-adds of a call
+The profile (``engine_profile.py``) splits one call per batch size into stages, timed without a profiler: decode
+and resize (``preprocess``, on the encoded images), the ResNet, the rest of the encoder, and beam search; then,
+from one ``torch.profiler`` run of beam search, where a decoder step's time goes by operator family (the output
+projection, the layers' linears, attention, top-k, log-softmax, copies, host syncs: ``.item()``/``bool()``) and
+how many operators a step runs. With the profile comes the arithmetic floor: the multiply-adds of a call
 (``torch.utils.flop_counter``: ResNet, encoder layers, beam search) at this CPU's best measured multiply-add rate,
 and the share of that peak each target would need, so that a target out of reach on a machine says so.
 
@@ -34,252 +39,111 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
-import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from load_tests import loadlib, tool
 from load_tests.testkit.parity import same_results
 
-# (dtype, batch size) -> minimum engine images/s over reference images/s (issue 11).
+# (dtype, batch size) -> minimum engine images/s over reference images/s.
 TARGETS = {("float32", 1): 5.0, ("float32", 8): 10.0, ("bfloat16", 8): 15.0}
-RED, RESET = "\033[31m", "\033[0m"
+REFERENCE = "reference"
 
-# Operator families of the beam-search profile (first match wins). The output projection is the matrix product
-# with a vocabulary-sized operand; prepacked oneDNN linears are ``mkldnn::_linear_pointwise``.
-_MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
-_OP_FAMILIES = (
-    ("output projection", _MATMULS, True),
-    ("linear layers", _MATMULS, False),
-    (
-        "attention (bmm, softmax, sdpa)",
-        ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu"),
-        None,
-    ),
-    ("top-k", ("aten::topk",), None),
-    ("log-softmax", ("aten::_log_softmax",), None),
-    (
-        "copies, gathers, index_select",
-        ("aten::copy_", "aten::index_select", "aten::gather", "aten::cat"),
-        None,
-    ),
-    ("host syncs (item, bool)", ("aten::_local_scalar_dense",), None),
-)
+# ------------------------------------------------------------------------------------------ measurement
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--checkpoint", type=Path, default=None, help="checkpoint dir (default: the demo checkpoint)"
-    )
-    p.add_argument("--images", type=int, default=8, help="number of corpus images (default 8)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument(
-        "--dtypes",
-        nargs="+",
-        default=["float32", "bfloat16"],
-        choices=["float32", "bfloat16"],
-        help="CPU engine dtypes timed against the reference (default: float32 bfloat16)",
-    )
-    p.add_argument(
-        "--agreement-images",
-        type=int,
-        default=None,
-        help="parity-corpus images for bfloat16 vs float32 agreement (default: all; 0 = skip)",
-    )
-    p.add_argument(
-        "--no-profile", action="store_true", help="skip the per-stage profile and the arithmetic floor"
-    )
-    p.add_argument(
-        "--no-kept-memory-pass",
-        action="store_true",
-        help="skip the second, ungated timing pass with freed memory kept for reuse (load_tests.testkit.memory)",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--gpu-dtype", default="float16", help="engine dtype on CUDA, if CUDA is available")
-    p.add_argument(
-        "--json", type=Path, default=None, help="also write the results as JSON here ('-' = stdout)"
-    )
-    p.add_argument(
-        "--report-only", action="store_true", help="always exit 0 (default: exit 1 when a target is missed)"
-    )
-    p.add_argument(
-        "--check", action="store_true", help=argparse.SUPPRESS
-    )  # the default now; kept for scripts
-    return p.parse_args(argv)
+@dataclass
+class SideCalls:
+    """One side's calls in a :func:`timed_calls` run: each call's seconds and all outputs, in order."""
+
+    latencies: list[float] = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        """Time spent in this side's calls."""
+        return sum(self.latencies)
+
+    @property
+    def images(self) -> int:
+        """Images captioned (one output per image)."""
+        return len(self.outputs)
 
 
-def _timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+@dataclass
+class Timing:
+    """A :func:`timed_calls` run: each side's calls, the chunks handed out and the wall time of the loop."""
+
+    sides: dict[str, SideCalls]
+    calls: int
+    wall_s: float
 
 
-def _best(fn, repeats: int = 2) -> float:
-    return min(_timed(fn)[1] for _ in range(repeats))
+def timed_calls(
+    sides: Mapping[str, Callable[[Any], Sequence]],
+    chunks: Sequence,
+    *,
+    seconds: float | None = None,
+    min_calls: int = 1,
+) -> Timing:
+    """Hand each chunk to every side in turn (``sides``' order), timing each call: the one engine-vs-reference
+    measurement. With ``seconds``, no chunk starts past that time once ``min_calls`` chunks were done.
 
-
-def stage_profile(engine, images: list[bytes], batch: int) -> dict:
-    """Seconds per image of each stage of one call at ``batch`` (best of two, no profiler attached)."""
-    import torch
-
-    from ofa_captioning.beam_search import BeamSearchSettings, beam_search
-    from ofa_captioning.images import load_image
-
-    images = images[:batch]
-    n = len(images)
-    decoded = [load_image(data) for data in images]
-    decode_s = _best(lambda: [load_image(data) for data in images])
-    resize_s = _best(lambda: engine.preprocess(decoded))
-    pixels = engine.preprocess(decoded).to(engine.dtype)
-    model = engine.model
-    tok, cfg = engine.tokenizer, engine.task_config
-    settings = BeamSearchSettings(
-        beam_size=cfg.beam_size,
-        max_len_b=cfg.max_len_b,
-        min_len=min(cfg.min_len, cfg.max_len_b),
-        no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-        len_penalty=cfg.len_penalty,
-        bos_id=tok.bos_id,
-        pad_id=tok.pad_id,
-        eos_id=tok.eos_id,
-    )
-    with torch.inference_mode():
-        ids = engine._prompt_ids.unsqueeze(0).expand(n, -1)
-        resnet_s = _best(lambda: model.encoder.embed_images(pixels))
-        encoder_s = _best(lambda: model.encode(ids, pixels))
-        enc = model.encode(ids, pixels)
-        hyps = beam_search(model, enc, settings)
-        search_s = _best(lambda: beam_search(model, enc, settings))
-        steps = max(len(h.tokens) for hs in hyps for h in hs) if hyps else 0
-        ops = _beam_op_profile(model, enc, settings, steps)
-    return {
-        "batch_size": batch,
-        "images": n,
-        "decode_s_per_image": decode_s / n,
-        "resize_normalize_s_per_image": resize_s / n,
-        "resnet_s_per_image": resnet_s / n,
-        "encoder_transformer_s_per_image": max(encoder_s - resnet_s, 0.0) / n,
-        "beam_search_s_per_image": search_s / n,
-        "decoder_steps": steps,
-        "beam_search_ms_per_step": 1e3 * search_s / max(steps, 1),
-        "beam_search_ops": ops,
-    }
-
-
-def _beam_op_profile(model, enc, settings, steps: int) -> list[dict]:
-    """One beam search under torch.profiler: self time and calls of each operator family per decoder step.
-
-    Times are the profiler's (its overhead inflates small operators); the last rows are the time spent outside
-    ATen operators (Python, dispatch) and the number of operators a step runs.
+    A side is a callable returning one output per image of its chunk (captions), so that a side's images/s is
+    ``images / seconds``; with one side, ``wall_s`` also counts the loop between the calls.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    from ofa_captioning.beam_search import beam_search
-
-    per_step = max(steps, 1)
-    vocab = model.config.vocab_size
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        _, wall_s = _timed(lambda: beam_search(model, enc, settings))
-    events = [
-        e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith(("aten::", "mkldnn::"))
-    ]
-
-    def projects(e) -> bool:
-        return any(shape[:1] == [vocab] for shape in e.input_shapes)
-
-    rows, seen = [], set()
-    for family, names, vocab_sized in _OP_FAMILIES:
-        hit = [
-            e
-            for e in events
-            if e.key in names and id(e) not in seen and (vocab_sized is None or projects(e) == vocab_sized)
-        ]
-        seen.update(id(e) for e in hit)
-        rows.append(_op_row(family, hit, per_step))
-    rows.append(_op_row("other operators", [e for e in events if id(e) not in seen], per_step))
-    self_ms = sum(e.self_cpu_time_total for e in events) / 1e3
-    rows.append(
-        {
-            "family": "outside operators (Python, dispatch)",
-            "ms_per_step": max(wall_s * 1e3 - self_ms, 0.0) / per_step,
-            "calls_per_step": None,
-        }
-    )
-    rows.append(
-        {"family": "operators per step", "ms_per_step": None, "calls_per_step": _count(events) / per_step}
-    )
-    return rows
+    calls = {name: SideCalls() for name in sides}
+    done = 0
+    with tool.Stopwatch() as watch:
+        for chunk in chunks:
+            if seconds is not None and done >= min_calls and watch.seconds > seconds:
+                break
+            for name, call in sides.items():
+                out, call_s = tool.timed(call, chunk)
+                calls[name].latencies.append(call_s)
+                calls[name].outputs += out
+            done += 1
+    return Timing(calls, done, watch.seconds)
 
 
-def _count(events) -> int:
-    return sum(e.count for e in events)
-
-
-def _op_row(family: str, events, steps: int) -> dict:
+def _ratio_row(dtype: str, batch: int, timing: Timing) -> dict:
+    """The reference and the ``dtype`` engine in one run: both sides' times, the speed-up and caption parity."""
+    ref, eng = timing.sides[REFERENCE], timing.sides[dtype]
+    n = ref.images
+    pairs = list(zip(ref.outputs, eng.outputs, strict=True))
     return {
-        "family": family,
-        "ms_per_step": sum(e.self_cpu_time_total for e in events) / 1e3 / steps,
-        "calls_per_step": _count(events) / steps,
+        "dtype": dtype,
+        "batch_size": batch,
+        "calls": timing.calls,
+        "reference_s": ref.seconds,
+        "engine_s": eng.seconds,
+        "reference_images_per_s": n / ref.seconds,
+        "engine_images_per_s": n / eng.seconds,
+        "reference_s_per_image": ref.seconds / n,
+        "engine_s_per_image": eng.seconds / n,
+        "speedup": ref.seconds / eng.seconds,
+        "identical_captions": sum(r[0] == e.text for r, e in pairs),
+        "max_score_diff": max(abs(r[1] - e.score) for r, e in pairs),
+        "parity": same_results(eng.outputs, ref.outputs),
+        "load_average": os.getloadavg()[0],
     }
 
 
-def gemm_peak(dtype: str) -> float:
-    """This CPU's best measured multiply-add rate (GMAC/s) in ``dtype``: the faster of a 2048^3 matrix product and
-    a 3x3, 256-channel channels-last convolution (oneDNN), best of five each. On a busy machine this is low."""
-    import torch
-    import torch.nn.functional as F
-
-    dt = getattr(torch, dtype)
-    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
-    x = torch.randn(2, 256, 60, 60, dtype=dt).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(256, 256, 3, 3, dtype=dt).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        a @ b, F.conv2d(x, w, padding=1)
-        gemm = 2048**3 / min(_timed(lambda: a @ b)[1] for _ in range(5))
-        conv = (
-            2 * 256 * 256 * 9 * 60 * 60 / min(_timed(lambda: F.conv2d(x, w, padding=1))[1] for _ in range(5))
-        )
-    return max(gemm, conv) / 1e9
-
-
-def arithmetic(checkpoint, pixels) -> dict:
-    """Multiply-adds per image of one call on ``pixels`` (all images, one batch): the ResNet, the encoder's
-    layers and beam search, counted by ``torch.utils.flop_counter`` on the float32 model without derived
-    weights (plain convolutions and linears; SDPA counted by its shapes)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    from ofa_captioning.beam_search import beam_search
-    from ofa_captioning.captioner import Captioner
-
-    engine = Captioner.from_pretrained(checkpoint)
-    model = engine.model
-    model.clear_caches()  # plain modules: every multiply goes through an operator the counter knows
+def timed_rows(reference, engines: dict, pixels, batch_sizes: list[int]) -> list[dict]:
+    """Reference and engines over the same pixels at each batch size, calls alternating chunk by chunk: a row per
+    (dtype, batch size) with both sides' times, the speed-up and caption parity."""
+    sides = {REFERENCE: reference.caption, **{name: engine.generate for name, engine in engines.items()}}
     n = pixels.shape[0]
-    ids = engine._prompt_ids.unsqueeze(0).expand(n, -1)
-    settings = engine.search_settings(engine.default_beam_size, engine.default_max_length)
-
-    def sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}
-
-    def count(fn) -> float:
-        counter = FlopCounterMode(display=False, custom_mapping=mapping)
-        with counter:
-            fn()
-        return counter.get_total_flops() / 2 / n / 1e9  # GMAC per image
-
-    with torch.inference_mode():
-        model.encode(ids, pixels)  # position biases cached, as in steady state
-        resnet = count(lambda: model.encoder.embed_images(pixels))
-        encoder = count(lambda: model.encode(ids, pixels)) - resnet
-        enc = model.encode(ids, pixels)
-        search = count(lambda: beam_search(model, enc, settings))
-    return {"resnet_gmac": resnet, "encoder_layers_gmac": encoder, "beam_search_gmac": search}
+    rows = []
+    for bs in batch_sizes:
+        timing = timed_calls(sides, [pixels[i : i + bs] for i in range(0, n, bs)])
+        rows += [_ratio_row(name, bs, timing) for name in engines]
+    return rows
 
 
 def floors(res_rows: list[dict], gmac: dict, peaks: dict) -> list[dict]:
@@ -325,55 +189,40 @@ def agreement(engines: dict, corpus: list[tuple[str, bytes]], count: int, batch:
     }
 
 
-def timed_rows(reference, engines: dict, pixels, batch_sizes: list[int]) -> list[dict]:
-    """Reference and engines over the same pixels at each batch size, calls alternating chunk by chunk: a row per
-    (dtype, batch size) with both sides' times, the speed-up and caption parity."""
-    n = pixels.shape[0]
-    rows = []
-    for bs in batch_sizes:
-        chunks = [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
-        ref_time = 0.0
-        eng_time = dict.fromkeys(engines, 0.0)
-        ref_out: list = []
-        eng_out: dict[str, list] = {dt: [] for dt in engines}
-        for chunk in chunks:
-            r, dt_s = _timed(lambda chunk=chunk: reference.caption(pixels[chunk]))
-            ref_time += dt_s
-            ref_out += r
-            for name, engine in engines.items():
-                e, dt_s = _timed(lambda chunk=chunk, engine=engine: engine.generate(pixels[chunk]))
-                eng_time[name] += dt_s
-                eng_out[name] += e
-        for name in engines:
-            pairs = list(zip(ref_out, eng_out[name], strict=True))
-            same_text = sum(r[0] == e.text for r, e in pairs)
-            max_diff = max(abs(r[1] - e.score) for r, e in pairs)
-            rows.append(
-                {
-                    "dtype": name,
-                    "batch_size": bs,
-                    "calls": len(chunks),
-                    "reference_s": ref_time,
-                    "engine_s": eng_time[name],
-                    "reference_images_per_s": n / ref_time,
-                    "engine_images_per_s": n / eng_time[name],
-                    "reference_s_per_image": ref_time / n,
-                    "engine_s_per_image": eng_time[name] / n,
-                    "speedup": ref_time / eng_time[name],
-                    "identical_captions": same_text,
-                    "max_score_diff": max_diff,
-                    "parity": same_results(eng_out[name], ref_out),
-                    "load_average": os.getloadavg()[0],
-                }
-            )
-    return rows
+def checks(rows: list[dict]) -> dict[str, bool | None]:
+    """The targets (``None``: that dtype or batch size was not timed) and float32's parity with the reference."""
+    out: dict[str, bool | None] = {}
+    for (dt, bs), target in TARGETS.items():
+        row = next((r for r in rows if r["dtype"] == dt and r["batch_size"] == bs), None)
+        out[f"{dt} engine >= {target:g}x reference at batch {bs}"] = (
+            None if row is None else row["speedup"] >= target
+        )
+    fp32_rows = [r for r in rows if r["dtype"] == "float32"]
+    if fp32_rows:
+        out["float32 captions identical to the reference, scores within 1e-4"] = all(
+            r["parity"] for r in fp32_rows
+        )
+    return out
 
 
-def run(args: argparse.Namespace) -> dict:
-    import torch
+@dataclass
+class _Sides:
+    """What a run measures: the checkpoint, the corpus images, the reference, the CPU engines and the pixels."""
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    checkpoint: Path
+    corpus: list[tuple[str, bytes]]
+    images: int
+    reference: Any
+    engines: dict[str, Any]
+    pixels: Any
+
+    @property
+    def data(self) -> list[bytes]:
+        """The encoded images timed."""
+        return [data for _name, data in self.corpus[: self.images]]
+
+
+def _load(args: argparse.Namespace) -> _Sides:
     from load_tests.testkit.images import image_corpus
     from load_tests.testkit.reference import Reference
     from load_tests.testkit.servers import demo_checkpoint_dir
@@ -383,111 +232,80 @@ def run(args: argparse.Namespace) -> dict:
     checkpoint = args.checkpoint or ensure_demo_checkpoint(demo_checkpoint_dir())
     corpus = image_corpus()
     if args.images > len(corpus):
-        raise SystemExit(f"--images: the corpus has {len(corpus)} images")
-    names = [n for n, _ in corpus[: args.images]]
-    data = [d for _, d in corpus[: args.images]]
+        raise tool.Refused(f"--images: the corpus has {len(corpus)} images")
     reference = Reference(checkpoint)
     engines = {dt: Captioner.from_pretrained(checkpoint, dtype=dt) for dt in args.dtypes}
-    pixels = reference.pixels(data)
-    load_before = os.getloadavg()
+    data = [d for _, d in corpus[: args.images]]
+    return _Sides(checkpoint, corpus, args.images, reference, engines, reference.pixels(data))
 
-    # Warm-up (allocations, caches, lazy imports) on every side at every batch size, untimed.
-    reference.caption(pixels[:1])
-    for engine in engines.values():
-        for bs in args.batch_sizes:
-            engine.generate(pixels[:bs])
 
-    rows = timed_rows(reference, engines, pixels, args.batch_sizes)
+def _warm_up(sides: _Sides, batch_sizes: list[int]) -> None:
+    """Allocations, caches and lazy imports on every side at every batch size, untimed."""
+    sides.reference.caption(sides.pixels[:1])
+    for engine in sides.engines.values():
+        for bs in batch_sizes:
+            engine.generate(sides.pixels[:bs])
 
-    profile = []
-    if not args.no_profile:
-        for name, engine in engines.items():
-            for bs in args.batch_sizes:
-                profile.append({"dtype": name, **stage_profile(engine, data, bs)})
 
-    agree = None
-    n_agree = len(corpus) if args.agreement_images is None else min(args.agreement_images, len(corpus))
-    if "float32" in engines and "bfloat16" in engines and n_agree > 0:
-        agree = agreement(engines, corpus, n_agree)
+def _stage_profiles(args: argparse.Namespace, sides: _Sides) -> list[dict]:
+    """Each engine's per-stage profile at each batch size (none with ``--no-profile``)."""
+    from load_tests.engine_profile import stage_profile
 
-    floor_rows, gmac, peaks = [], None, {}
-    if not args.no_profile:
-        gmac = arithmetic(checkpoint, pixels)
-        # The peak is at least what the engine's own ResNet sustained in the profile (a busy machine lowers the
-        # microbenchmark, and an underestimated peak would make a target look out of reach).
-        peaks = {
-            dt: max(
-                [gemm_peak(dt)]
-                + [gmac["resnet_gmac"] / p["resnet_s_per_image"] for p in profile if p["dtype"] == dt]
-            )
-            for dt in engines
-        }
-        floor_rows = floors(rows, gmac, peaks)
+    if args.no_profile:
+        return []
+    return [
+        {"dtype": name, **stage_profile(engine, sides.data, bs)}
+        for name, engine in sides.engines.items()
+        for bs in args.batch_sizes
+    ]
 
-    gpu = _gpu_rows(args, checkpoint, pixels, engines) if torch.cuda.is_available() else []
 
-    # Last, because the setting cannot be undone in this process: both sides again with freed memory kept for
-    # reuse. The reference's time changes most (glibc's defaults fault its per-step tensors above 32 MiB in
-    # afresh); the ratios of this pass are printed, not gated.
-    kept_rows = []
-    if not args.no_kept_memory_pass:
-        from load_tests.testkit.memory import keep_freed_memory
+def _arithmetic_floor(args: argparse.Namespace, sides: _Sides, rows: list[dict], profile: list[dict]) -> dict:
+    """The multiply-adds of a call, this CPU's peak rate per dtype and each row's floor (none with
+    ``--no-profile``)."""
+    from load_tests.engine_profile import arithmetic, gemm_peak
 
-        if keep_freed_memory():
-            kept_rows = timed_rows(reference, engines, pixels, args.batch_sizes)
-
-    checks: dict[str, bool | None] = {}
-    for (dt, bs), target in TARGETS.items():
-        row = next((r for r in rows if r["dtype"] == dt and r["batch_size"] == bs), None)
-        checks[f"{dt} engine >= {target:g}x reference at batch {bs}"] = (
-            None if row is None else row["speedup"] >= target
+    if args.no_profile:
+        return {"arithmetic": None, "peak_gmac_per_s": {}, "floors": []}
+    gmac = arithmetic(sides.checkpoint, sides.pixels)
+    # The peak is at least what the engine's own ResNet sustained in the profile (a busy machine lowers the
+    # microbenchmark, and an underestimated peak would make a target look out of reach).
+    peaks = {
+        dt: max(
+            [gemm_peak(dt)]
+            + [gmac["resnet_gmac"] / p["resnet_s_per_image"] for p in profile if p["dtype"] == dt]
         )
-    fp32_rows = [r for r in rows if r["dtype"] == "float32"]
-    if fp32_rows:
-        checks["float32 captions identical to the reference, scores within 1e-4"] = all(
-            r["parity"] for r in fp32_rows
-        )
-    return {
-        "checkpoint": str(checkpoint),
-        "images": names,
-        "settings": {
-            "beam_size": next(iter(engines.values())).default_beam_size,
-            "max_length": next(iter(engines.values())).default_max_length,
-        },
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "rows": rows,
-        "kept_memory_rows": kept_rows,
-        "profile": profile,
-        "arithmetic": gmac,
-        "peak_gmac_per_s": peaks,
-        "floors": floor_rows,
-        "bfloat16_agreement": agree,
-        "gpu": gpu,
-        "checks": checks,
+        for dt in sides.engines
     }
+    return {"arithmetic": gmac, "peak_gmac_per_s": peaks, "floors": floors(rows, gmac, peaks)}
 
 
-def _gpu_rows(args, checkpoint, pixels, engines) -> list[dict]:
+def _agreement(args: argparse.Namespace, sides: _Sides) -> dict | None:
+    count = (
+        len(sides.corpus) if args.agreement_images is None else min(args.agreement_images, len(sides.corpus))
+    )
+    if "float32" in sides.engines and "bfloat16" in sides.engines and count > 0:
+        return agreement(sides.engines, sides.corpus, count)
+    return None
+
+
+def _gpu_rows(args: argparse.Namespace, sides: _Sides) -> list[dict]:
+    """The engine on CUDA in ``--gpu-dtype`` at each batch size, and its captions against CPU float32."""
     import torch
 
     from ofa_captioning.captioner import Captioner
 
-    gpu_engine = Captioner.from_pretrained(checkpoint, device="cuda", dtype=args.gpu_dtype)
+    gpu_engine = Captioner.from_pretrained(sides.checkpoint, device="cuda", dtype=args.gpu_dtype)
     gpu_engine.warmup(batch_sizes=sorted(set(args.batch_sizes)))
-    cpu = engines.get("float32") or Captioner.from_pretrained(checkpoint)
-    cpu_texts = [e.text for e in cpu.generate(pixels)]
+    cpu = sides.engines.get("float32") or Captioner.from_pretrained(sides.checkpoint)
+    cpu_texts = [e.text for e in cpu.generate(sides.pixels)]
     out_rows = []
     for bs in args.batch_sizes:
         outs, total = [], 0.0
         for i in range(0, args.images, bs):
             torch.cuda.synchronize()
-            out, dt = _timed(lambda i=i, bs=bs: gpu_engine.generate(pixels[i : i + bs]))
-            total += dt
+            out, seconds = tool.timed(gpu_engine.generate, sides.pixels[i : i + bs])
+            total += seconds
             outs += out
         out_rows.append(
             {
@@ -499,6 +317,56 @@ def _gpu_rows(args, checkpoint, pixels, engines) -> list[dict]:
             }
         )
     return out_rows
+
+
+def _kept_memory_rows(args: argparse.Namespace, sides: _Sides) -> list[dict]:
+    """Both sides again with freed memory kept for reuse (ungated). Last, because the setting cannot be undone in
+    this process; the reference's time changes most (glibc's defaults fault its per-step tensors above 32 MiB
+    in afresh)."""
+    if args.no_kept_memory_pass:
+        return []
+    from load_tests.testkit.memory import keep_freed_memory
+
+    if not keep_freed_memory():
+        return []
+    return timed_rows(sides.reference, sides.engines, sides.pixels, args.batch_sizes)
+
+
+def run(args: argparse.Namespace, server: loadlib.ServerHandle | None = None) -> dict:
+    """Load both sides, time them alternating, then profile, agreement, GPU and the kept-memory pass."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sides = _load(args)
+    load_before = os.getloadavg()
+    _warm_up(sides, args.batch_sizes)
+    rows = timed_rows(sides.reference, sides.engines, sides.pixels, args.batch_sizes)
+    profile = _stage_profiles(args, sides)
+    agree = _agreement(args, sides)
+    floored = _arithmetic_floor(args, sides, rows, profile)
+    gpu = _gpu_rows(args, sides) if torch.cuda.is_available() else []
+    kept_rows = _kept_memory_rows(args, sides)
+    engine = next(iter(sides.engines.values()))
+    return {
+        "checkpoint": str(sides.checkpoint),
+        "images": [name for name, _ in sides.corpus[: args.images]],
+        "settings": {"beam_size": engine.default_beam_size, "max_length": engine.default_max_length},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "rows": rows,
+        "kept_memory_rows": kept_rows,
+        "profile": profile,
+        **floored,
+        "bfloat16_agreement": agree,
+        "gpu": gpu,
+        "arguments": vars(args),
+        "checks": checks(rows),
+    }
 
 
 def _ratio_table(rows: list[dict], n: int) -> list[str]:
@@ -517,134 +385,233 @@ def _ratio_table(rows: list[dict], n: int) -> list[str]:
     return lines
 
 
-def markdown(res: dict) -> str:
-    n = len(res["images"])
-    lines = [
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _header(res: dict, n: int) -> list[str]:
+    return [
         f"Engine vs ModelScope reference: {n} images, beam {res['settings']['beam_size']}, "
         f"max length {res['settings']['max_length']}, torch {res['torch']}, {res['threads']} threads on "
         f"{res['cpus']} CPUs; load average {res['load_average_before'][0]:.2f} before, "
         f"{res['load_average_after'][0]:.2f} after.",
         "",
-        *_ratio_table(res["rows"], n),
     ]
-    if res.get("kept_memory_rows"):
-        lines += [
-            "",
-            "The same, timed again with freed memory kept for reuse on both sides (`load_tests.testkit.memory`; not "
-            "gated). With glibc's defaults the reference faults its per-step tensors above 32 MiB in afresh every "
-            "step, much of its time at batch 8:",
-            "",
-            *_ratio_table(res["kept_memory_rows"], n),
-        ]
-    if res["profile"]:
-        lines += [
-            "",
-            "Profile, s/img per stage (best of 2, no profiler attached):",
-            "",
-            "| dtype | batch | decode | resize+normalize | ResNet | encoder layers | beam search | steps "
-            "| ms/step |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for p in res["profile"]:
-            lines.append(
-                f"| {p['dtype']} | {p['batch_size']} | {p['decode_s_per_image']:.4f} "
-                f"| {p['resize_normalize_s_per_image']:.4f} | {p['resnet_s_per_image']:.4f} "
-                f"| {p['encoder_transformer_s_per_image']:.4f} | {p['beam_search_s_per_image']:.4f} "
-                f"| {p['decoder_steps']} | {p['beam_search_ms_per_step']:.2f} |"
-            )
-        lines += [
-            "",
-            "Beam search per decoder step, by operator family (one run under torch.profiler, its self times):",
-            "",
-            "| dtype | batch | "
-            + " | ".join(o["family"] for o in res["profile"][0]["beam_search_ops"])
-            + " |",
-            "|---|---:|" + "---:|" * len(res["profile"][0]["beam_search_ops"]),
-        ]
-        for p in res["profile"]:
-            cells = [
-                ", ".join(
-                    ([f"{o['ms_per_step']:.2f} ms"] if o["ms_per_step"] is not None else [])
-                    + ([f"{o['calls_per_step']:.0f} calls"] if o["calls_per_step"] is not None else [])
-                )
-                for o in p["beam_search_ops"]
-            ]
-            lines.append(f"| {p['dtype']} | {p['batch_size']} | " + " | ".join(cells) + " |")
-    if res.get("floors"):
-        g = res["arithmetic"]
-        lines += [
-            "",
-            f"Arithmetic per image (torch.utils.flop_counter): ResNet {g['resnet_gmac']:.2f} GMAC, encoder layers "
-            f"{g['encoder_layers_gmac']:.2f}, beam search {g['beam_search_gmac']:.2f}. This CPU's best measured "
-            "multiply-add rate (GEMM or 3x3 convolution): "
-            + ", ".join(f"{dt} {v:.0f} GMAC/s" for dt, v in res["peak_gmac_per_s"].items())
-            + ". The floor is the arithmetic at that rate; a target needs the share of the peak shown, sustained "
-            "through the whole call (memory-bound decoding included):",
-            "",
-            "| dtype | batch | floor s/img | ceiling (reference / floor) | engine's share of peak | target "
-            "| target's share of peak |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for f in res["floors"]:
-            need = f["target_share_of_peak"]
-            lines.append(
-                f"| {f['dtype']} | {f['batch_size']} | {f['floor_s_per_image']:.3f} | {f['ceiling_speedup']:.1f}x "
-                f"| {100 * f['engine_share_of_peak']:.0f} % | "
-                + ("" if f["target"] is None else f"{f['target']:g}x")
-                + " | "
-                + ("" if need is None else f"{100 * need:.0f} %" + (" (above the peak)" if need > 1 else ""))
-                + " |"
-            )
-    agree = res["bfloat16_agreement"]
-    if agree:
-        diff = agree["max_score_diff_when_identical"]
-        lines += [
-            "",
-            f"bfloat16 vs float32 on {agree['images']} parity-corpus images: {agree['identical_captions']}/"
-            f"{agree['images']} identical captions"
-            + (f", max score difference {diff:.1e} where identical" if diff is not None else "")
-            + " (not gated).",
-        ]
-    if res["gpu"]:
-        lines += [
-            "",
-            "| batch (GPU) | dtype | engine img/s | engine s/img | captions = CPU fp32 |",
-            "|---:|---|---:|---:|---:|",
-        ]
-        for g in res["gpu"]:
-            lines.append(
-                f"| {g['batch_size']} | {g['dtype']} | {g['images_per_s']:.2f} | {g['s_per_image']:.4f} "
-                f"| {g['captions_equal_to_cpu_fp32']}/{n} |"
-            )
-    lines.append("")
+
+
+def _kept_memory_section(rows: list[dict], n: int) -> list[str]:
+    if not rows:
+        return []
+    return [
+        "",
+        "The same, timed again with freed memory kept for reuse on both sides (`load_tests.testkit.memory`; not "
+        "gated). With glibc's defaults the reference faults its per-step tensors above 32 MiB in afresh every "
+        "step, much of its time at batch 8:",
+        "",
+        *_ratio_table(rows, n),
+    ]
+
+
+def _stage_table(profile: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "Profile, s/img per stage (best of 2, no profiler attached):",
+        "",
+        "| dtype | batch | decode | resize+normalize | ResNet | encoder layers | beam search | steps | ms/step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in profile:
+        lines.append(
+            f"| {p['dtype']} | {p['batch_size']} | {p['decode_s_per_image']:.4f} "
+            f"| {p['resize_normalize_s_per_image']:.4f} | {p['resnet_s_per_image']:.4f} "
+            f"| {p['encoder_transformer_s_per_image']:.4f} | {p['beam_search_s_per_image']:.4f} "
+            f"| {p['decoder_steps']} | {p['beam_search_ms_per_step']:.2f} |"
+        )
+    return lines
+
+
+def _op_cell(o: dict) -> str:
+    parts = [f"{o['ms_per_step']:.2f} ms"] if o["ms_per_step"] is not None else []
+    parts += [f"{o['calls_per_step']:.0f} calls"] if o["calls_per_step"] is not None else []
+    return ", ".join(parts)
+
+
+def _op_table(profile: list[dict]) -> list[str]:
+    if not profile:
+        return []
+    families = [o["family"] for o in profile[0]["beam_search_ops"]]
+    lines = [
+        "",
+        "Beam search per decoder step, by operator family (one run under torch.profiler, its self times):",
+        "",
+        "| dtype | batch | " + " | ".join(families) + " |",
+        "|---|---:|" + "---:|" * len(families),
+    ]
+    for p in profile:
+        cells = [_op_cell(o) for o in p["beam_search_ops"]]
+        lines.append(f"| {p['dtype']} | {p['batch_size']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _floor_row(f: dict) -> str:
+    need = f["target_share_of_peak"]
+    target = "" if f["target"] is None else f"{f['target']:g}x"
+    share = "" if need is None else f"{100 * need:.0f} %" + (" (above the peak)" if need > 1 else "")
+    return (
+        f"| {f['dtype']} | {f['batch_size']} | {f['floor_s_per_image']:.3f} | {f['ceiling_speedup']:.1f}x "
+        f"| {100 * f['engine_share_of_peak']:.0f} % | {target} | {share} |"
+    )
+
+
+def _floor_table(res: dict) -> list[str]:
+    if not res.get("floors"):
+        return []
+    g = res["arithmetic"]
+    peaks = ", ".join(f"{dt} {v:.0f} GMAC/s" for dt, v in res["peak_gmac_per_s"].items())
+    return [
+        "",
+        f"Arithmetic per image (torch.utils.flop_counter): ResNet {g['resnet_gmac']:.2f} GMAC, encoder layers "
+        f"{g['encoder_layers_gmac']:.2f}, beam search {g['beam_search_gmac']:.2f}. This CPU's best measured "
+        f"multiply-add rate (GEMM or 3x3 convolution): {peaks}. The floor is the arithmetic at that rate; a "
+        "target needs the share of the peak shown, sustained through the whole call (memory-bound decoding "
+        "included):",
+        "",
+        "| dtype | batch | floor s/img | ceiling (reference / floor) | engine's share of peak | target "
+        "| target's share of peak |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *(_floor_row(f) for f in res["floors"]),
+    ]
+
+
+def _agreement_lines(agree: dict | None) -> list[str]:
+    if not agree:
+        return []
+    diff = agree["max_score_diff_when_identical"]
+    return [
+        "",
+        f"bfloat16 vs float32 on {agree['images']} parity-corpus images: {agree['identical_captions']}/"
+        f"{agree['images']} identical captions"
+        + (f", max score difference {diff:.1e} where identical" if diff is not None else "")
+        + " (not gated).",
+    ]
+
+
+def _gpu_table(gpu: list[dict], n: int) -> list[str]:
+    if not gpu:
+        return []
+    lines = [
+        "",
+        "| batch (GPU) | dtype | engine img/s | engine s/img | captions = CPU fp32 |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for g in gpu:
+        lines.append(
+            f"| {g['batch_size']} | {g['dtype']} | {g['images_per_s']:.2f} | {g['s_per_image']:.4f} "
+            f"| {g['captions_equal_to_cpu_fp32']}/{n} |"
+        )
+    return lines
+
+
+def markdown(res: dict) -> str:
+    """The report as markdown: the ratio table, the kept-memory pass, the profile, the floor, bfloat16's
+    agreement, the GPU rows and the checks."""
+    n = len(res["images"])
+    lines = [
+        *_header(res, n),
+        *_ratio_table(res["rows"], n),
+        *_kept_memory_section(res.get("kept_memory_rows"), n),
+        *(_stage_table(res["profile"]) if res["profile"] else []),
+        *_op_table(res["profile"]),
+        *_floor_table(res),
+        *_agreement_lines(res["bfloat16_agreement"]),
+        *_gpu_table(res["gpu"], n),
+        "",
+    ]
     for name, ok in res["checks"].items():
         lines.append(f"- {'PASS' if ok else ('n/a' if ok is None else 'FAIL')}: {name}")
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------- the tool
+
+
+class _JsonPath(argparse.Action):
+    """``--json PATH``: the report goes to PATH (its markdown beside it) instead of ``<results-dir>/<name>``;
+    ``--json -`` also prints it on stdout."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, value)
+        if value != "-":
+            path = Path(value)
+            namespace.results_dir, namespace.name = path.parent, path.stem
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``make bench-engine``."""
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint dir (default: the demo checkpoint)"
+    )
+    p.add_argument("--images", type=int, default=8, help="number of corpus images (default 8)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="CPU engine dtypes timed against the reference (default: float32 bfloat16)",
+    )
+    p.add_argument(
+        "--agreement-images",
+        type=int,
+        default=None,
+        help="parity-corpus images for bfloat16 vs float32 agreement (default: all; 0 = skip)",
+    )
+    p.add_argument(
+        "--no-profile", action="store_true", help="skip the per-stage profile and the arithmetic floor"
+    )
+    p.add_argument(
+        "--no-kept-memory-pass",
+        action="store_true",
+        help="skip the second, ungated timing pass with freed memory kept for reuse (load_tests.testkit.memory)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--gpu-dtype", default="float16", help="engine dtype on CUDA, if CUDA is available")
+    p.add_argument(
+        "--json",
+        action=_JsonPath,
+        default=None,
+        help="write the report here (default: <results-dir>/bench_engine.json; '-' = also print it on stdout)",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="always exit 0 (default: exit 1 when a target is missed)"
+    )
+    p.add_argument(
+        "--check", action="store_true", help=argparse.SUPPRESS
+    )  # the default; accepted for scripts
+
+
+def summarize(report: dict) -> None:
+    """Print the markdown report (and the JSON with ``--json -``)."""
+    print(markdown(report))
+    if report["arguments"].get("json") == "-":
+        print(json.dumps(report, indent=2, default=str))
+
+
+TOOL = tool.Tool(
+    name="bench_engine",
+    description=__doc__.split("\n\n")[0],
+    add_arguments=add_arguments,
+    run=run,
+    summarize=summarize,
+    needs_server=False,
+    needs=loadlib.REFERENCE_PACKAGES,
+    markdown=markdown,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark, print the tables; exit 1 when a target is missed (unless ``--report-only``)."""
-    args = _parse_args(argv)
-    res = run(args)
-    print(markdown(res))
-    if args.json is not None:
-        text = json.dumps(
-            res, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else o
-        )
-        if str(args.json) == "-":
-            print(text)
-        else:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(text + "\n", encoding="utf-8")
-    missed = [name for name, ok in res["checks"].items() if ok is False]
-    for name in missed:
-        print(f"MISSED: {name}" if os.environ.get("NO_COLOR") else f"{RED}MISSED: {name}{RESET}")
-    if missed and not args.report_only:
-        return 1
-    return 0
+    """Run the benchmark and print the tables; exit 1 when a target is missed (unless ``--report-only``)."""
+    return tool.main(TOOL, argv)
 
 
 if __name__ == "__main__":
-    from load_tests import loadlib
-
-    sys.exit(loadlib.run_tool(main, *loadlib.REFERENCE_PACKAGES))
+    sys.exit(main())

@@ -1,6 +1,6 @@
-"""The reports of ``make bench``: result rows, ratios, targets, the markdown table, the verdict.
+"""The reports of ``make bench``: result rows, ratios, targets, the markdown table.
 
-Pure functions over the rows the phases return (``bench_inprocess``, ``bench_served``), so they are unit-tested
+Pure functions over the rows the phases return (``bench``'s in-process phases, ``bench_served``), so they are unit-tested
 without a model or a server.
 """
 
@@ -11,7 +11,6 @@ import datetime as dt
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,6 @@ TARGET_THROUGHPUT_RATIO = (
     0.90  # served images/s (closed loop at concurrency 8, and open loop) vs the engine's best
 )
 TARGET_LATENCY_RATIO = 1.15  # served p50 at concurrency 1 vs the engine's batch-1 p50
-RED, RESET = "\033[31m", "\033[0m"
 
 
 def log(message: str) -> None:
@@ -48,6 +46,10 @@ def phase_result(path: str, setting: str, latencies: list[float], images: int, w
     }
 
 
+def _ratio(a, b) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
 def summarize(rows: list[dict], open_loop: dict | None = None) -> dict:
     """Ratios between the paths and the serving targets (with ``open_loop``, the open-loop one too)."""
 
@@ -65,24 +67,29 @@ def summarize(rows: list[dict], open_loop: dict | None = None) -> dict:
     served_best = max(served, key=lambda r: r["images_per_s"] or 0) if served else None
     c1, c8 = find("served", concurrency=1), find("served", concurrency=8)
 
-    def ratio(a, b) -> float | None:
-        return round(a / b, 3) if a is not None and b else None
-
     out = {
         "engine_best": best["setting"] if best else None,
         "engine_best_images_per_s": best["images_per_s"] if best else None,
         "served_best": served_best["setting"] if served_best else None,
-        "engine_batch1_vs_reference": ratio(engine1 and engine1["images_per_s"], ref and ref["images_per_s"]),
-        "engine_best_vs_reference": ratio(best and best["images_per_s"], ref and ref["images_per_s"]),
-        "served_best_vs_reference": ratio(
+        "engine_batch1_vs_reference": _ratio(
+            engine1 and engine1["images_per_s"], ref and ref["images_per_s"]
+        ),
+        "engine_best_vs_reference": _ratio(best and best["images_per_s"], ref and ref["images_per_s"]),
+        "served_best_vs_reference": _ratio(
             served_best and served_best["images_per_s"], ref and ref["images_per_s"]
         ),
-        "served_c8_vs_engine_best": ratio(c8 and c8["images_per_s"], best and best["images_per_s"]),
-        "served_c1_p50_vs_engine_batch1_p50": ratio(c1 and c1["p50_ms"], engine1 and engine1["p50_ms"]),
+        "served_c8_vs_engine_best": _ratio(c8 and c8["images_per_s"], best and best["images_per_s"]),
+        "served_c1_p50_vs_engine_batch1_p50": _ratio(c1 and c1["p50_ms"], engine1 and engine1["p50_ms"]),
     }
     for row in rows:
-        row["vs_reference"] = ratio(row["images_per_s"], ref and ref["images_per_s"])
-        row["vs_engine_best"] = ratio(row["images_per_s"], best and best["images_per_s"])
+        row["vs_reference"] = _ratio(row["images_per_s"], ref and ref["images_per_s"])
+        row["vs_engine_best"] = _ratio(row["images_per_s"], best and best["images_per_s"])
+    out["targets"] = _targets(out, served, open_loop, best)
+    return out
+
+
+def _targets(out: dict, served: list[dict], open_loop: dict | None, best: dict | None) -> dict[str, bool]:
+    """The serving targets the measured paths allow; adds the open loop's figures to ``out``."""
     targets = {}
     if out["served_c8_vs_engine_best"] is not None:
         targets["served c8 images/s >= 90% of engine best"] = (
@@ -100,14 +107,13 @@ def summarize(rows: list[dict], open_loop: dict | None = None) -> dict:
         out["open_loop_highest_held_per_s"] = held
         out["open_loop_p99_bound_ms"] = open_loop["p99_bound_ms"]
         reference = best["images_per_s"] if best else open_loop.get("reference_rate")
-        out["open_loop_held_vs_engine_best"] = ratio(held, reference) if held is not None else 0.0
+        out["open_loop_held_vs_engine_best"] = _ratio(held, reference) if held is not None else 0.0
         if reference:
             targets[
                 f"open loop: highest rate held (p99 <= {open_loop['p99_bound_ms']:.0f} ms) >= 90% of engine best"
             ] = out["open_loop_held_vs_engine_best"] >= TARGET_THROUGHPUT_RATIO
         targets["open loop: no request failed"] = all(r["failures"] == 0 for r in open_loop["rows"])
-    out["targets"] = targets
-    return out
+    return targets
 
 
 def _fmt(value, digits: int = 1) -> str:
@@ -249,27 +255,3 @@ def open_loop_markdown(open_loop: dict) -> list[str]:
 def verdict(summary: dict) -> list[str]:
     """The targets missed (empty: all met)."""
     return [name for name, ok in summary["targets"].items() if not ok]
-
-
-def print_red(line: str, stream=None) -> None:
-    """``line`` on stderr, in red on a terminal (unless ``NO_COLOR`` is set)."""
-    stream = stream or sys.stderr
-    color = stream.isatty() and "NO_COLOR" not in os.environ
-    print(f"{RED}{line}{RESET}" if color else line, file=stream, flush=True)
-
-
-def print_verdict(summary: dict, stream=None) -> list[str]:
-    """One line: a red ``FAIL`` line naming the missed targets, or the targets met, or that none could be
-    checked (the paths they compare were skipped). Returns the missed targets."""
-    missed = verdict(summary)
-    if missed:
-        print_red("FAIL: targets missed: " + "; ".join(missed), stream)
-    elif summary["targets"]:
-        print(
-            f"PASS: every target met ({len(summary['targets'])} checked)",
-            file=stream or sys.stderr,
-            flush=True,
-        )
-    else:
-        print("no target checked: the paths they compare were skipped", file=stream or sys.stderr, flush=True)
-    return missed

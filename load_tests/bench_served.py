@@ -6,7 +6,7 @@
     from each request's due time; the curve (p50/p99 against the offered rate), the highest rate held with p99
     under a bound derived from the engine's own latency, and its plot.
 
-Every request carries distinct bytes (``loadlib.UniqueImages``), so Triton's response cache cannot answer.
+Every request carries distinct bytes (``corpus.UniqueImages``), so Triton's response cache cannot answer.
 Requests go over raw tritonclient, each sent once: a benchmark measures the server, so a failure is counted and
 reported as one (``client.CaptionClient`` would retry it, fold the wait into the latency and hide it); there are
 no client-side retries to report.
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import threading
-import time
 from pathlib import Path
 
+from load_tests import tool
 from load_tests.bench_report import display_path, ints, log, phase_result
+from load_tests.corpus import UniqueImages
 from load_tests.loadlib import (
     REPO_ROOT,
-    UniqueImages,
     assign_free_ports,
     model_metrics_delta,
     server_from_args,
@@ -115,37 +115,34 @@ def _run_threads(
     latencies: list[float] = []
     failures = [0]
     errors: list[str] = []
-    t_start = [time.perf_counter()]
-    barrier = threading.Barrier(len(clients), action=lambda: t_start.__setitem__(0, time.perf_counter()))
+    watch = tool.Stopwatch()
+    barrier = threading.Barrier(len(clients), action=watch.restart)  # the phase starts when all threads do
 
     def worker(client) -> None:
         barrier.wait()
         while True:
             with lock:
                 n = started[0]
-                elapsed = time.perf_counter() - t_start[0]
-                if n >= max_total or (elapsed > seconds and n >= min_total):
+                if n >= max_total or (watch.seconds > seconds and n >= min_total):
                     return
                 started[0] += 1
-            t0 = time.perf_counter()
             try:
-                fn(client, n)
+                _, call_s = tool.timed(fn, client, n)
             except Exception as exc:  # counted and reported, never hidden
                 with lock:
                     failures[0] += 1
                     if len(errors) < 3:
                         errors.append(repr(exc))
                 continue
-            dt_s = time.perf_counter() - t0
             with lock:
-                latencies.append(dt_s)
+                latencies.append(call_s)
 
     threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in clients]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t_start[0]
+    wall = watch.seconds
     for e in errors:
         log(f"request failed: {e}")
     return latencies, failures[0], wall
@@ -225,18 +222,9 @@ def open_loop_bound(args: argparse.Namespace, engine_rows: list[dict]) -> tuple[
     )
 
 
-def open_loop_curve(server, corpus: UniqueImages, args: argparse.Namespace, engine_rows: list[dict]) -> dict:
-    """(d) One open-loop run per offered rate; the curve, the highest rate held and its plot."""
-    import tritonclient.grpc as grpcclient
-
-    from client import with_api_key
-
-    engines = [r for r in engine_rows if r["path"] == "engine"]
-    reference_rate = max((r["images_per_s"] or 0 for r in engines), default=None) or None
-    rates = rates_from(args.open_loop_rates, args.open_loop_fractions, reference_rate)
-    bound_ms, source = open_loop_bound(args, engine_rows)
+def _async_sender(grpcclient, client, corpus: UniqueImages, args: argparse.Namespace):
+    """``start(i, done)`` for :func:`openloop.run_rate`: one asynchronous ``caption`` request of a fresh image."""
     outputs = [grpcclient.InferRequestedOutput("caption"), grpcclient.InferRequestedOutput("score")]
-    client = with_api_key(grpcclient.InferenceServerClient(server.grpc_address), "grpc")  # $CAPTION_API_KEY
 
     def start(i: int, done) -> None:
         inputs = caption_inputs(grpcclient, [corpus.next()[1]], args.beam_size, args.max_length)
@@ -248,30 +236,48 @@ def open_loop_curve(server, corpus: UniqueImages, args: argparse.Namespace, engi
 
         client.async_infer("caption", inputs, callback, outputs=outputs, client_timeout=120)
 
-    rows = []
+    return start
+
+
+def _rate_row(server, start, rate: float, bound_ms: float, args: argparse.Namespace) -> dict:
+    """One offered rate: the open-loop run, its row and Triton's metrics over it."""
+    before = settled_metrics(server.host, server.metrics_port)
+    run = run_rate(
+        start, rate, args.open_loop_seconds, max_in_flight=args.open_loop_max_in_flight, drain_s=150
+    )
+    after = settled_metrics(server.host, server.metrics_port)
+    row = rate_row(run, bound_ms)
+    ofa = model_metrics_delta(before, after, "ofa")
+    row.update(
+        ofa_avg_batch=ofa["avg_batch"],
+        ofa_queue_ms=ofa["queue_ms"],
+        cache_hits=model_metrics_delta(before, after, "caption")["nv_cache_num_hits_per_model"],
+    )
+    log(
+        f"open loop {rate:g}/s for {args.open_loop_seconds:g} s: answered {row['achieved_per_s']}/s, "
+        f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms (bound {bound_ms:.0f}), "
+        f"{'held' if row['held'] else 'NOT held: ' + '; '.join(row['why_not_held'])}"
+    )
+    return row
+
+
+def open_loop_curve(server, corpus: UniqueImages, args: argparse.Namespace, engine_rows: list[dict]) -> dict:
+    """(d) One open-loop run per offered rate; the curve, the highest rate held and its plot."""
+    import tritonclient.grpc as grpcclient
+
+    from client import with_api_key
+
+    engines = [r for r in engine_rows if r["path"] == "engine"]
+    reference_rate = max((r["images_per_s"] or 0 for r in engines), default=None) or None
+    rates = rates_from(args.open_loop_rates, args.open_loop_fractions, reference_rate)
+    bound_ms, source = open_loop_bound(args, engine_rows)
+    client = with_api_key(grpcclient.InferenceServerClient(server.grpc_address), "grpc")  # $CAPTION_API_KEY
+    start = _async_sender(grpcclient, client, corpus, args)
     try:
         request = caption_request(grpcclient, corpus, args)
         for _ in range(args.warmup):
             request(client)
-        for rate in rates:
-            before = settled_metrics(server.host, server.metrics_port)
-            run = run_rate(
-                start, rate, args.open_loop_seconds, max_in_flight=args.open_loop_max_in_flight, drain_s=150
-            )
-            after = settled_metrics(server.host, server.metrics_port)
-            row = rate_row(run, bound_ms)
-            ofa = model_metrics_delta(before, after, "ofa")
-            row.update(
-                ofa_avg_batch=ofa["avg_batch"],
-                ofa_queue_ms=ofa["queue_ms"],
-                cache_hits=model_metrics_delta(before, after, "caption")["nv_cache_num_hits_per_model"],
-            )
-            rows.append(row)
-            log(
-                f"open loop {rate:g}/s for {args.open_loop_seconds:g} s: answered {row['achieved_per_s']}/s, "
-                f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms (bound {bound_ms:.0f}), "
-                f"{'held' if row['held'] else 'NOT held: ' + '; '.join(row['why_not_held'])}"
-            )
+        rows = [_rate_row(server, start, rate, bound_ms, args) for rate in rates]
     finally:
         client.close()
     held = highest_held(rows)

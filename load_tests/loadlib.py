@@ -1,4 +1,5 @@
-"""Shared helpers of the load test, the benchmark and their tests (standard library + numpy; ``ofa_serving`` on first use).
+"""Shared helpers of the load test, the benchmark, the soak, the burst and their tests (standard library, numpy,
+``ofa_serving``).
 
 Nothing here imports ``tritonclient``: the locustfile must patch gRPC for gevent *before* ``tritonclient.grpc``
 is imported, and it imports this module.
@@ -7,12 +8,13 @@ is imported, and it imports this module.
   bytes distinct (a few trailing bytes after the encoded image) so that Triton's response cache on the
   ``caption`` ensemble cannot answer a load test or a benchmark from memory;
 * latency statistics: :func:`latency_summary`; the user counts of a stepped load: :func:`parse_steps`;
-* the server: :func:`server_ready`, :func:`ensure_server` (use the server answering on the ports, or start one
-  with ``ofa_serving``'s launcher and stop it afterwards);
-* Triton's Prometheus metrics (``prometheus_client``'s parser): :func:`scrape_metrics`, :func:`model_metrics_delta`;
-* the command line the benchmark, the soak and the burst share: :func:`add_server_arguments`,
-  :func:`assign_free_ports`, :func:`server_from_args`; :func:`run_tool`, every tool's entry point, which says in
-  one line which make target installs a missing package.
+* the server of a tool run: :class:`ServerHandle` (where it answers, whether the run started it) and
+  :func:`server_from_args` (use the server answering on the ports, or start one with ``ofa_serving``'s launcher
+  through :func:`load_tests.testkit.servers.running` and stop it afterwards);
+* Triton's Prometheus metrics (parsed by :func:`load_tests.testkit.servers.parse_metrics`): :func:`scrape_metrics`,
+  :func:`settled_metrics`, :func:`model_metrics_delta`;
+* the command line the tools share: :func:`add_server_arguments`, :func:`assign_free_ports`; :func:`run_tool`,
+  which says in one line which make target installs a missing package.
 """
 
 from __future__ import annotations
@@ -20,19 +22,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import itertools
 import os
 import sys
-import threading
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ofa_serving import probe
+from load_tests.corpus import DEFAULT_IMAGE_DIR
+from load_tests.testkit.servers import (
+    DEFAULT_READY_TIMEOUT_S,
+    MetricKey,
+    demo_checkpoint_dir,
+    metric_sum,
+    parse_metrics,
+    running,
+)
+from ofa_serving.launcher import TritonServer, free_ports
+from ofa_serving.triton_api import TritonHttp, scrape
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGE_DIR = REPO_ROOT / "samples"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: The packages of the dev set (requirements/dev.txt, ``make setup-dev``) each kind of load tool imports.
@@ -41,83 +49,6 @@ METRICS_PACKAGES = ("prometheus_client",)
 PLOT_PACKAGES = ("matplotlib",)
 # This project's own packages: a ModuleNotFoundError naming one of them is a bug, not a missing install.
 _OWN_PACKAGES = {"ofa_captioning", "ofa_serving", "ofa_eval", "load_tests.testkit", "client", "load_tests"}
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-# Appended after the encoded image. Every decoder the engine uses (Pillow's JPEG, PNG, WebP, BMP, GIF and TIFF
-# readers) stops at the end of the image data and ignores trailing bytes; UniqueImages checks that per image.
-_NONCE_MARKER = b"\x00ofa-load-test-nonce:"
-
-
-def find_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder`` (recursive, by extension, sorted by path)."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def load_images(folder: str | os.PathLike, limit: int | None = None) -> list[tuple[str, bytes]]:
-    """``(name, encoded bytes)`` of the images under ``folder``; raises if there is none."""
-    paths = find_images(folder)
-    if not paths:
-        raise FileNotFoundError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-    if limit is not None:
-        paths = paths[:limit]
-    return [(str(p.relative_to(folder)), p.read_bytes()) for p in paths]
-
-
-def decodes(data: bytes) -> bool:
-    """Whether Pillow decodes ``data`` completely (the check behind :class:`UniqueImages`)."""
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-        return True
-    except Exception:
-        return False
-
-
-class UniqueImages:
-    """Thread-safe round robin over an image corpus that returns distinct bytes on every call.
-
-    With ``unique=True`` each image gets ``_NONCE_MARKER + <process id>-<counter>`` appended, so no two requests
-    carry the same tensor and Triton's response cache (keyed by the input tensors) never hits. Images whose
-    decoder would not accept the trailing bytes (checked once, with Pillow) are sent unchanged and named in
-    :attr:`not_unique`. ``unique=False`` sends the corpus as is (repeats are then cache hits on the server).
-    """
-
-    def __init__(self, images: Sequence[tuple[str, bytes]], *, unique: bool = True, check: bool = True):
-        if not images:
-            raise ValueError("UniqueImages needs at least one image")
-        self.images = list(images)
-        self.unique = unique
-        self.not_unique: list[str] = []
-        self._suffixable = [True] * len(self.images)
-        if unique and check:
-            for index, (name, data) in enumerate(self.images):
-                if not decodes(data + _NONCE_MARKER + b"0-0"):
-                    self._suffixable[index] = False
-                    self.not_unique.append(name)
-        self._counter = itertools.count()
-        self._lock = threading.Lock()
-        self._tag = f"{os.getpid()}-{id(self):x}".encode()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def next(self) -> tuple[str, bytes]:
-        """The next ``(name, bytes)``; the bytes differ from every earlier call's when ``unique``."""
-        with self._lock:
-            n = next(self._counter)
-        index = n % len(self.images)
-        name, data = self.images[index]
-        if self.unique and self._suffixable[index]:
-            data = data + _NONCE_MARKER + self._tag + b"-" + str(n).encode()
-        return name, data
 
 
 def latency_summary(latencies_s: Sequence[float]) -> dict[str, float | int | None]:
@@ -141,14 +72,13 @@ def latency_summary(latencies_s: Sequence[float]) -> dict[str, float | int | Non
 # ----------------------------------------------------------------------------------------------- server
 
 
-def server_ready(host: str, http_port: int, timeout: float = 2.0) -> bool:
-    """Whether a Triton server answers ``GET /v2/health/ready`` with 200 on ``host:http_port``."""
-    return probe.server_ready(f"http://{host}:{http_port}", timeout)
-
-
 @dataclass
 class ServerHandle:
-    """Where the server of a run answers, and whether this run started it."""
+    """Where the server of a tool run answers, and whether this run started it (then ``pid`` is its process).
+
+    A tool may use a server it did not start (one already answering on its ports), so this holds the addresses,
+    not a process; the process of a server a run starts is a :class:`~ofa_serving.launcher.TritonServer`.
+    """
 
     host: str
     http_port: int
@@ -159,76 +89,38 @@ class ServerHandle:
     log_file: str | None = None
     pid: int | None = None
 
+    @classmethod
+    def of(cls, server: TritonServer, started: bool = True) -> ServerHandle:
+        """The handle of a :class:`~ofa_serving.launcher.TritonServer` (its PID when ``started`` by this run)."""
+        host = "127.0.0.1" if server.host in ("", "0.0.0.0") else server.host
+        return cls(
+            host,
+            server.http_port,
+            server.grpc_port,
+            server.metrics_port,
+            started=started,
+            model_dir=str(server.model_dir) if started and server.model_dir else None,
+            log_file=str(server.log_file) if started and server.log_file else None,
+            pid=server.pid if started else None,
+        )
+
     @property
     def grpc_address(self) -> str:
         """``host:port`` of the gRPC endpoint, as ``TritonServer.grpc_address``."""
         return f"{self.host}:{self.grpc_port}"
 
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of the HTTP endpoint."""
+        return f"http://{self.host}:{self.http_port}"
 
-@contextlib.contextmanager
-def ensure_server(
-    host: str = "127.0.0.1",
-    http_port: int = 8000,
-    grpc_port: int = 8001,
-    metrics_port: int = 8002,
-    *,
-    start: bool = True,
-    model_dir: str | os.PathLike | None = None,
-    log_file: str | os.PathLike | None = None,
-    ready_timeout: float = 600.0,
-    env: Mapping[str, str] | None = None,
-    response_cache_bytes: int | None = None,
-    model_repository: str | os.PathLike | None = None,
-    extra_args: Sequence[str] = (),
-) -> Iterator[ServerHandle]:
-    """Yield a :class:`ServerHandle` for a ready server on the given ports.
+    def ready(self, timeout: float = 2.0) -> bool:
+        """Whether the server answers ``GET /v2/health/ready`` with 200."""
+        return TritonHttp(self.http_url, timeout=timeout).server_ready()
 
-    If a server already answers on ``host:http_port`` it is used as is (and left running). Otherwise, with
-    ``start=True``, ``ofa_serving.launcher.TritonServer`` starts one with ``model_dir`` (default:
-    ``OFA_MODEL_DIR``, else the demo checkpoint, built if missing), waits until it is ready (warm) and stops
-    it by its PID when the block ends; ``env``, ``model_repository`` and ``extra_args`` (tritonserver flags) go
-    to that server.
-    """
-    if server_ready(host, http_port):
-        yield ServerHandle(host, http_port, grpc_port, metrics_port, started=False)
-        return
-    if not start:
-        raise RuntimeError(
-            f"no Triton server answers on http://{host}:{http_port} and starting one was not asked"
-        )
-    from load_tests.testkit.servers import running
-    from ofa_serving.launcher import TritonServer
-
-    model_dir = resolve_model_dir(model_dir)
-    kwargs = {} if response_cache_bytes is None else {"response_cache_bytes": response_cache_bytes}
-    server = TritonServer(
-        model_repository=model_repository,
-        model_dir=model_dir,
-        host=host,
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        log_file=log_file,
-        env=env,
-        extra_args=list(extra_args),
-        **kwargs,
-    )
-    flags = f", flags {' '.join(extra_args)}" if extra_args else ""
-    print(
-        f"starting tritonserver (checkpoint {model_dir}{flags}, log {log_file or 'inherited'}) ...",
-        flush=True,
-    )
-    with running(server, ready_timeout):
-        yield ServerHandle(
-            host,
-            http_port,
-            grpc_port,
-            metrics_port,
-            started=True,
-            model_dir=str(model_dir),
-            log_file=str(log_file) if log_file else None,
-            pid=server.pid,
-        )
+    def metrics(self, timeout: float = 5.0) -> dict[MetricKey, float]:
+        """Triton's metrics now (:func:`scrape_metrics`)."""
+        return scrape_metrics(self.host, self.metrics_port, timeout)
 
 
 def parse_steps(text: str) -> list[int]:
@@ -278,27 +170,50 @@ def add_server_arguments(parser: argparse.ArgumentParser, results_name: str) -> 
 def assign_free_ports(args: argparse.Namespace) -> None:
     """Unless all three ports were given, pick three free ones on ``args.host`` for a server this run starts."""
     if not (args.http_port and args.grpc_port and args.metrics_port):
-        from ofa_serving.launcher import free_ports
-
         args.http_port, args.grpc_port, args.metrics_port = free_ports(3, args.host)
 
 
-def server_from_args(args: argparse.Namespace, **kwargs) -> contextlib.AbstractContextManager[ServerHandle]:
-    """:func:`ensure_server` with the options of :func:`add_server_arguments` (after :func:`assign_free_ports`);
-    its log goes to ``<results-dir>/<name>_tritonserver.log``."""
-    return ensure_server(
-        args.host,
-        args.http_port,
-        args.grpc_port,
-        args.metrics_port,
-        start=not args.no_start,
-        model_dir=args.model_dir,
-        log_file=args.results_dir / f"{args.name}_tritonserver.log",
+@contextlib.contextmanager
+def server_from_args(
+    args: argparse.Namespace,
+    ready_timeout: float = DEFAULT_READY_TIMEOUT_S,
+    log_file: Path | None = None,
+    **server_kwargs,
+) -> Iterator[ServerHandle]:
+    """The server of a tool run, from the options of :func:`add_server_arguments` (after
+    :func:`assign_free_ports`).
+
+    A server already answering on ``--host``/``--http-port`` is used as is and left running. Otherwise, unless
+    ``--no-start``, a :class:`~ofa_serving.launcher.TritonServer` (``--model-dir``, else ``OFA_MODEL_DIR``, else
+    the demo checkpoint, built if missing; ``--model-repository``, ``--server-env``, ``--server-arg``, and
+    ``server_kwargs``, e.g. ``response_cache_bytes``) runs for the block (:func:`running`: ready and warm inside
+    it, stopped by its PID after it); its log goes to ``log_file``, by default
+    ``<results-dir>/<name>_tritonserver.log``.
+    """
+    handle = ServerHandle(args.host, args.http_port, args.grpc_port, args.metrics_port, started=False)
+    if handle.ready():
+        yield handle
+        return
+    if args.no_start:
+        raise RuntimeError(f"no Triton server answers on {handle.http_url} and starting one was not asked")
+    server = TritonServer(
         model_repository=args.model_repository,
+        model_dir=resolve_model_dir(args.model_dir),
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_file=log_file or args.results_dir / f"{args.name}_tritonserver.log",
         env=dict(item.split("=", 1) for item in args.server_env),
-        extra_args=args.server_arg,
-        **kwargs,
+        extra_args=list(args.server_arg),
+        **server_kwargs,
     )
+    flags = f", flags {' '.join(server.extra_args)}" if server.extra_args else ""
+    print(
+        f"starting tritonserver (checkpoint {server.model_dir}{flags}, log {server.log_file}) ...", flush=True
+    )
+    with running(server, ready_timeout):
+        yield ServerHandle.of(server)
 
 
 def resolve_model_dir(model_dir: str | os.PathLike | None = None) -> Path:
@@ -307,7 +222,6 @@ def resolve_model_dir(model_dir: str | os.PathLike | None = None) -> Path:
         return Path(model_dir)
     if os.environ.get("OFA_MODEL_DIR"):
         return Path(os.environ["OFA_MODEL_DIR"])
-    from load_tests.testkit.servers import demo_checkpoint_dir
     from ofa_captioning.demo_checkpoint import ensure_demo_checkpoint
 
     return Path(ensure_demo_checkpoint(demo_checkpoint_dir()))
@@ -315,20 +229,10 @@ def resolve_model_dir(model_dir: str | os.PathLike | None = None) -> Path:
 
 # ---------------------------------------------------------------------------------------------- metrics
 
-MetricKey = tuple[str, frozenset[tuple[str, str]]]
-
-
-def parse_metrics(text: str) -> dict[MetricKey, float]:
-    """Prometheus text exposition -> ``{(name, frozenset(labels)): value}`` (``load_tests.testkit.servers``'s parser)."""
-    from load_tests.testkit.servers import parse_metrics as parse
-
-    return parse(text)
-
 
 def scrape_metrics(host: str, metrics_port: int, timeout: float = 5.0) -> dict[MetricKey, float]:
-    """Triton's metrics from ``http://host:metrics_port/metrics``."""
-    with urllib.request.urlopen(f"http://{host}:{metrics_port}/metrics", timeout=timeout) as response:
-        return parse_metrics(response.read().decode())
+    """Triton's metrics from ``http://host:metrics_port/metrics``, parsed (:func:`parse_metrics`)."""
+    return parse_metrics(scrape(f"http://{host}:{metrics_port}/metrics", timeout))
 
 
 def settled_metrics(
@@ -369,8 +273,6 @@ def settled_metrics(
 
 def model_metric(metrics: Mapping[MetricKey, float], name: str, model: str) -> float:
     """Sum of metric ``name`` over the series labelled ``model=<model>`` (all versions); 0 if absent."""
-    from load_tests.testkit.servers import metric_sum
-
     return metric_sum(metrics, name, model=model) or 0.0
 
 

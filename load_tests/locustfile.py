@@ -65,7 +65,7 @@ import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from client import with_api_key  # noqa: E402
-from load_tests.loadlib import DEFAULT_IMAGE_DIR, UniqueImages, load_images  # noqa: E402
+from load_tests.corpus import DEFAULT_IMAGE_DIR, UniqueImages, load_images  # noqa: E402
 
 logger = logging.getLogger("ofa.locust")
 

@@ -58,6 +58,53 @@ class RateRun:
     errors: list[str] = field(default_factory=list)
 
 
+class _Outstanding:
+    """The requests of a :class:`RateRun` in flight: admits a request while fewer than ``max_in_flight`` are
+    outstanding, records each answer or failure into the run, and sets ``idle`` once the sender stopped and
+    nothing is outstanding."""
+
+    def __init__(self, run: RateRun, clock: Callable[[], float], max_in_flight: int):
+        self.run, self.clock, self.max_in_flight = run, clock, max_in_flight
+        self.lock = threading.Lock()
+        self.idle = threading.Event()
+        self.count = 0
+        self.sending = True
+
+    def admit(self) -> bool:
+        """Count one more request in flight, or one not sent when ``max_in_flight`` are outstanding."""
+        with self.lock:
+            if self.count >= self.max_in_flight:
+                self.run.not_sent += 1
+                return False
+            self.count += 1
+            return True
+
+    def finisher(self, due: float) -> Callable[[BaseException | None], None]:
+        """The ``done`` callback of the request due at ``due``: its latency runs from that time."""
+
+        def done(error: BaseException | None) -> None:
+            latency = self.clock() - due
+            with self.lock:
+                self.count -= 1
+                if error is None:
+                    self.run.latencies_s.append(latency)
+                else:
+                    self.run.failures += 1
+                    if len(self.run.errors) < 5:
+                        self.run.errors.append(repr(error))
+                if self.count == 0 and not self.sending:
+                    self.idle.set()
+
+        return done
+
+    def stop_sending(self) -> None:
+        """The last request was due: ``idle`` is set now if none is outstanding, else by the last answer."""
+        with self.lock:
+            self.sending = False
+            if self.count == 0:
+                self.idle.set()
+
+
 def run_rate(
     start: StartRequest,
     rate: float,
@@ -76,26 +123,7 @@ def run_rate(
     """
     times = schedule(rate, seconds)
     run = RateRun(rate=rate, seconds=seconds, offered=len(times))
-    lock = threading.Lock()
-    all_done = threading.Event()
-    state = {"in_flight": 0, "sending": True}
-
-    def finisher(due: float) -> Callable[[BaseException | None], None]:
-        def done(error: BaseException | None) -> None:
-            latency = clock() - due
-            with lock:
-                state["in_flight"] -= 1
-                if error is None:
-                    run.latencies_s.append(latency)
-                else:
-                    run.failures += 1
-                    if len(run.errors) < 5:
-                        run.errors.append(repr(error))
-                if state["in_flight"] == 0 and not state["sending"]:
-                    all_done.set()
-
-        return done
-
+    outstanding = _Outstanding(run, clock, max_in_flight)
     t0 = clock()
     for i, offset in enumerate(times):
         due = t0 + offset
@@ -103,22 +131,16 @@ def run_rate(
         if delay > 0:
             sleep(delay)
         run.max_send_lag_s = max(run.max_send_lag_s, clock() - due)
-        with lock:
-            if state["in_flight"] >= max_in_flight:
-                run.not_sent += 1
-                continue
-            state["in_flight"] += 1
+        if not outstanding.admit():
+            continue
         try:
-            start(i, finisher(due))
+            start(i, outstanding.finisher(due))
         except Exception as exc:  # a request that could not even be sent is a failure, never hidden
-            finisher(due)(exc)
-    with lock:
-        state["sending"] = False
-        if state["in_flight"] == 0:
-            all_done.set()
-    all_done.wait(drain_s)
-    with lock:
-        run.unfinished = state["in_flight"]
+            outstanding.finisher(due)(exc)
+    outstanding.stop_sending()
+    outstanding.idle.wait(drain_s)
+    with outstanding.lock:
+        run.unfinished = outstanding.count
     run.wall_s = clock() - t0
     return run
 

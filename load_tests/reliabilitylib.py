@@ -1,12 +1,12 @@
-"""Helpers of the hardening tests, the burst and the soak (issue 5): processes, memory, raw request bursts.
+"""Helpers of the hardening tests, the burst and the soak: memory, listening sockets, raw request bursts, retries.
 
 Standard library + numpy only at import time (``tritonclient`` is imported where a burst is fired), Linux only
-(``/proc``).
+(``/proc``). tritonserver's processes (its Python backend stubs) are found by :mod:`ofa_serving.processes`.
 
-* processes: :func:`server_processes` finds tritonserver's Python backend stubs (one per model instance, named by
-  their command line ``.../<model>/1/model.py ... <model>_<group>_<index>``), :func:`rss_bytes`,
-  :func:`listening_addresses` (the liveness check is ``ofa_serving.probe``, shipped in the image);
-* memory over time: :class:`RssSampler`;
+* processes: :func:`memory_status` and :func:`rss_bytes` (``/proc/<pid>/status``), :func:`shm_pool_bytes`,
+  :func:`server_pid_on_port`, :func:`listening_addresses` (the liveness check is ``ofa_serving.probe``, shipped
+  in the image);
+* memory over time: :class:`RssSampler`, :func:`rss_growth`;
 * bursts: :func:`fire` sends many ``caption`` requests at once over gRPC (asynchronous calls from one thread, so
   a burst really arrives within milliseconds) and returns one :class:`Outcome` per request;
 * client retries: :class:`ClientRetries` counts ``client.CaptionClient``'s retries by cause, so that the tools
@@ -25,6 +25,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ofa_serving.processes import server_processes
 
 # ------------------------------------------------------------------------------------------- client retries
 
@@ -106,75 +108,6 @@ def format_retries(summary: Mapping[str, object], limit: int = 5) -> str:
 
 
 # ------------------------------------------------------------------------------------------- processes
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name is in parentheses and may contain spaces: split after the last ')'
-    return text[text.rindex(")") + 2 :].split()
-
-
-def is_running(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (zombies included)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
-            if fields is not None and int(fields[1]) == pid:
-                out.append(int(entry.name))
-    return sorted(out)
-
-
-_STUB_MODEL = re.compile(r"/([^/]+)/\d+/model\.py$")
-
-
-@dataclass(frozen=True)
-class StubProcess:
-    """One Python backend stub: the model it serves, its instance name (``ofa_0_0``) and its PID."""
-
-    model: str
-    instance: str
-    pid: int
-
-
-def stub_processes(server_pid: int) -> list[StubProcess]:
-    """The live Python backend stubs of the tritonserver ``server_pid`` (zombies left out)."""
-    stubs = []
-    for pid in children(server_pid):
-        args = _cmdline(pid)
-        if len(args) < 2 or not args[0].endswith("triton_python_backend_stub") or not is_running(pid):
-            continue
-        match = _STUB_MODEL.search(args[1])
-        if match is None:
-            continue
-        model = match.group(1)
-        instance = next((a for a in args[2:] if a.startswith(f"{model}_")), model)
-        stubs.append(StubProcess(model, instance, pid))
-    return stubs
-
-
-def server_processes(server_pid: int) -> dict[str, int]:
-    """``{"tritonserver": pid, "<instance>": pid, ...}`` for the server and each of its live stubs."""
-    out = {"tritonserver": server_pid}
-    out.update({stub.instance: stub.pid for stub in stub_processes(server_pid)})
-    return out
 
 
 def memory_status(pid: int) -> dict[str, int]:

@@ -29,16 +29,18 @@ import sys
 import time
 from pathlib import Path
 
+from load_tests import tool
+from load_tests.corpus import DEFAULT_IMAGE_DIR, UniqueImages, load_images
 from load_tests.loadlib import (
-    DEFAULT_IMAGE_DIR,
+    METRICS_PACKAGES,
+    PLOT_PACKAGES,
     REPO_ROOT,
     RESULTS_DIR,
-    UniqueImages,
-    ensure_server,
+    ServerHandle,
     latency_summary,
-    load_images,
     model_metrics_delta,
     parse_steps,
+    server_from_args,
     settled_metrics,
 )
 
@@ -46,11 +48,15 @@ HERE = Path(__file__).resolve().parent
 #: Margin of the derived p95 bound over its worst case without batching (N users x a lone request's latency).
 DEFAULT_BOUND_FACTOR = 1.5
 LOCUSTFILES = f"{HERE / 'locustfile.py'},{HERE / 'step_shape.py'}"
+#: The server options of the other tools that this one does not offer: a server it starts gets the launcher's
+#: model repository, the checkpoint of ``OFA_MODEL_DIR`` (else the demo one), no extra environment or flags.
+SERVER_DEFAULTS = {"model_dir": None, "model_repository": None, "server_env": [], "server_arg": []}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load test's options: where the server is (``TRITON_HOST``, ``HTTP_PORT``, ``GRPC_PORT``,
+    ``METRICS_PORT``; 127.0.0.1:8000-8002), the steps, the users' settings, the p95 bound, where the files go."""
     env = os.environ.get
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=60, help="run time in seconds (60)")
     parser.add_argument("--steps", default="1,2,4,8,16", help="user counts, each held duration/len(steps) s")
     parser.add_argument(
@@ -89,12 +95,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=0, help="Locust --processes (0 = one process)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--prefix", default="load", help="file name prefix under --results-dir")
+    parser.add_argument("--name", default=None, help="the summary's file stem (default: <prefix>_summary)")
     parser.add_argument("--no-start", action="store_true", help="fail instead of starting a server")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     parser.add_argument(
         "--locust-arg", action="append", default=[], help="extra argument for locust (repeat)"
     )
-    return parser.parse_args(argv)
+    parser.set_defaults(**SERVER_DEFAULTS)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The load test's arguments."""
+    return tool.parse_args(TOOL, argv)
 
 
 def locust_command(args: argparse.Namespace, prefix: Path) -> list[str]:
@@ -240,27 +252,19 @@ def latency_bound(args: argparse.Namespace, max_users: int) -> dict:
     }
 
 
-def history_by_users(
-    history_csv: Path,
-    settle_s: float = 2.0,
-    until_s: float | None = None,
-    expected: list[int] | None = None,
-) -> list[dict[str, float]]:
-    """Per user-count step: requests/s and the p50/p95/p99 at the step's end.
-
-    Requests/s comes from the growth of Locust's ``Total Request Count`` over the step, leaving out the first
-    ``settle_s`` seconds (spawning); it is exact, unlike the history's smoothed ``Requests/s`` column. The
-    percentiles are those of the step's last history row, which Locust computes over a sliding 10 s window:
-    with steps of at least 10 s they describe that step alone. Rows later than ``until_s`` seconds after the
-    first one (users stopping while their last requests finish) are left out. With ``expected`` (the shape's
-    user counts, in order) only runs of rows that match the next expected count are steps: the transient counts
-    Locust reports while it spawns or stops users (e.g. 9 on the way down from 16) are not.
-    """
+def _aggregated_rows(history_csv: Path, until_s: float | None = None) -> list[dict[str, str]]:
+    """The ``Aggregated`` rows of Locust's history, up to ``until_s`` seconds after the first one."""
     with open(history_csv, newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("Name") == "Aggregated"]
     if rows and until_s is not None:
         t0 = float(rows[0]["Timestamp"])
         rows = [row for row in rows if float(row["Timestamp"]) - t0 <= until_s]
+    return rows
+
+
+def _user_steps(rows: list[dict[str, str]], expected: list[int] | None) -> list[list[dict[str, str]]]:
+    """The history rows grouped into runs of one user count (the steps); with ``expected``, only runs whose
+    count is the next expected one."""
     steps: list[list[dict[str, str]]] = []
     pending = list(expected) if expected is not None else None
     current: int | None = None
@@ -278,35 +282,55 @@ def history_by_users(
             pending.pop(0)
         current = users
         steps.append([row])
-    out = []
-    for step in steps:
-        start = float(step[0]["Timestamp"])
-        settled = [r for r in step if float(r["Timestamp"]) - start >= settle_s]
-        if len(settled) < 2:
-            settled = step
-        last = step[-1]
-        rps = 0.0
-        if len(settled) >= 2:
-            span = float(settled[-1]["Timestamp"]) - float(settled[0]["Timestamp"])
-            done = float(settled[-1]["Total Request Count"]) - float(settled[0]["Total Request Count"])
-            rps = done / span if span > 0 else 0.0
-        out.append(
-            {
-                "users": int(float(last["User Count"])),
-                "seconds": float(last["Timestamp"]) - start + 1,
-                "requests_per_s": round(rps, 2),
-                "p50_ms": _number(last["50%"]),
-                "p95_ms": _number(last["95%"]),
-                "p99_ms": _number(last["99%"]),
-            }
-        )
-    return out
+    return steps
+
+
+def _step_summary(step: list[dict[str, str]], settle_s: float) -> dict[str, float]:
+    """Users, seconds, requests/s (from the growth of the request total after ``settle_s``) and the
+    percentiles of the step's last row."""
+    start = float(step[0]["Timestamp"])
+    settled = [r for r in step if float(r["Timestamp"]) - start >= settle_s]
+    if len(settled) < 2:
+        settled = step
+    last = step[-1]
+    rps = 0.0
+    if len(settled) >= 2:
+        span = float(settled[-1]["Timestamp"]) - float(settled[0]["Timestamp"])
+        done = float(settled[-1]["Total Request Count"]) - float(settled[0]["Total Request Count"])
+        rps = done / span if span > 0 else 0.0
+    return {
+        "users": int(float(last["User Count"])),
+        "seconds": float(last["Timestamp"]) - start + 1,
+        "requests_per_s": round(rps, 2),
+        "p50_ms": _number(last["50%"]),
+        "p95_ms": _number(last["95%"]),
+        "p99_ms": _number(last["99%"]),
+    }
+
+
+def history_by_users(
+    history_csv: Path,
+    settle_s: float = 2.0,
+    until_s: float | None = None,
+    expected: list[int] | None = None,
+) -> list[dict[str, float]]:
+    """Per user-count step: requests/s and the p50/p95/p99 at the step's end.
+
+    Requests/s comes from the growth of Locust's ``Total Request Count`` over the step, leaving out the first
+    ``settle_s`` seconds (spawning); it is exact, unlike the history's smoothed ``Requests/s`` column. The
+    percentiles are those of the step's last history row, which Locust computes over a sliding 10 s window:
+    with steps of at least 10 s they describe that step alone. Rows later than ``until_s`` seconds after the
+    first one (users stopping while their last requests finish) are left out. With ``expected`` (the shape's
+    user counts, in order) only runs of rows that match the next expected count are steps: the transient counts
+    Locust reports while it spawns or stops users (e.g. 9 on the way down from 16) are not.
+    """
+    steps = _user_steps(_aggregated_rows(history_csv, until_s), expected)
+    return [_step_summary(step, settle_s) for step in steps]
 
 
 def time_series(history_csv: Path) -> list[dict[str, float | None]]:
     """Seconds since start, users, requests/s and p95 of every ``Aggregated`` history row."""
-    with open(history_csv, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get("Name") == "Aggregated"]
+    rows = _aggregated_rows(history_csv)
     if not rows:
         return []
     t0 = float(rows[0]["Timestamp"])
@@ -367,19 +391,31 @@ def plot(
     plt.close(fig)
 
 
-def verdict(summary: dict, max_p95_ms: float, locust_rc: int) -> list[str]:
-    """Reasons for a non-zero exit (empty: passed)."""
+def load_checks(summary: dict, max_p95_ms: float, locust_rc: int) -> list[tuple[str, bool, str]]:
+    """``(check, passed, reason when not)`` of a run: Locust succeeded, requests were sent, none failed, the p95
+    latency is within ``max_p95_ms``."""
     total = summary["total"]
-    reasons = []
-    if locust_rc != 0:
-        reasons.append(f"locust exited with {locust_rc}")
-    if total["requests"] == 0:
-        reasons.append("no request was sent")
-    if total["failures"]:
-        reasons.append(f"{total['failures']} of {total['requests']} requests failed")
-    if total["p95_ms"] is not None and total["p95_ms"] > max_p95_ms:
-        reasons.append(f"p95 {total['p95_ms']:.0f} ms is over the bound of {max_p95_ms:.0f} ms")
-    return reasons
+    p95 = total["p95_ms"]
+    within = p95 is None or p95 <= max_p95_ms
+    return [
+        ("locust exited with 0", locust_rc == 0, f"locust exited with {locust_rc}"),
+        ("requests were sent", total["requests"] > 0, "no request was sent"),
+        (
+            "no failed request",
+            not total["failures"],
+            f"{total['failures']} of {total['requests']} requests failed",
+        ),
+        (
+            f"p95 within {max_p95_ms:.0f} ms",
+            within,
+            "" if within else f"p95 {p95:.0f} ms is over the bound of {max_p95_ms:.0f} ms",
+        ),
+    ]
+
+
+def verdict(summary: dict, max_p95_ms: float, locust_rc: int) -> list[str]:
+    """Reasons for a non-zero exit (empty: passed): the reason of each failed :func:`load_checks`."""
+    return [reason for _name, ok, reason in load_checks(summary, max_p95_ms, locust_rc) if not ok]
 
 
 def print_summary(summary: dict) -> None:
@@ -411,70 +447,50 @@ def print_summary(summary: dict) -> None:
         print(f"{name}: {path}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    expected = parse_steps(args.steps)
-    # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so a server this run started is stopped by its PID.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    prefix = args.results_dir / args.prefix
-    for stale in [*args.results_dir.glob(f"{args.prefix}_*.csv"), Path(f"{prefix}_final.json")]:
-        stale.unlink(missing_ok=True)
-    with ensure_server(
-        args.host,
-        args.http_port,
-        args.grpc_port,
-        args.metrics_port,
-        start=not args.no_start,
-        log_file=args.results_dir / f"{args.prefix}_tritonserver.log",
-    ) as server:
-        print(
-            f"server: {'started by this run' if server.started else 'already running'} on {args.host} "
-            f"(http {args.http_port}, grpc {args.grpc_port}, metrics {args.metrics_port})",
-            flush=True,
-        )
-        try:
-            bound = latency_bound(args, max(expected))
-        except Exception as exc:  # a server that cannot caption one image fails the run here, clearly
-            print(f"FAIL: the lone-request probe that derives the p95 bound failed: {exc!r}", file=sys.stderr)
-            return 1
-        print(f"p95 bound: {bound['max_p95_ms']:.0f} ms ({bound['source']})", flush=True)
-        try:
-            before = settled_metrics(args.host, args.metrics_port)
-        except OSError:
-            before = None
-        started = time.time()
+def measure(args: argparse.Namespace, server: ServerHandle, prefix: Path, max_users: int) -> dict:
+    """Against a ready ``server``: the p95 bound, then the Locust run with ``ofa``'s metrics around it."""
+    try:
+        bound = latency_bound(args, max_users)
+    except Exception as exc:  # a server that cannot caption one image fails the run here, clearly
+        return {"failure": f"the lone-request probe that derives the p95 bound failed: {exc!r}"}
+    print(f"p95 bound: {bound['max_p95_ms']:.0f} ms ({bound['source']})", flush=True)
+    try:
+        before = settled_metrics(server.host, server.metrics_port)
+    except OSError:
+        before = None
+    with tool.Stopwatch() as watch:
         rc = run_locust(locust_command(args, prefix), timeout=args.duration + 120)
-        wall = time.time() - started
-        ofa = None
-        if before is not None:
-            try:
-                ofa = model_metrics_delta(before, settled_metrics(args.host, args.metrics_port), "ofa")
-            except OSError:
-                ofa = None
-    stats_csv = Path(f"{prefix}_stats.csv")
+    ofa = None
+    if before is not None:
+        try:
+            ofa = model_metrics_delta(before, settled_metrics(server.host, server.metrics_port), "ofa")
+        except OSError:
+            ofa = None
+    return {"bound": bound, "locust_exit_code": rc, "wall_s": round(watch.seconds, 1), "ofa_metrics": ofa}
+
+
+def summary_report(args: argparse.Namespace, prefix: Path, expected: list[int], measured: dict) -> dict:
+    """The run's summary from what Locust wrote under ``prefix``: totals, steps, errors, files, checks."""
     history_csv = Path(f"{prefix}_stats_history.csv")
     final_json = Path(f"{prefix}_final.json")
-    if not final_json.exists():
-        print(f"FAIL: locust wrote no {final_json} (exit code {rc})", file=sys.stderr)
-        return 1
     total, per_type, errors = read_final(final_json)
     summary = {
         "command": " ".join(sys.argv),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "wall_s": round(wall, 1),
-        "locust_exit_code": rc,
-        "bound": bound,
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in SERVER_DEFAULTS
+        },
+        **measured,
         "total": total,
         "per_type": per_type,
         "errors": errors,
         "steps": history_by_users(history_csv, until_s=args.duration + 1, expected=expected)
         if history_csv.exists()
         else [],
-        "ofa_metrics": ofa,
         "files": {
             "final": str(final_json),
-            "stats": str(stats_csv),
+            "stats": f"{prefix}_stats.csv",
             "history": str(history_csv),
             "html": f"{prefix}.html",
         },
@@ -484,21 +500,67 @@ def main(argv: list[str] | None = None) -> int:
         title = f"caption ensemble over {args.protocol}, {args.duration} s, users {args.steps}"
         plot(history_csv, png, title, until_s=args.duration + 1, expected=expected)
         summary["files"]["plot"] = str(png)
-    summary_path = Path(f"{prefix}_summary.json")
-    summary["files"]["summary"] = str(summary_path)
-    reasons = verdict(summary, bound["max_p95_ms"], rc)
-    summary["passed"] = not reasons
-    summary["reasons"] = reasons
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print_summary(summary)
-    if reasons:
-        print("FAIL: " + "; ".join(reasons), file=sys.stderr)
-        return 1
-    print(f"PASS: no failed request, p95 within {bound['max_p95_ms']:.0f} ms ({bound['source']})")
-    return 0
+    summary["files"]["summary"] = str(args.results_dir / f"{args.name}.json")
+    checks = load_checks(summary, measured["bound"]["max_p95_ms"], measured["locust_exit_code"])
+    summary["checks"] = {name: ok for name, ok, _reason in checks}
+    summary["reasons"] = [reason for _name, ok, reason in checks if not ok]
+    return summary
+
+
+def run(args: argparse.Namespace, _server: None = None) -> dict:
+    """``make load-test``: the server (used or started), the p95 bound, Locust, the summary with its checks."""
+    try:
+        expected = parse_steps(args.steps)
+    except ValueError as exc:
+        raise tool.Refused(str(exc)) from exc
+    args.name = args.name or f"{args.prefix}_summary"
+    prefix = args.results_dir / args.prefix
+    for stale in [*args.results_dir.glob(f"{args.prefix}_*.csv"), Path(f"{prefix}_final.json")]:
+        stale.unlink(missing_ok=True)
+    log_file = args.results_dir / f"{args.prefix}_tritonserver.log"
+    with server_from_args(args, log_file=log_file) as server:
+        print(
+            f"server: {'started by this run' if server.started else 'already running'} on {args.host} "
+            f"(http {args.http_port}, grpc {args.grpc_port}, metrics {args.metrics_port})",
+            flush=True,
+        )
+        measured = measure(args, server, prefix, max(expected))
+    if "failure" in measured:
+        return {**measured, "checks": {"the lone-request probe answered": False}}
+    if not Path(f"{prefix}_final.json").exists():
+        failure = f"locust wrote no {prefix}_final.json (exit code {measured['locust_exit_code']})"
+        return {**measured, "failure": failure, "checks": {"locust wrote its final statistics": False}}
+    return summary_report(args, prefix, expected, measured)
+
+
+def summarize(report: dict) -> None:
+    """The summary table, then ``PASS`` (stdout) or ``FAIL`` with the reasons (stderr)."""
+    if "failure" in report:
+        print(f"FAIL: {report['failure']}", file=sys.stderr, flush=True)
+        return
+    print_summary(report)
+    if report["reasons"]:
+        print("FAIL: " + "; ".join(report["reasons"]), file=sys.stderr, flush=True)
+        return
+    bound = report["bound"]
+    print(f"PASS: no failed request, p95 within {bound['max_p95_ms']:.0f} ms ({bound['source']})", flush=True)
+
+
+TOOL = tool.Tool(
+    name="load",
+    description=__doc__.split("\n\n")[0],
+    add_arguments=add_arguments,
+    run=run,
+    summarize=summarize,
+    needs_server=False,
+    needs=("locust", *METRICS_PACKAGES, *PLOT_PACKAGES),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``make load-test``: the exit status (0 passed, 1 a check failed, 2 refused)."""
+    return tool.main(TOOL, argv)
 
 
 if __name__ == "__main__":
-    from load_tests import loadlib
-
-    sys.exit(loadlib.run_tool(main, "locust", *loadlib.METRICS_PACKAGES, *loadlib.PLOT_PACKAGES))
+    sys.exit(main())

@@ -26,27 +26,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import random
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-from load_tests.loadlib import (
-    UniqueImages,
-    add_server_arguments,
-    assign_free_ports,
-    latency_summary,
-    load_images,
-    model_metrics_delta,
-    scrape_metrics,
-    server_from_args,
-    server_ready,
-)
+from load_tests import tool
+from load_tests.corpus import UniqueImages, load_images
+from load_tests.loadlib import METRICS_PACKAGES, ServerHandle, latency_summary, model_metrics_delta
 from load_tests.reliabilitylib import (
     ClientRetries,
     RssSampler,
@@ -54,16 +44,18 @@ from load_tests.reliabilitylib import (
     is_process_key,
     rss_growth,
     server_pid_on_port,
-    stub_processes,
 )
+from ofa_serving.processes import stub_processes
 
 WINDOW_S = 30.0
+MODELS = ("caption", "preprocess", "ofa")
+#: How long the users may still be busy after the run's end: a request is bounded by the client timeout (180 s).
+GRACE_S = 240.0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The soak's options (after the server options every tool shares)."""
     env = os.environ.get
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_server_arguments(p, "soak")
     p.add_argument("--seconds", type=float, default=float(env("SOAK_SECONDS", "600")), help="load duration")
     p.add_argument("--users", type=int, default=int(env("SOAK_USERS", "4")), help="closed-loop users")
     p.add_argument(
@@ -94,15 +86,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         help="first requests sent by all users at once (the largest batch steady load makes) before the run",
     )
-    args = p.parse_args(argv)
+
+
+def settle_arguments(args: argparse.Namespace) -> str | None:
+    """Fill in the default ``--warmup-seconds``; the reason the options contradict each other, else ``None``."""
     if args.warmup_seconds is None:
         args.warmup_seconds = max(60.0, 0.2 * args.seconds)
     if args.seconds < args.warmup_seconds + 2 * WINDOW_S:
-        p.error(
+        return (
             f"--seconds must leave two {WINDOW_S:.0f} s windows after the warm-up ({args.warmup_seconds} s)"
         )
     if args.users < 1:
-        p.error("--users must be at least 1")
+        return "--users must be at least 1"
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The soak's arguments; argparse refuses (exit 2) options that contradict each other."""
+    parser = tool.build_parser(TOOL)
+    args = parser.parse_args(argv)
+    problem = settle_arguments(args)
+    if problem:
+        parser.error(problem)
     return args
 
 
@@ -215,32 +220,30 @@ def print_table(rows: list[dict]) -> None:
         print(f"{row['t']:>7.0f} " + " ".join(f"{row.get(n, float('nan')):>14.1f}" for n in names))
 
 
-def run(args: argparse.Namespace, server) -> dict:
+def server_stubs(server: ServerHandle) -> tuple[int, dict[str, int]]:
+    """The server's PID (found by its port when this run did not start it) and ``{instance: pid}`` of its stubs;
+    the run stops (exit 1) when either is missing: RSS is measured per process."""
     pid = server.pid or server_pid_on_port(server.http_port)
     if pid is None:
         raise SystemExit(f"cannot find the PID of the server on port {server.http_port} (needed for its RSS)")
-    stubs_before = {s.instance: s.pid for s in stub_processes(pid)}
-    if not stubs_before:
+    stubs = {s.instance: s.pid for s in stub_processes(pid)}
+    if not stubs:
         raise SystemExit(
             f"process {pid} has no Python backend stubs: is it the tritonserver of this repository?"
         )
-    corpus = UniqueImages(load_images(args.image_dir))
-    metrics_before = scrape_metrics(server.host, server.metrics_port)
-    tally = Tally()
-    sampler = RssSampler(pid, interval=args.interval)
-    _log(
-        f"{args.users} users for {args.seconds:.0f} s (warm-up {args.warmup_seconds:.0f} s) against pid {pid}, "
-        f"stubs {stubs_before}"
-    )
-    sampler.start()
-    retry_log = ClientRetries().start()
-    deadline = time.monotonic() + args.seconds
+    return pid, stubs
+
+
+def start_users(
+    args: argparse.Namespace, server: ServerHandle, corpus: UniqueImages, tally: Tally, deadline: float
+) -> list[threading.Thread]:
+    """One thread per user, even users over gRPC and odd ones over HTTP, running :func:`user_loop`."""
     threads = []
     barrier = threading.Barrier(args.users)
     for user in range(args.users):
         protocol = "grpc" if user % 2 == 0 else "http"
         port = server.grpc_port if protocol == "grpc" else server.http_port
-        url = f"{'grpc' if protocol == 'grpc' else 'http'}://{server.host}:{port}"
+        url = f"{protocol}://{server.host}:{port}"
         thread = threading.Thread(
             target=user_loop,
             args=(user, args, url, protocol, corpus, deadline, tally, barrier),
@@ -249,6 +252,14 @@ def run(args: argparse.Namespace, server) -> dict:
         )
         thread.start()
         threads.append(thread)
+    return threads
+
+
+def wait_for_users(
+    threads: list[threading.Thread], tally: Tally, sampler: RssSampler, deadline: float
+) -> None:
+    """Wait until every user is done, logging progress once a minute; users still busy :data:`GRACE_S` after
+    ``deadline`` are a failure."""
     last_report = time.monotonic()
     while any(t.is_alive() for t in threads):
         time.sleep(1.0)
@@ -259,21 +270,39 @@ def run(args: argparse.Namespace, server) -> dict:
                     f"{tally.ok} ok, {tally.refused_as_expected} broken images refused, "
                     f"{len(tally.failures)} failed; RSS {sampler.samples[-1] if sampler.samples else '-'}"
                 )
-        if time.monotonic() > deadline + 240:  # a request is bounded by the client timeout (180 s)
-            tally.add_failure("users still busy 240 s after the end")
+        if time.monotonic() > deadline + GRACE_S:
+            tally.add_failure(f"users still busy {GRACE_S:.0f} s after the end")
             break
-    sampler.sample()
-    sampler.stop()
-    retry_log.stop()
+
+
+def run(args: argparse.Namespace, server: ServerHandle) -> dict:
+    """The soak against ``server``: users for ``--seconds`` while RSS is sampled; the report with its checks."""
+    problem = settle_arguments(args)
+    if problem:
+        raise tool.Refused(problem)
+    pid, stubs_before = server_stubs(server)
+    corpus = UniqueImages(load_images(args.image_dir))
+    metrics_before = server.metrics()
+    tally = Tally()
+    sampler = RssSampler(pid, interval=args.interval)
+    _log(
+        f"{args.users} users for {args.seconds:.0f} s (warm-up {args.warmup_seconds:.0f} s) against pid {pid}, "
+        f"stubs {stubs_before}"
+    )
+    sampler.start()
+    with ClientRetries() as retry_log:
+        deadline = time.monotonic() + args.seconds
+        wait_for_users(start_users(args, server, corpus, tally, deadline), tally, sampler, deadline)
+        sampler.sample()
+        sampler.stop()
     stubs_after = {s.instance: s.pid for s in stub_processes(pid)}
     growth = rss_growth(sampler.samples, args.warmup_seconds, WINDOW_S)
-    metrics_after = scrape_metrics(server.host, server.metrics_port)
-    requests = tally.ok + tally.refused_as_expected + len(tally.failures)
+    metrics_after = server.metrics()
     checks = {
         "no failed request": not tally.failures,
         "every user completed requests": all(tally.per_user.get(u, 0) > 0 for u in range(args.users)),
         "same stub processes": stubs_after == stubs_before,
-        "server still ready": server_ready(server.host, server.http_port),
+        "server still ready": server.ready(),
         f"RSS growth under {args.max_growth_pct:g} % after warm-up": bool(growth)
         and all(
             g["growth_pct"] < args.max_growth_pct
@@ -292,38 +321,33 @@ def run(args: argparse.Namespace, server) -> dict:
         },
         "server_pid": pid,
         "stubs": {"before": stubs_before, "after": stubs_after},
-        "requests": {
-            "total": requests,
-            "ok": tally.ok,
-            "of_which_repeats": tally.cached,
-            "broken_refused_as_expected": tally.refused_as_expected,
-            "failed": len(tally.failures),
-            "failures": tally.failures[:50],
-            "retries": tally.retries,
-            "retries_by_cause": retry_log.summary()["by_cause"],
-            "per_second": round(tally.ok / args.seconds, 3),
-        },
+        "requests": requests_report(args, tally, retry_log),
         "latency": latency_summary(tally.latencies),
-        "models": {
-            m: model_metrics_delta(metrics_before, metrics_after, m) for m in ("caption", "preprocess", "ofa")
-        },
+        "models": {m: model_metrics_delta(metrics_before, metrics_after, m) for m in MODELS},
         "rss_growth": growth,
         "rss_every_minute_mb": rss_table(sampler.samples),
         "rss_samples": sampler.samples,
         "checks": checks,
-        "passed": all(checks.values()),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    assign_free_ports(args)
-    with server_from_args(args) as server:
-        report = run(args, server)
-    out = args.results_dir / f"{args.name}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+def requests_report(args: argparse.Namespace, tally: Tally, retry_log: ClientRetries) -> dict:
+    """The ``requests`` part of the report: outcomes, retries by cause, throughput."""
+    return {
+        "total": tally.ok + tally.refused_as_expected + len(tally.failures),
+        "ok": tally.ok,
+        "of_which_repeats": tally.cached,
+        "broken_refused_as_expected": tally.refused_as_expected,
+        "failed": len(tally.failures),
+        "failures": tally.failures[:50],
+        "retries": tally.retries,
+        "retries_by_cause": retry_log.summary()["by_cause"],
+        "per_second": round(tally.ok / args.seconds, 3),
+    }
+
+
+def summarize(report: dict) -> None:
+    """The RSS table, the requests, the client's retries and the RSS growth of every process."""
     print()
     print_table(report["rss_every_minute_mb"])
     print()
@@ -342,13 +366,23 @@ def main(argv: list[str] | None = None) -> int:
         )
     for failure in r["failures"][:10]:
         print(f"FAILED: {failure}")
-    for name, ok in report["checks"].items():
-        print(f"[{'ok' if ok else 'FAIL'}] {name}")
-    print(f"report: {out}")
-    return 0 if report["passed"] else 1
+
+
+TOOL = tool.Tool(
+    name="soak",
+    description=__doc__.split("\n\n")[0],
+    add_arguments=add_arguments,
+    run=run,
+    summarize=summarize,
+    needs=METRICS_PACKAGES,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``make soak``: the exit status (0 passed, 1 a check failed, 2 refused)."""
+    parse_args(argv)  # options that contradict each other are refused before a server starts
+    return tool.main(TOOL, argv)
 
 
 if __name__ == "__main__":
-    from load_tests import loadlib
-
-    sys.exit(loadlib.run_tool(main, *loadlib.METRICS_PACKAGES))
+    sys.exit(main())

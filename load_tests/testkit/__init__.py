@@ -8,4 +8,8 @@ Modules:
                ``SCORE_ATOL`` (``assert_same_results``); bit-exact equality only for the same computation twice
     images     deterministic synthetic images (``image_corpus``, ``synthetic_rgb``, encoders);
                ``python -m load_tests.testkit.images samples/`` regenerates the committed sample images
+    memory     the C allocator's handling of freed memory (``keep_freed_memory``), a process-wide setting that
+               ``bench_engine``'s second timing pass uses
+    servers    a server process for the length of a block (``running``, ``started``), Triton's metrics parser,
+               the demo checkpoint's folder (``demo_checkpoint_dir``)
 """

@@ -24,6 +24,7 @@ __all__ = [
     "check_tensor_dims",
     "input_array",
     "optional_int_rows",
+    "generation_settings",
     "error_response",
     "responses",
     "RequestCancelled",
@@ -77,6 +78,37 @@ def optional_int_rows(array: np.ndarray | None, rows: int, name: str) -> list[in
             f"input {name!r} has batch size {array.shape[0]} but the request has {rows} image(s)"
         )
     return [int(v) for v in array[:, 0]]
+
+
+def generation_settings(
+    engine: Any,
+    beams: Sequence[int | None],
+    lengths: Sequence[int | None],
+    num_captions: int | None,
+    max_beam_tokens: int,
+) -> list[tuple[tuple[int, int], int]]:
+    """Per row of a request: its ``(beam_size, max_length)`` and number of captions, resolved and checked once, by
+    the engine's ``validate_settings`` and ``validate_num_captions`` (defaults for absent values, the bounds), and
+    against this server's ``max_beam_tokens`` (beam_size x max_length). The rows then go to the engine grouped by
+    these settings, one engine call per group.
+
+    Raises :class:`RequestError` (INVALID_ARG) with the engine's message for a row out of range.
+    """
+    out = []
+    for beam, length in zip(beams, lengths, strict=True):
+        try:
+            key = engine.validate_settings(beam, length)
+            count = engine.validate_num_captions(num_captions, key[0])
+        except ValueError as exc:
+            raise RequestError(str(exc)) from exc
+        cost = key[0] * key[1]
+        if cost > max_beam_tokens:
+            raise RequestError(
+                f"beam_size x max_length = {key[0]} x {key[1]} = {cost} is over this server's "
+                f"limit of {max_beam_tokens} (setting OFA_MAX_BEAM_TOKENS / max_beam_tokens)"
+            )
+        out.append((key, count))
+    return out
 
 
 class RequestCancelled(Exception):

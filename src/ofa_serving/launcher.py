@@ -37,12 +37,10 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .probe import server_ready
 from .security import (
     ADMIN_HEADER,
     API_HEADER,
@@ -59,9 +57,11 @@ from .security import (
     write_key_file,
 )
 from .settings import SecuritySettings, ServerSettings, load_settings
+from .triton_api import TritonHttp, scrape
 
 __all__ = [
     "TritonInstallation",
+    "ServerProcess",
     "TritonServer",
     "ServerStartError",
     "find_triton",
@@ -202,8 +202,275 @@ def _die_with_parent() -> None:
         _PRCTL(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-class TritonServer:
-    """One tritonserver process serving a model repository; a context manager (start + ready, then stop).
+def _flag(command: Sequence[str], name: str) -> str | None:
+    """The value of ``name`` in a command line (``--name=value`` or ``--name value``), else ``None``."""
+    for index, arg in enumerate(command):
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+        if arg == name and index + 1 < len(command):
+            return command[index + 1]
+    return None
+
+
+class ServerProcess:
+    """One tritonserver process: its command line, endpoints and keys; start, readiness, graceful stop.
+
+    Built from a command line (:meth:`from_command`: the container image's ``tritonserver ...``, with
+    ``tritonserver`` on PATH and its environment ready), or from settings by :class:`TritonServer`. The process runs
+    in a session of its own (its stubs too: they can be found and killed once it is gone); with ``die_with_parent``
+    Linux sends it SIGTERM when the thread that started it exits. While it runs, the owner-only key file holds its
+    admin key for local tools (:func:`~ofa_serving.security.write_key_file`).
+
+    Args:
+        command: the tritonserver command line (:meth:`command` of a subclass builds it instead).
+        host: bind address of the endpoints; http_port, grpc_port, metrics_port: their ports.
+        exit_timeout_secs: how long the server lets in-flight requests finish after SIGTERM.
+        log_file: file receiving the server's stdout and stderr; ``None`` = inherit (foreground use).
+        die_with_parent: ask Linux to SIGTERM the server when the thread that started it exits.
+        admin_key: the key of the admin APIs (header ``ofa-admin-key``) it was given; ``None`` = unknown.
+        api_key: the inference key it requires (header ``ofa-api-key``); ``None`` = inference open.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str] = (),
+        *,
+        host: str = "127.0.0.1",
+        http_port: int = 8000,
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,
+        exit_timeout_secs: int = 30,
+        log_file: str | Path | None = None,
+        die_with_parent: bool = True,
+        admin_key: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        self._command = list(command)
+        self.host = host
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.exit_timeout_secs = exit_timeout_secs
+        self.log_file = Path(log_file) if log_file else None
+        self.die_with_parent = die_with_parent
+        self.admin_key = admin_key
+        self.api_key = api_key or None
+        self._tls_flags = [a for a in self._command if a.startswith("--grpc-use-ssl")]
+        self.process: subprocess.Popen | None = None
+        self._log_handle = None
+
+    @classmethod
+    def from_command(
+        cls, command: Sequence[str], *, admin_key: str | None = None, api_key: str | None = None
+    ) -> ServerProcess:
+        """The server that ``command`` starts; endpoints and exit timeout read from its flags (tritonserver's
+        defaults where absent: all addresses, ports 8000/8001/8002, 30 s)."""
+        timeout = _flag(command, "--exit-timeout-secs") or ""
+        return cls(
+            command,
+            host=_flag(command, "--http-address") or "0.0.0.0",
+            http_port=int(_flag(command, "--http-port") or 8000),
+            grpc_port=int(_flag(command, "--grpc-port") or 8001),
+            metrics_port=int(_flag(command, "--metrics-port") or 8002),
+            exit_timeout_secs=int(timeout) if timeout.isdigit() else 30,
+            admin_key=admin_key,
+            api_key=api_key,
+        )
+
+    # -- addresses -------------------------------------------------------------------------------------
+    @property
+    def _connect_host(self) -> str:
+        return "127.0.0.1" if self.host in ("", "0.0.0.0") else ("::1" if self.host == "::" else self.host)
+
+    @property
+    def http_address(self) -> str:
+        """``host:port`` of the HTTP endpoint (what ``tritonclient.http`` and ``CaptionClient`` take)."""
+        host = self._connect_host
+        return f"[{host}]:{self.http_port}" if ":" in host else f"{host}:{self.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        """``host:port`` of the gRPC endpoint (what ``tritonclient.grpc`` and ``CaptionClient`` take)."""
+        host = self._connect_host
+        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of the KServe v2 HTTP endpoint."""
+        return f"http://{self.http_address}"
+
+    @property
+    def grpc_url(self) -> str:
+        """``grpc://host:port`` of the KServe v2 gRPC endpoint (CaptionClient accepts it)."""
+        return f"grpc://{self.grpc_address}"
+
+    @property
+    def metrics_url(self) -> str:
+        """``http://host:port/metrics``: Prometheus text."""
+        host = self._connect_host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.metrics_port}/metrics"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """HTTP headers that open the admin APIs (``urllib``, ``tritonclient.http``'s ``headers=``)."""
+        return {ADMIN_HEADER: self.admin_key} if self.admin_key else {}
+
+    def admin(self, timeout: float = 5.0) -> TritonHttp:
+        """A client of this server's HTTP API that sends :attr:`admin_headers` (repository, statistics, config)."""
+        return TritonHttp(self.http_url, self.admin_headers, timeout)
+
+    @property
+    def api_headers(self) -> dict[str, str]:
+        """HTTP headers that inference needs (``{}`` when inference is open)."""
+        return {API_HEADER: self.api_key} if self.api_key else {}
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """:attr:`admin_headers` as gRPC metadata (``tritonclient.grpc``'s ``headers=``)."""
+        return grpc_headers(self.admin_headers)
+
+    @property
+    def grpc_api_headers(self) -> dict[str, str]:
+        """:attr:`api_headers` as gRPC metadata."""
+        return grpc_headers(self.api_headers)
+
+    @property
+    def grpc_tls(self) -> bool:
+        """Whether the gRPC endpoint speaks TLS (clients need ``ssl=True`` and the CA)."""
+        return bool(self._tls_flags)
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the tritonserver process (``None`` before start)."""
+        return self.process.pid if self.process else None
+
+    @property
+    def drain_file(self) -> Path:
+        """The flag that makes ``preprocess`` refuse new requests while this server drains (:func:`drain_file_path`)."""
+        return drain_file_path(self.http_port)
+
+    # -- process ---------------------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        """The tritonserver command line."""
+        return list(self._command)
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: ours plus ``OFA_DRAIN_FILE``."""
+        return {**os.environ, "OFA_DRAIN_FILE": str(self.drain_file)}
+
+    def _check_start(self) -> None:
+        """Refuse to start (:class:`ServerStartError`) what cannot run; nothing to check for a plain command."""
+
+    def start(self) -> ServerProcess:
+        """Start tritonserver in the background (its own process group); returns at once. Again after an exit:
+        the same command on the same ports."""
+        if self.process is not None and self.process.poll() is None:
+            raise ServerStartError(f"already running (pid {self.process.pid})")
+        self._check_start()
+        cmd, env = self.command(), self.environment()
+        Path(env["OFA_DRAIN_FILE"]).unlink(missing_ok=True)  # a new server is not draining
+        out = None
+        if self.log_file is not None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            out = self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if self.die_with_parent else None,
+        )
+        atexit.register(self.stop)
+        if (
+            self.admin_key
+        ):  # for local tools without OFA_ADMIN_KEY (the image's HEALTHCHECK probe): owner-only
+            write_key_file(self.http_port, self.admin_key)
+        return self
+
+    def is_ready(self) -> bool:
+        """True when the server answers ``/v2/health/ready`` (all models loaded, warm-up done)."""
+        return TritonHttp(self.http_url).server_ready(timeout=2.0)
+
+    def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
+        """Block until ready; raise :class:`ServerStartError` (with the log's tail) if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None:
+                raise ServerStartError("not started")
+            code = self.process.poll()
+            if code is not None:
+                raise ServerStartError(f"tritonserver exited with code {code} before ready{self._log_tail()}")
+            if self.is_ready():
+                return self
+            time.sleep(0.25)
+        raise ServerStartError(f"tritonserver not ready after {timeout:.0f} s{self._log_tail()}")
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the server to exit (foreground use); its exit code."""
+        if self.process is None:
+            raise ServerStartError("not started")
+        return self.process.wait(timeout)
+
+    def terminate(self) -> None:
+        """Send SIGTERM (graceful: in-flight requests get up to ``exit_timeout_secs``); does not wait."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop the server by its PID: SIGTERM, then SIGKILL after ``timeout`` s (default exit timeout + 10).
+
+        Leftovers of its process group (backend stubs) are killed too. Returns the exit code; idempotent.
+        """
+        with contextlib.suppress(ValueError):
+            atexit.unregister(self.stop)
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.exit_timeout_secs + 10 if timeout is None else timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own group (start_new_session): stubs left behind
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self.admin_key:
+            remove_key_file(self.http_port, self.admin_key)
+        return proc.returncode
+
+    def metrics(self) -> str:
+        """The Prometheus text of the metrics endpoint."""
+        return scrape(self.metrics_url)
+
+    def _log_tail(self, lines: int = 40) -> str:
+        if self.log_file is None or not self.log_file.exists():
+            return " (see its output above)"
+        text = self.log_file.read_text(errors="replace").splitlines()[-lines:]
+        return f"; last lines of {self.log_file}:\n" + "\n".join(text)
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop(timeout=5)
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(pid={self.pid}, http={self.http_address}, grpc={self.grpc_address})"
+
+
+class TritonServer(ServerProcess):
+    """tritonserver from the nvidia-pytriton wheel serving a model repository; a context manager (start + ready,
+    then stop).
 
     Args:
         model_repository: the Triton model repository (default: ``model_repository/`` of the checkout).
@@ -253,26 +520,28 @@ class TritonServer:
         grpc_tls_ca: str | Path | None = None,
         allow_unpatched: bool = False,
     ) -> None:
+        super().__init__(
+            host=host,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            exit_timeout_secs=exit_timeout_secs,
+            log_file=log_file,
+            die_with_parent=die_with_parent,
+            admin_key=admin_key or new_secret(),
+            api_key=api_key,
+        )
         self.model_repository = Path(model_repository or default_model_repository()).resolve()
         self.model_dir = Path(model_dir).resolve() if model_dir else None
-        self.host = host
-        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.response_cache_bytes = response_cache_bytes
-        self.exit_timeout_secs = exit_timeout_secs
         self.log_verbose = log_verbose
-        self.log_file = Path(log_file) if log_file else None
         self.extra_env = dict(env or {})
         self.extra_args = list(extra_args)
-        self.die_with_parent = die_with_parent
         self.model_control = admin_key is not None if model_control is None else model_control
-        self.admin_key = admin_key or new_secret()
-        self.api_key = api_key or None
         tls = [Path(p) if p else None for p in (grpc_tls_cert, grpc_tls_key, grpc_tls_ca)]
         self._tls_flags = grpc_tls_flags(*tls)  # checked here: a bad path fails before anything starts
         self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_ca = tls
         self.allow_unpatched = allow_unpatched
-        self.process: subprocess.Popen | None = None
-        self._log_handle = None
 
     @classmethod
     def from_settings(
@@ -319,71 +588,6 @@ class TritonServer:
             model_repository, model_dir, http_port=http, grpc_port=grpc, metrics_port=metrics, **kwargs
         )
 
-    # -- addresses -------------------------------------------------------------------------------------
-    @property
-    def _connect_host(self) -> str:
-        return "127.0.0.1" if self.host in ("", "0.0.0.0") else ("::1" if self.host == "::" else self.host)
-
-    @property
-    def http_address(self) -> str:
-        """``host:port`` of the HTTP endpoint (what ``tritonclient.http`` and ``CaptionClient`` take)."""
-        host = self._connect_host
-        return f"[{host}]:{self.http_port}" if ":" in host else f"{host}:{self.http_port}"
-
-    @property
-    def grpc_address(self) -> str:
-        """``host:port`` of the gRPC endpoint (what ``tritonclient.grpc`` and ``CaptionClient`` take)."""
-        host = self._connect_host
-        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        """``http://host:port`` of the KServe v2 HTTP endpoint."""
-        return f"http://{self.http_address}"
-
-    @property
-    def grpc_url(self) -> str:
-        """``grpc://host:port`` of the KServe v2 gRPC endpoint (CaptionClient accepts it)."""
-        return f"grpc://{self.grpc_address}"
-
-    @property
-    def metrics_url(self) -> str:
-        """``http://host:port/metrics``: Prometheus text."""
-        host = self._connect_host
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.metrics_port}/metrics"
-
-    @property
-    def admin_headers(self) -> dict[str, str]:
-        """HTTP headers that open the admin APIs (``urllib``, ``tritonclient.http``'s ``headers=``)."""
-        return {ADMIN_HEADER: self.admin_key}
-
-    @property
-    def api_headers(self) -> dict[str, str]:
-        """HTTP headers that inference needs (``{}`` when inference is open)."""
-        return {API_HEADER: self.api_key} if self.api_key else {}
-
-    @property
-    def grpc_admin_headers(self) -> dict[str, str]:
-        """:attr:`admin_headers` as gRPC metadata (``tritonclient.grpc``'s ``headers=``)."""
-        return grpc_headers(self.admin_headers)
-
-    @property
-    def grpc_api_headers(self) -> dict[str, str]:
-        """:attr:`api_headers` as gRPC metadata."""
-        return grpc_headers(self.api_headers)
-
-    @property
-    def grpc_tls(self) -> bool:
-        """Whether the gRPC endpoint speaks TLS (clients need ``ssl=True`` and the CA)."""
-        return bool(self._tls_flags)
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the tritonserver process (``None`` before start)."""
-        return self.process.pid if self.process else None
-
-    # -- process ---------------------------------------------------------------------------------------
     def command(self) -> list[str]:
         """The tritonserver command line (needs :func:`find_triton`; prepares the backend directory)."""
         triton = find_triton()
@@ -416,11 +620,6 @@ class TritonServer:
             cmd.append(f"--cache-config=local,size={self.response_cache_bytes}")
         return cmd + self.extra_args
 
-    @property
-    def drain_file(self) -> Path:
-        """The flag that makes ``preprocess`` refuse new requests while this server drains (:func:`drain_file_path`)."""
-        return drain_file_path(self.http_port)
-
     def environment(self) -> dict[str, str]:
         """The server's environment: ours plus LD_LIBRARY_PATH, PATH, PYTHONPATH, OFA_MODEL_DIR, OFA_DRAIN_FILE and
         ``env``."""
@@ -447,10 +646,8 @@ class TritonServer:
         env.update(self.extra_env)
         return env
 
-    def start(self) -> TritonServer:
-        """Start tritonserver in the background (its own process group); returns at once."""
-        if self.process is not None and self.process.poll() is None:
-            raise ServerStartError(f"already running (pid {self.process.pid})")
+    def _check_start(self) -> None:
+        """numpy<2 for the stub, the exposure rule for a server with known CVEs, an existing checkpoint."""
         _check_numpy()
         try:
             warning = check_exposure(self.host, detect_runtime(find_triton().binary), self.allow_unpatched)
@@ -460,101 +657,3 @@ class TritonServer:
             print(warning, file=sys.stderr, flush=True)
         if self.model_dir is not None and not self.model_dir.is_dir():
             raise ServerStartError(f"checkpoint directory {self.model_dir} does not exist")
-        cmd, env = self.command(), self.environment()
-        Path(env["OFA_DRAIN_FILE"]).unlink(missing_ok=True)  # a new server is not draining
-        out = None
-        if self.log_file is not None:
-            self.log_file.parent.mkdir(parents=True, exist_ok=True)
-            out = self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            cmd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if self.die_with_parent else None,
-        )
-        atexit.register(self.stop)
-        # for local tools without OFA_ADMIN_KEY (the probe of a container's HEALTHCHECK): owner-only file
-        write_key_file(self.http_port, self.admin_key)
-        return self
-
-    def is_ready(self) -> bool:
-        """True when the server answers ``/v2/health/ready`` (all models loaded, warm-up done)."""
-        return server_ready(self.http_url)
-
-    def wait_ready(self, timeout: float = 300.0) -> TritonServer:
-        """Block until ready; raise :class:`ServerStartError` (with the log's tail) if it exits or times out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is None:
-                raise ServerStartError("not started")
-            code = self.process.poll()
-            if code is not None:
-                raise ServerStartError(f"tritonserver exited with code {code} before ready{self._log_tail()}")
-            if self.is_ready():
-                return self
-            time.sleep(0.25)
-        raise ServerStartError(f"tritonserver not ready after {timeout:.0f} s{self._log_tail()}")
-
-    def wait(self, timeout: float | None = None) -> int:
-        """Wait for the server to exit (foreground use); its exit code."""
-        if self.process is None:
-            raise ServerStartError("not started")
-        return self.process.wait(timeout)
-
-    def terminate(self) -> None:
-        """Send SIGTERM (graceful: in-flight requests get up to ``exit_timeout_secs``); does not wait."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-
-    def stop(self, timeout: float | None = None) -> int | None:
-        """Stop the server by its PID: SIGTERM, then SIGKILL after ``timeout`` s (default exit timeout + 10).
-
-        Leftovers of its process group (backend stubs) are killed too. Returns the exit code; idempotent.
-        """
-        with contextlib.suppress(ValueError):
-            atexit.unregister(self.stop)
-        proc = self.process
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(self.exit_timeout_secs + 10 if timeout is None else timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # its own group (start_new_session): stubs left behind
-        if self._log_handle is not None:
-            self._log_handle.close()
-            self._log_handle = None
-        remove_key_file(self.http_port, self.admin_key)
-        return proc.returncode
-
-    def metrics(self) -> str:
-        """The Prometheus text of the metrics endpoint."""
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
-            return resp.read().decode()
-
-    def _log_tail(self, lines: int = 40) -> str:
-        if self.log_file is None or not self.log_file.exists():
-            return " (see its output above)"
-        text = self.log_file.read_text(errors="replace").splitlines()[-lines:]
-        return f"; last lines of {self.log_file}:\n" + "\n".join(text)
-
-    def __enter__(self) -> TritonServer:
-        self.start()
-        try:
-            return self.wait_ready()
-        except BaseException:
-            self.stop(timeout=5)
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"TritonServer(pid={self.pid}, http={self.http_address}, grpc={self.grpc_address})"

@@ -24,13 +24,15 @@ __all__ = ["EMPTY", "request_num_captions", "pad_captions", "n_best_arrays"]
 
 
 @dataclass(frozen=True)
-class _Missing:
+class _EmptyCaption:
+    """A caption slot the engine could not fill: no text, the lowest score."""
+
     text: str = ""
     score: float = -math.inf
 
 
 #: What fills a row the engine could not fill (no finite hypothesis left).
-EMPTY = _Missing()
+EMPTY = _EmptyCaption()
 
 
 def request_num_captions(values: Sequence[int | None]) -> int | None:

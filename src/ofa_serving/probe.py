@@ -29,8 +29,6 @@ import struct
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,8 +43,19 @@ from .security import (
     read_key_file,
 )
 from .settings import SecuritySettings, SettingsError, load_settings
+from .triton_api import TritonHttp, TritonHttpError
 
-__all__ = ["ModelCheck", "ProbeResult", "list_models", "probe_model", "probe_server", "tiny_png", "main"]
+__all__ = [
+    "ModelCheck",
+    "ProbeResult",
+    "server_ready",
+    "list_models",
+    "probe_model",
+    "probe_models",
+    "probe_server",
+    "tiny_png",
+    "main",
+]
 
 _NUMPY_TYPES = {
     "TYPE_FP32": ("FP32", "float32"),
@@ -119,43 +128,29 @@ def tiny_png(size: int = 8) -> bytes:
     )
 
 
-def _request(
-    url: str, *, data: bytes | None = None, headers: Mapping[str, str] | None = None, timeout: float
-) -> tuple[int, bytes]:
-    # Error bodies come from tritonserver, which never echoes request headers (the keys) back.
-    req = urllib.request.Request(
-        url, data=data, headers=dict(headers or {}), method="POST" if data else "GET"
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=max(timeout, 0.1)) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 def server_ready(base_url: str, timeout: float = 2.0) -> bool:
     """Whether the server at ``base_url`` answers ``GET /v2/health/ready`` with 200 (all models loaded, warm-up
     done); False when it does not answer at all."""
-    try:
-        return _request(f"{base_url}/v2/health/ready", timeout=timeout)[0] == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+    return TritonHttp(base_url).server_ready(timeout)
 
 
 def list_models(
     base_url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 10.0
 ) -> dict[str, str]:
     """``{model: state}`` of the server from its repository index (every model, ``READY``, ``UNAVAILABLE``,
-    ``LOADING``, ...): an admin API, so ``headers`` must carry the admin key (``ofa-admin-key``)."""
-    status, body = _request(f"{base_url}/v2/repository/index", data=b"{}", headers=headers, timeout=timeout)
-    if status == 403:
-        raise RuntimeError(
-            "the repository index needs the admin key (OFA_ADMIN_KEY or OFA_ADMIN_KEY_FILE); "
-            "or name the models to probe"
-        )
-    if status != 200:
-        raise RuntimeError(f"repository index: HTTP {status} {body[:200]!r}")
-    return {m["name"]: m.get("state", "") for m in json.loads(body)}
+    ``LOADING``, ...): an admin API, so ``headers`` must carry the admin key (``ofa-admin-key``).
+
+    Raises :class:`RuntimeError` when the server refuses, :class:`OSError` when it does not answer."""
+    try:
+        index = TritonHttp(base_url, headers).repository_index(timeout)
+    except TritonHttpError as exc:
+        if exc.status == 403:
+            raise RuntimeError(
+                "the repository index needs the admin key (OFA_ADMIN_KEY or OFA_ADMIN_KEY_FILE); "
+                "or name the models to probe"
+            ) from None
+        raise
+    return {m["name"]: m.get("state", "") for m in index}
 
 
 _METADATA_TYPES = {"BYTES": "TYPE_STRING", **{v[0]: k for k, v in _NUMPY_TYPES.items()}}
@@ -237,8 +232,9 @@ def probe_model(
     def check(status: str, detail: str = "") -> ModelCheck:
         return ModelCheck(model, status, detail, time.monotonic() - start)
 
+    api = TritonHttp(base_url, headers)
     try:
-        status, body = _request(f"{base_url}/v2/models/{model}", headers=headers, timeout=timeout)
+        status, body = api.request("GET", f"/v2/models/{model}", timeout=timeout)
         if status != 200:
             return check("not_ready", f"metadata: HTTP {status} {body[:200].decode(errors='replace')}")
         config = _config_from_metadata(json.loads(body))
@@ -250,17 +246,17 @@ def probe_model(
         # that probes given up on never pile up in front of the model.
         header["parameters"] = {"timeout": max(int(remaining * 1e6), 1)}
         head = json.dumps(header).encode()
-        status, body = _request(
-            f"{base_url}/v2/models/{model}/infer",
-            data=head + blob,
+        status, body = api.request(
+            "POST",
+            f"/v2/models/{model}/infer",
+            head + blob,
+            timeout=remaining,
             headers={
-                **(headers or {}),
                 "Content-Type": "application/octet-stream",
                 "Inference-Header-Content-Length": str(len(head)),
             },
-            timeout=remaining,
         )
-    except (TimeoutError, urllib.error.URLError, OSError) as exc:
+    except OSError as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, TimeoutError) or "timed out" in str(reason):
             return check("timeout", f"no answer within {timeout:.1f} s")
@@ -273,6 +269,45 @@ def probe_model(
             text = json.loads(text).get("error", text)
         return check("error", f"HTTP {status}: {text}")
     return check("ok")
+
+
+def probe_models(
+    base_url: str,
+    states: Mapping[str, str],
+    *,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    grace_s: float = 1.0,
+    budget_s: float | None = None,
+) -> dict[str, ModelCheck]:
+    """:func:`probe_model` for every ``READY`` model of ``states`` (``{model: state}``), each in its own thread, all
+    within ``timeout`` seconds: one slow model does not delay the others.
+
+    A model in another state is ``not_ready`` without a request; one whose probe has not returned ``grace_s``
+    seconds after the deadline is ``timeout`` ("no answer within ``budget_s``", default ``timeout``, seconds).
+    """
+    deadline = time.monotonic() + timeout
+    checks: dict[str, ModelCheck] = {}
+    threads = []
+    for model, state in states.items():
+        if state != "READY":
+            checks[model] = ModelCheck(model, "not_ready", f"state {state or 'unknown'}", 0.0)
+            continue
+
+        def run(name: str = model) -> None:
+            checks[name] = probe_model(
+                base_url, name, timeout=max(deadline - time.monotonic(), 0.1), headers=headers
+            )
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        threads.append((model, thread))
+    budget = timeout if budget_s is None else budget_s
+    for model, thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0) + grace_s)
+        if model not in checks:
+            checks[model] = ModelCheck(model, "timeout", f"no answer within {budget:.1f} s", budget)
+    return checks
 
 
 def probe_server(
@@ -289,7 +324,7 @@ def probe_server(
     """
     deadline = time.monotonic() + timeout
     try:
-        status, _ = _request(f"{base_url}/v2/health/ready", timeout=timeout)
+        status, _ = TritonHttp(base_url).request("GET", "/v2/health/ready", timeout=timeout)
         ready = status == 200
         states = (
             {m: "READY" for m in models}
@@ -298,27 +333,11 @@ def probe_server(
         )
     except RuntimeError as exc:  # answered, but would not list its models (e.g. no admin key)
         return ProbeResult(False, (), f"cannot list the models: {exc}")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         return ProbeResult(False, (), f"server unreachable: {exc}")
-    checks: dict[str, ModelCheck] = {}
-    threads = []
-    for model, state in states.items():
-        if state != "READY":
-            checks[model] = ModelCheck(model, "not_ready", f"state {state or 'unknown'}", 0.0)
-            continue
-
-        def run(name: str = model) -> None:
-            checks[name] = probe_model(
-                base_url, name, timeout=max(deadline - time.monotonic(), 0.1), headers=headers
-            )
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        threads.append((model, thread))
-    for model, thread in threads:
-        thread.join(max(deadline - time.monotonic(), 0) + 1.0)
-        if model not in checks:
-            checks[model] = ModelCheck(model, "timeout", f"no answer within {timeout:.1f} s", timeout)
+    checks = probe_models(
+        base_url, states, timeout=max(deadline - time.monotonic(), 0.1), headers=headers, budget_s=timeout
+    )
     return ProbeResult(
         ready, tuple(checks[m] for m in sorted(checks)), "" if ready else "/v2/health/ready says no"
     )

@@ -2,8 +2,9 @@
 
 The committed config.pbtxt files are the ``cpu`` profile, tuned for a small CPU host (docs/load-testing.md). The
 ``gpu`` profile is the same files with a handful of values replaced, as the TensorRT-LLM backend fills its
-templates: :func:`apply_profile` rewrites one config's text, :mod:`ofa_serving.repository` writes the
-repository (``make serve`` generates it at start when the profile is ``gpu``). Values of the ``gpu`` profile:
+templates: :func:`apply_profile` sets them on one parsed config (a ``ModelConfig`` message,
+:mod:`ofa_serving.model_config`), :mod:`ofa_serving.repository` writes the repository (``make serve`` generates
+it at start when the profile is ``gpu``). Values of the ``gpu`` profile:
 
 =========================  ===============  ===========================================================
 field                      cpu (committed)  gpu
@@ -29,9 +30,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .settings import SettingsError, resolve_device
+
+if TYPE_CHECKING:
+    from .model_config import ModelConfig
 
 __all__ = [
     "PROFILES",
@@ -91,23 +95,26 @@ def resolve_profile(profile: str, cuda_available: bool | None = None) -> str:
     return "gpu" if cuda_available else "cpu"
 
 
-def apply_profile(step: str, text: str, profile: str, values: GpuProfile | None = None) -> str:
-    """The committed config.pbtxt ``text`` of ``step`` (``preprocess``, ``ofa`` or ``caption``) for ``profile``.
+def apply_profile(
+    step: str, config: ModelConfig, profile: str, values: GpuProfile | None = None
+) -> list[str]:
+    """Put the values of ``profile`` into ``config``, the parsed committed config.pbtxt of ``step``
+    (``preprocess``, ``ofa`` or ``caption``; :func:`ofa_serving.model_config.read_config`), in place.
 
-    ``cpu`` returns ``text`` unchanged. ``gpu`` replaces the fields of :class:`GpuProfile` (``values``, default
-    :func:`gpu_profile`), each preceded by a comment naming the profile; a field that is not exactly once in the
-    text raises :class:`SettingsError` (the committed file changed shape).
+    ``cpu`` changes nothing. ``gpu`` sets the fields of :class:`GpuProfile` (``values``, default
+    :func:`gpu_profile`). Returns one line per field set, ``field: value (why)``, for the generated file's header.
     """
     if profile == "cpu":
-        return text
+        return []
     if profile != "gpu":
         raise SettingsError(f"unknown serving profile {profile!r}; expected one of {', '.join(PROFILES)}")
+    # Imported here: the adapters import this module in the backend stub, which needs no schema (tritonclient).
+    from .model_config import set_dynamic_batching, set_instance_group
+
     v = values or gpu_profile()
-    why = "# gpu profile (ofa_serving.profiles):"
     if step == "caption":
-        return _field(
-            text, "max_batch_size", v.ofa_max_batch_size, f"{why} as many images as one `ofa` batch"
-        )
+        config.max_batch_size = v.ofa_max_batch_size
+        return [f"max_batch_size: {v.ofa_max_batch_size} (as many images as one `ofa` batch)"]
     if step == "preprocess":
         max_batch, delay, kind, count = (
             v.preprocess_max_batch_size,
@@ -116,8 +123,7 @@ def apply_profile(step: str, text: str, profile: str, values: GpuProfile | None 
             v.preprocess_instances,
         )
         batch_why = "a full `ofa` batch of images decoded in one execute()"
-        count_why = "instances (stub processes) decoding on the host's cores in parallel"
-        kind_why = "PIL decoding runs on the host's cores"
+        group_why = "stub processes decoding with PIL on the host's cores in parallel"
     elif step == "ofa":
         max_batch, delay, kind, count = (
             v.ofa_max_batch_size,
@@ -126,33 +132,18 @@ def apply_profile(step: str, text: str, profile: str, values: GpuProfile | None 
             v.ofa_instances_per_gpu,
         )
         batch_why = "bigger engine batches share the GPU's per-step decoding cost"
-        count_why = "instances per visible GPU, each with its own copy of the model"
-        kind_why = "one instance group per visible GPU, the model on cuda:<model_instance_device_id>"
+        group_why = "per visible GPU, each with its own copy of the model on cuda:<model_instance_device_id>"
     else:
         raise SettingsError(f"no {profile} profile for model {step!r}; expected preprocess, ofa or caption")
-    text = _field(text, "max_batch_size", max_batch, f"{why} {batch_why}")
-    text = _field(
-        text,
-        "max_queue_delay_microseconds",
-        delay,
-        f"{why} a GPU batch takes ms, not s: a short window",
-        indent=2,
-    )
-    text = _field(text, "max_queue_size", v.max_queue_size, f"{why} 4 full batches may wait", indent=4)
-    text = _field(text, "kind", kind, f"{why} {kind_why}", indent=4, enum=True)
-    return _field(text, "count", count, f"{why} {count_why}", indent=4)
-
-
-def _field(text: str, name: str, value: Any, comment: str, *, indent: int = 0, enum: bool = False) -> str:
-    pad = " " * indent
-    token = "[A-Z_]+" if enum else "[0-9]+"
-    pattern = f"(?m)^{pad}{name}: {token}$"
-    new, count = re.subn(pattern, lambda _m: f"{pad}{comment}\n{pad}{name}: {value}", text)
-    if count != 1:
-        raise SettingsError(
-            f"the committed config.pbtxt has {count} `{name}` fields where the serving profile expects one"
-        )
-    return new
+    config.max_batch_size = max_batch
+    set_dynamic_batching(config, max_queue_delay_us=delay, max_queue_size=v.max_queue_size)
+    set_instance_group(config, kind, count)
+    return [
+        f"max_batch_size: {max_batch} ({batch_why})",
+        f"dynamic_batching.max_queue_delay_microseconds: {delay} (a GPU batch takes ms, not s: a short window)",
+        f"dynamic_batching.default_queue_policy.max_queue_size: {v.max_queue_size} (4 full batches may wait)",
+        f"instance_group: {kind} x {count} ({group_why})",
+    ]
 
 
 def instance_device(args: Mapping[str, Any], device: str, cuda_available: bool) -> str:

@@ -23,8 +23,8 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,9 +39,9 @@ from .settings import (
     SupervisorSettings,
     load_settings,
 )
-from .supervisor import describe_exit, drain, exit_status, new_admin_key, run_supervised
+from .supervisor import StopSignals, describe_exit, exit_status, new_admin_key, run_supervised
 
-__all__ = ["prepare_checkpoint", "usage_text", "main"]
+__all__ = ["prepare_checkpoint", "usage_text", "parse_args", "main"]
 
 REAL_DIR = Path("checkpoints/ofa-distilled-en")
 _COMPLETE = ".download-complete"
@@ -118,8 +118,22 @@ def usage_text(server: TritonServer, kind: str, models: tuple[str, ...] = (DEFAU
 """
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: no options besides ``--help``; every setting comes from the environment."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ofa_serving.serve",
+        description=__doc__.split("\n\n", 1)[0].replace("``", ""),
+        epilog="Settings are environment variables (README: Settings), e.g. OFA_MODEL_DIR, OFA_MODELS, HOST, "
+        "HTTP_PORT, GRPC_PORT, METRICS_PORT, OFA_API_KEY, OFA_SUPERVISE.",
+    )
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Prepare the checkpoint, run tritonserver in the foreground, forward SIGINT/SIGTERM; its exit code."""
+    """Prepare the checkpoint, run tritonserver in the foreground, forward SIGINT/SIGTERM; its exit code.
+
+    ``argv`` is the command line without the program name (``None``: no arguments)."""
+    parse_args(argv or [])
     generated = None
     try:
         settings = load_settings(ServerSettings)
@@ -145,31 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _log("interrupted while preparing the checkpoint")
         return 130
-    signals = {"count": 0, "supervising": False}
-
-    def forward(signum, _frame):
-        signals["count"] += 1
-        if signals["count"] == 1:
-            _log(
-                f"{signal.Signals(signum).name}: stopping tritonserver (pid {server.pid}) gracefully: readiness "
-                "turns false, new requests are refused (UNAVAILABLE), those in flight are answered within "
-                f"{server.exit_timeout_secs} s (OFA_EXIT_TIMEOUT_SECS); no heal or restart meanwhile"
-            )
-            if signals["supervising"]:  # the drain flag first: tritonserver alone keeps accepting requests
-                drain(server)
-                _log("drain flag raised (new requests refused with UNAVAILABLE); SIGTERM sent")
-            else:
-                server.terminate()
-        elif server.process is not None and server.process.poll() is None:
-            _log("second signal: killing tritonserver")
-            server.process.kill()
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    stop = StopSignals(server, _log, second_kills=True).install()
     _log(f"starting tritonserver with {what}; models load and warm up before ready")
     try:
         server.start()
-        while server.process.poll() is None and not signals["count"]:
+        while server.process.poll() is None and not stop.requested():
             try:
                 server.wait_ready(timeout=1)
                 print(usage_text(server, kind, names), file=sys.stderr, flush=True)
@@ -177,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
             except ServerStartError:
                 if server.process.poll() is not None:
                     raise
-        if admin_key is not None and server.process.poll() is None and not signals["count"]:
-            signals["supervising"] = True
-            return run_supervised(server, admin_key, lambda: signals["count"] > 0, supervision)
+        if admin_key is not None and server.process.poll() is None and not stop.requested():
+            stop.supervising = True
+            return run_supervised(server, admin_key, stop.requested, supervision)
         code = server.wait()
-        if code and not signals["count"]:
+        if code and not stop.requested():
             _log(f"tritonserver {describe_exit(code)}; not restarted (OFA_SUPERVISE=0)")
         return exit_status(code)
     except ServerStartError as exc:
@@ -196,4 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

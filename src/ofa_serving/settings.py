@@ -429,7 +429,13 @@ def resolve_device(device: str, cuda_available: bool) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """``"float16"`` on CUDA and ``"float32"`` on CPU for ``auto``; any explicit dtype as given."""
+    """``"float16"`` on CUDA and ``"float32"`` on CPU for ``auto``; an explicit dtype by the engine's name for it
+    (the engine's parser, :func:`ofa_captioning.config.parse_dtype`)."""
+    from ofa_captioning.config import parse_dtype
+
     if dtype == "auto":
         return "float16" if device.startswith("cuda") else "float32"
-    return dtype
+    try:
+        return parse_dtype(dtype)
+    except ValueError as e:
+        raise SettingsError(f"OFA_DTYPE / parameter 'dtype': {e}") from None

@@ -40,40 +40,35 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .probe import ModelCheck, list_models, probe_model, server_ready
+from .probe import ModelCheck, list_models, probe_model, probe_models
+from .processes import proc_state, process_group, shm_pools, stub_pids, stub_shm_pool
 from .security import ADMIN_HEADER, API_HEADER, admin_key_from_settings, restricted_api_flags
+from .triton_api import TritonHttp, TritonHttpError
 
 __all__ = [
     "ADMIN_HEADER",
     "model_control_flags",
     "new_admin_key",
-    "child_processes",
-    "stub_pids",
     "Supervisor",
-    "CommandServer",
     "run_supervised",
     "drain",
+    "StopSignals",
     "CrashLoop",
     "describe_exit",
     "exit_status",
     "main",
 ]
-
-_STUB = "triton_python_backend_stub"
 
 
 def new_admin_key() -> str:
@@ -95,54 +90,6 @@ def _log(message: str) -> None:
     print(f"[supervisor] {message}", file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------------------- processes
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return [
-            p.decode(errors="replace") for p in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if p
-        ]
-    except OSError:
-        return []
-
-
-def child_processes(parent: int) -> list[tuple[int, list[str]]]:
-    """``(pid, argv)`` of the live (not zombie) child processes of ``parent``, by PID."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _proc_stat(int(entry.name))
-        if fields is None or int(fields[1]) != parent or fields[0] in ("Z", "X"):
-            continue
-        out.append((int(entry.name), _cmdline(int(entry.name))))
-    return sorted(out)
-
-
-def stub_pids(server_pid: int, model: str) -> list[int]:
-    """PIDs of the Python backend stubs of ``model`` (instances ``<model>_<group>_<index>``) under ``server_pid``."""
-    instance = re.compile(rf"^{re.escape(model)}_\d+_\d+$")
-    return [
-        pid
-        for pid, args in child_processes(server_pid)
-        if args and args[0].endswith(_STUB) and any(instance.match(a) for a in args[1:])
-    ]
-
-
-def _stopped(pid: int) -> bool:
-    fields = _proc_stat(pid)
-    return fields is not None and fields[0] in ("T", "t")
-
-
 # ------------------------------------------------------------------------------------------- supervisor
 
 
@@ -150,8 +97,7 @@ class Supervisor:
     """Probe the models of ``server`` every ``interval_s`` seconds and heal the ones that fail.
 
     Args:
-        server: the running server: ``.pid``, ``.http_url`` (a :class:`~ofa_serving.launcher.TritonServer` or a
-            :class:`CommandServer`).
+        server: the running server: ``.pid``, ``.http_url`` (a :class:`~ofa_serving.launcher.ServerProcess`).
         admin_key: the secret of :data:`ADMIN_HEADER` the server was started with.
         api_key: the inference key the server requires (header ``ofa-api-key``), sent with every probe; default:
             the server's ``api_key`` attribute if it has one, else none (inference open).
@@ -210,6 +156,11 @@ class Supervisor:
     def base_url(self) -> str:
         return self.server.http_url.rstrip("/")
 
+    @property
+    def api(self) -> TritonHttp:
+        """The server's HTTP API with the admin key (repository, config, statistics)."""
+        return TritonHttp(self.base_url, self.headers)
+
     # -- one round ----------------------------------------------------------------------------------------
     def check_once(self) -> list[str]:
         """Probe every model once and heal those that need it; the models healed."""
@@ -218,26 +169,13 @@ class Supervisor:
         except (RuntimeError, OSError, ValueError) as exc:
             self.log(f"cannot list the models: {exc}")
             return []
-        checks: dict[str, ModelCheck] = {}
-        threads = []
+        states = {m: state for m, state in states.items() if state not in ("LOADING", "UNLOADING")}
         for model, state in states.items():
-            if state in ("LOADING", "UNLOADING"):
-                continue
-            if state != "READY":
-                checks[model] = ModelCheck(model, "not_ready", f"state {state or 'unknown'}", 0.0)
-                continue
-            self._is_ensemble(model)  # remember it while it has a config
-
-            def run(name: str = model) -> None:
-                checks[name] = probe_model(
-                    self.base_url, name, timeout=self.probe_timeout_s, headers=self.probe_headers
-                )
-
-            thread = threading.Thread(target=run, daemon=True)
-            thread.start()
-            threads.append(thread)
-        for thread in threads:
-            thread.join(self.probe_timeout_s + 5)
+            if state == "READY":
+                self._is_ensemble(model)  # remember it while it has a config
+        checks = probe_models(
+            self.base_url, states, timeout=self.probe_timeout_s, headers=self.probe_headers, grace_s=5.0
+        )
         healed = []
         for model, check in sorted(checks.items()):
             if self.draining():  # the probes saw the drain (refusals, the server stopping): not a fault
@@ -263,7 +201,7 @@ class Supervisor:
             return None
         # Unanswered or refused by a full queue: busy or hung.
         pids = stub_pids(self.server.pid, model)
-        if any(_stopped(pid) for pid in pids):
+        if any(proc_state(pid) in ("T", "t") for pid in pids):
             return f"stub {pids} stopped (no answer within {self.probe_timeout_s:.0f} s)"
         # Unanswered: busy or hung. Busy models complete executions; a hung one completes none for hang_after_s.
         now, executions = time.monotonic(), self._executions(model)
@@ -279,39 +217,19 @@ class Supervisor:
         """Whether ``model`` is an ensemble (remembered from when it was loaded: an unloaded model has no config)."""
         if model not in self._ensembles:
             try:
-                req = urllib.request.Request(
-                    f"{self.base_url}/v2/models/{model}/config", headers=self.headers
-                )
-                with urllib.request.urlopen(req, timeout=5) as resp:
-                    self._ensembles[model] = json.loads(resp.read()).get("platform") == "ensemble"
-            except (urllib.error.URLError, OSError, ValueError):
+                self._ensembles[model] = self.api.config(model, timeout=5).get("platform") == "ensemble"
+            except (TritonHttpError, OSError, ValueError):
                 return False
         return self._ensembles[model]
 
     def _executions(self, model: str) -> int | None:
         try:
-            req = urllib.request.Request(f"{self.base_url}/v2/models/{model}/stats", headers=self.headers)
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                stats = json.loads(resp.read()).get("model_stats", [])
+            stats = self.api.statistics(model, timeout=5).get("model_stats", [])
             return sum(int(s.get("execution_count", 0)) for s in stats)
-        except (urllib.error.URLError, OSError, ValueError):
+        except (TritonHttpError, OSError, ValueError):
             return None
 
     # -- healing ------------------------------------------------------------------------------------------
-    def _repository(self, action: str, model: str, timeout: float) -> tuple[int, str]:
-        req = urllib.request.Request(
-            f"{self.base_url}/v2/repository/models/{model}/{action}",
-            data=b"{}",
-            headers=self.headers,
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, ""
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()[:300].decode(errors="replace")
-        except (urllib.error.URLError, OSError) as exc:
-            return 0, str(exc)
 
     def heal(self, model: str, reason: str) -> bool:
         """Kill ``model``'s stubs, unload and load it, probe it; log and count. True when it answers again."""
@@ -323,11 +241,11 @@ class Supervisor:
                 os.kill(pid, signal.SIGKILL)
         # Unloading returns at once; a model whose stub died stays UNLOADING in 2.51 (its old instance is never
         # finalized), but loading it again does not wait for that: load right away.
-        self._repository("unload", model, timeout=30)
+        self.api.unload(model, timeout=30)
         if self.draining():  # a stop came during the heal: loading would bring the drained ensembles back
             self.log(f"{model}: a stop was requested during the heal; not loading it again")
             return False
-        status, text = self._repository("load", model, timeout=600)
+        status, text = self.api.load(model, timeout=600)
         self._reload_unloaded()
         check = probe_model(
             self.base_url, model, timeout=max(self.probe_timeout_s, 30.0), headers=self.probe_headers
@@ -374,7 +292,7 @@ class Supervisor:
             return
         for name, state in states.items():
             if state == "UNAVAILABLE":
-                self._repository("load", name, timeout=600)
+                self.api.load(name, timeout=600)
 
     def _restart_or_give_up(self, model: str) -> None:
         self._failed_heals.clear()
@@ -484,10 +402,6 @@ def default_state_file(http_port: int) -> Path:
 
 # ------------------------------------------------------------------------------------------- server crashes
 
-#: The Python backend's shared-memory pools (one per stub, named on its command line), created and mapped by
-#: tritonserver.
-_SHM_DIR, _SHM_PREFIX = "/dev/shm/", "triton_python_backend_shm_region_"
-
 
 def describe_exit(returncode: int) -> str:
     """How a process ended, from its ``Popen.returncode``: ``killed by SIGSEGV``, ``exited with status 1``."""
@@ -527,29 +441,6 @@ class CrashLoop:
         return len(self._times)
 
 
-def _shm_regions(pid: int) -> set[str]:
-    try:
-        maps = Path(f"/proc/{pid}/maps").read_text(errors="replace")
-    except OSError:
-        return set()
-    found = set()
-    for line in maps.splitlines():
-        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
-        if len(fields) == 6 and fields[5].startswith(_SHM_DIR + _SHM_PREFIX):
-            found.add(fields[5].removesuffix(" (deleted)").strip())
-    return found
-
-
-def _group(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _proc_stat(int(entry.name))
-            if fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                members.append(int(entry.name))
-    return members
-
-
 class _Leftovers:
     """What a dead tritonserver leaves behind: its stubs (its process group) and their shared-memory pools.
 
@@ -566,16 +457,13 @@ class _Leftovers:
         """Note the pools the server ``pid`` maps (at most every ``every_s`` seconds)."""
         if pid is not None and time.monotonic() - self._noted >= every_s:
             self._noted = time.monotonic()
-            self.regions |= _shm_regions(pid)
+            self.regions |= shm_pools(pid)
 
     def clean(self, pgid: int) -> list[str]:
         """Once the server (leader of process group ``pgid``) has exited: kill its stubs, remove their pools."""
-        members = _group(pgid)
+        members = process_group(pgid)
         for pid in members:  # a stub just started may not have mapped its pool yet: it is on its command line
-            self.regions |= _shm_regions(pid)
-            self.regions |= {
-                _SHM_DIR + a for a in _cmdline(pid) if a.startswith(_SHM_PREFIX) and "/" not in a
-            }
+            self.regions |= shm_pools(pid) | stub_shm_pool(pid)
         for pid in members:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
@@ -593,75 +481,6 @@ class _Leftovers:
         return removed
 
 
-# ------------------------------------------------------------------------------------------- command line
-
-
-class CommandServer:
-    """A tritonserver command line run as a child process (the container image: ``tritonserver`` on PATH).
-
-    It runs in a session of its own (its stubs too: :func:`run_supervised` can find them once it is gone), and
-    Linux sends it SIGTERM when the thread that started it exits.
-    """
-
-    def __init__(self, command: Sequence[str]) -> None:
-        self.command = list(command)
-        port = next((a.split("=", 1)[1] for a in self.command if a.startswith("--http-port=")), "8000")
-        self.http_port = int(port)
-        #: how long tritonserver drains after SIGTERM (its ``--exit-timeout-secs``, 30 s by default)
-        timeout = next((a.split("=", 1)[1] for a in self.command if a.startswith("--exit-timeout-secs=")), "")
-        self.exit_timeout_secs = int(timeout) if timeout.isdigit() else 30
-        self.http_url = f"http://127.0.0.1:{self.http_port}"
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    @property
-    def drain_file(self) -> Path:
-        """The flag that makes ``preprocess`` refuse new requests while the server drains."""
-        from .launcher import drain_file_path
-
-        return drain_file_path(self.http_port)
-
-    def start(self) -> CommandServer:
-        """Start the command (again, after an exit: same command, same ports); returns at once."""
-        from .launcher import _die_with_parent
-
-        self.drain_file.unlink(missing_ok=True)  # a new server is not draining
-        self.process = subprocess.Popen(
-            self.command,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-            env={**os.environ, "OFA_DRAIN_FILE": str(self.drain_file)},
-        )
-        return self
-
-    def is_ready(self) -> bool:
-        return server_ready(self.http_url)
-
-    def terminate(self) -> None:
-        """SIGTERM (graceful: in-flight requests finish); does not wait."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-
-    def stop(self, timeout: float = 40.0) -> int | None:
-        """SIGTERM, SIGKILL after ``timeout`` s, then whatever is left of its process group; its exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        return self.process.returncode
-
-
 def run_supervised(server: Any, admin_key: str, stopping: Callable[[], bool], settings: Any = None) -> int:
     """Supervise the running, ready ``server`` until a stop is requested (``stopping()``) or it gives up; the exit
     status for the process.
@@ -677,7 +496,7 @@ def run_supervised(server: Any, admin_key: str, stopping: Callable[[], bool], se
     Returns tritonserver's own status after a requested stop (0 after a clean drain), 0 when it exited with 0
     on its own, 1 when a model could not be healed and the server not restarted, the last crash's status after a
     crash loop. ``server`` needs ``pid``, ``http_url``, ``http_port``, ``process``, ``start()``, ``stop(timeout=)``,
-    ``terminate()`` and ``is_ready()`` (:class:`~ofa_serving.launcher.TritonServer`, :class:`CommandServer`); the
+    ``terminate()`` and ``is_ready()`` (a :class:`~ofa_serving.launcher.ServerProcess`); the
     caller's signal handler starts the drain (:func:`drain`) when a stop is requested, and ``stopping()`` turns
     true: no probe round or heal from then on, no restart, and a server still running ``exit_timeout_secs`` + 15 s
     later is killed. ``settings`` is a
@@ -832,6 +651,56 @@ def drain(server: Any) -> None:
     server.terminate()
 
 
+class StopSignals:
+    """SIGTERM and SIGINT of a process that runs tritonserver in the foreground (``make serve``, the image's
+    command), passed on to ``server``: the one signal handler of both.
+
+    The first signal starts the graceful stop and makes :meth:`requested` true (no probe, heal or restart from then
+    on): once :attr:`supervising` (the server is ready and supervised) the drain (:func:`drain`), before that a
+    plain SIGTERM. A later signal kills tritonserver when ``second_kills`` (``make serve``: a second Ctrl-C), else
+    it is passed on as it is.
+    """
+
+    def __init__(self, server: Any, log: Callable[[str], None], *, second_kills: bool) -> None:
+        self.server, self.log, self.second_kills = server, log, second_kills
+        #: stop signals received so far
+        self.count = 0
+        #: set once the server is ready and supervised: a stop raises the drain flag first
+        self.supervising = False
+
+    def requested(self) -> bool:
+        """Whether a stop signal came."""
+        return self.count > 0
+
+    def install(self) -> StopSignals:
+        """Handle SIGTERM and SIGINT of this process (call from the main thread)."""
+        signal.signal(signal.SIGTERM, self)
+        signal.signal(signal.SIGINT, self)
+        return self
+
+    def __call__(self, signum: int, _frame: object = None) -> None:
+        self.count += 1
+        server = self.server
+        if server.process is None or server.process.poll() is not None:
+            return
+        if self.count == 1:
+            self.log(
+                f"{signal.Signals(signum).name}: stopping tritonserver (pid {server.pid}) gracefully: readiness "
+                "turns false, new requests are refused (UNAVAILABLE), those in flight are answered within "
+                f"{server.exit_timeout_secs} s (its exit timeout); no heal or restart meanwhile"
+            )
+            if self.supervising:  # the drain flag first: tritonserver alone keeps accepting requests
+                drain(server)
+                self.log("drain flag raised (new requests refused with UNAVAILABLE); SIGTERM sent")
+            else:
+                server.terminate()
+        elif self.second_kills:
+            self.log("second signal: killing tritonserver")
+            server.process.kill()
+        else:
+            server.process.send_signal(signum)
+
+
 #: How long past its own exit timeout a draining tritonserver may take before it is killed.
 _DRAIN_GRACE_S = 15.0
 
@@ -856,9 +725,9 @@ def main(argv: list[str] | None = None) -> int:
     restart it when it crashes (:func:`run_supervised`).
 
     The command must contain ``--model-control-mode=explicit`` and ``--load-model=*``; the restricted-API flags
-    with a fresh key are appended. SIGTERM/SIGINT drain tritonserver (:func:`drain`: the drain flag raised, then
-    SIGTERM); before it is ready they go to it as they are. The exit status is its own, or non-zero after a crash
-    loop.
+    with a fresh key are appended. SIGTERM/SIGINT drain tritonserver (:class:`StopSignals`: the drain flag raised,
+    then SIGTERM); before it is ready the first is a plain SIGTERM, later ones go to it as they are. The exit status
+    is its own, or non-zero after a crash loop.
     """
     parser = argparse.ArgumentParser(
         prog="python -m ofa_serving.supervisor", description=__doc__.split("\n\n")[0]
@@ -883,42 +752,25 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         _log(f"error: {exc}")
         return 2
-    # the admin APIs behind the key, inference behind OFA_API_KEY if set, gRPC over TLS if configured
-    server = CommandServer(command + model_control_flags(key, api_key)[2:] + tls)
-    server.api_key = api_key  # the supervisor's probes send it
-    from .security import write_key_file
+    from .launcher import ServerProcess
 
-    write_key_file(server.http_port, key)  # for the image's HEALTHCHECK probe (owner-only file)
-    stopping = threading.Event()
-    supervising = threading.Event()  # ready and supervised: a stop raises the drain flag first (drain)
-
-    def forward(signum, _frame):
-        first = not stopping.is_set()
-        stopping.set()
-        if server.process is None or server.process.poll() is not None:
-            return
-        if first and supervising.is_set():
-            _log(f"{signal.Signals(signum).name}: draining tritonserver (pid {server.pid})")
-            drain(server)
-            _log(
-                "raised the drain flag (new requests refused with UNAVAILABLE) and sent SIGTERM: in-flight requests finish"
-            )
-        else:
-            server.process.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    # the admin APIs behind the key, inference behind OFA_API_KEY if set, gRPC over TLS if configured; its start
+    # writes the key file that the image's HEALTHCHECK probe reads (owner-only); the supervisor's probes send both keys
+    server = ServerProcess.from_command(
+        command + model_control_flags(key, api_key)[2:] + tls, admin_key=key, api_key=api_key
+    )
+    stop = StopSignals(server, _log, second_kills=False).install()
     server.start()
-    while server.process.poll() is None and not stopping.is_set() and not server.is_ready():
+    while server.process.poll() is None and not stop.requested() and not server.is_ready():
         time.sleep(1)
-    if server.process.poll() is not None or stopping.is_set():
+    if server.process.poll() is not None or stop.requested():
         code = server.process.wait()
-        if not stopping.is_set():
+        if not stop.requested():
             _log(f"tritonserver (pid {server.pid}) {describe_exit(code)} before it was ready")
         server.stop(timeout=0)
         return exit_status(code)
-    supervising.set()
-    return run_supervised(server, key, stopping.is_set, settings)
+    stop.supervising = True
+    return run_supervised(server, key, stop.requested, settings)
 
 
 if __name__ == "__main__":

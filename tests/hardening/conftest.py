@@ -33,9 +33,9 @@ from pathlib import Path
 import pytest
 
 from load_tests.loadlib import settled_metrics
-from load_tests.reliabilitylib import stub_processes
 from load_tests.testkit.servers import metric_sum, parse_metrics, running, started
 from ofa_serving.launcher import TritonServer, default_model_repository
+from ofa_serving.processes import stub_processes
 from ofa_serving.supervisor import Supervisor, new_admin_key
 
 READY_TIMEOUT_S = 600  # model load + warm-up on a busy 2-core machine
@@ -283,7 +283,7 @@ def queue_server(demo_checkpoint, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def stub_pids(server: TritonServer) -> dict[str, int]:
+def stub_pid_by_model(server: TritonServer) -> dict[str, int]:
     """``{"preprocess": pid, "ofa": pid}``: the live stub of each model (one instance each)."""
     stubs = stub_processes(server.pid)
     out = {s.model: s.pid for s in stubs}

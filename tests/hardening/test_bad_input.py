@@ -27,7 +27,7 @@ from load_tests.testkit.parity import same_results
 from ofa_captioning.images import ImageDecodeError, load_image
 
 from . import inputs
-from .conftest import FAST, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, models_ready, png, stub_pids
+from .conftest import FAST, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, models_ready, png, stub_pid_by_model
 
 pytestmark = pytest.mark.integration
 
@@ -143,10 +143,10 @@ def build_cases() -> dict[str, Case]:
 def burst(hardened_server):
     """Every case at once; the outcomes, and the server's state before and after."""
     cases = build_cases()
-    before = {"stubs": stub_pids(hardened_server), "ready": models_ready(hardened_server)}
+    before = {"stubs": stub_pid_by_model(hardened_server), "ready": models_ready(hardened_server)}
     requests = [caption_inputs(grpcclient, c.images, **c.settings) for c in cases.values()]
     outcomes = fire(hardened_server.grpc_address, requests, timeout_s=480)
-    after = {"stubs": stub_pids(hardened_server), "ready": models_ready(hardened_server)}
+    after = {"stubs": stub_pid_by_model(hardened_server), "ready": models_ready(hardened_server)}
     return {
         "cases": cases,
         "outcomes": dict(zip(cases, outcomes, strict=True)),
@@ -207,7 +207,7 @@ def test_a_30000x30000_png_bomb_is_refused_from_its_header(hardened_server):
     """110 KB on the wire, 900 M pixels: refused in well under a second, without the stub allocating its pixels."""
     bomb = inputs.png_bomb(30000, 30000)
     assert len(bomb) < 200_000
-    stub = stub_pids(hardened_server)["preprocess"]
+    stub = stub_pid_by_model(hardened_server)["preprocess"]
     peak_before = _peak_rss(stub)
     (outcome,) = fire(hardened_server.grpc_address, [caption_inputs(grpcclient, [bomb], **FAST)])
     assert outcome.status == INVALID, outcome
@@ -218,7 +218,7 @@ def test_a_30000x30000_png_bomb_is_refused_from_its_header(hardened_server):
         f"\n{len(bomb)}-byte PNG bomb refused in {outcome.latency_s:.3f} s, peak RSS +{growth / 2**20:.1f} MB"
     )
     assert growth < 100 * 2**20, f"the preprocess stub's peak RSS grew by {growth / 2**20:.0f} MB"
-    assert stub_pids(hardened_server)["preprocess"] == stub and rss_bytes(stub)
+    assert stub_pid_by_model(hardened_server)["preprocess"] == stub and rss_bytes(stub)
 
 
 def _peak_rss(pid: int) -> int:
@@ -310,7 +310,7 @@ def test_wrong_dtype_or_shape_sent_to_caption_is_invalid_argument(hardened_serve
 
 def test_the_server_still_serves_after_all_of_the_above(hardened_server, burst):
     assert models_ready(hardened_server) == dict.fromkeys(["server", "caption", "preprocess", "ofa"], True)
-    assert stub_pids(hardened_server) == burst["before"]["stubs"]
+    assert stub_pid_by_model(hardened_server) == burst["before"]["stubs"]
     data = png(59, 45, seed=int(time.time()))
     (outcome,) = fire(hardened_server.grpc_address, [caption_inputs(grpcclient, [data], **FAST)])
     assert outcome.ok, outcome

@@ -28,11 +28,20 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from load_tests.reliabilitylib import caption_inputs, fire, is_running
+from load_tests.reliabilitylib import caption_inputs, fire
 from ofa_serving.launcher import TritonServer
 from ofa_serving.probe import probe_server
+from ofa_serving.processes import is_running, stub_shm_pool
 
-from .conftest import FAST, fresh_seed, model_metric, models_ready, png, stub_pids, wait_until_preprocessed
+from .conftest import (
+    FAST,
+    fresh_seed,
+    model_metric,
+    models_ready,
+    png,
+    stub_pid_by_model,
+    wait_until_preprocessed,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -54,12 +63,8 @@ def _load_in_background(server: TritonServer, count: int) -> tuple[threading.Thr
 
 def _shm_region(pid: int) -> Path | None:
     """The /dev/shm file of a stub's shared-memory pool (named on its command line)."""
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    names = [a.decode() for a in args if a.startswith(b"triton_python_backend_shm_region_")]
-    return Path("/dev/shm") / names[0] if names else None
+    pools = stub_shm_pool(pid)
+    return Path(pools.pop()) if pools else None
 
 
 def _one_caption(server: TritonServer):
@@ -71,7 +76,7 @@ def _one_caption(server: TritonServer):
 
 def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(queue_server):
     server = queue_server.get()
-    stubs = stub_pids(server)
+    stubs = stub_pid_by_model(server)
     assert probe_server(server.http_url, headers=server.admin_headers).ok
     backend_failures = model_metric(
         server, "nv_inference_request_failure", "ofa", settled=True, reason="BACKEND"
@@ -100,7 +105,10 @@ def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(
     deadline = time.monotonic() + 30
     while is_running(stubs["ofa"]) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "ofa" not in stub_pids(server) and stub_pids(server)["preprocess"] == stubs["preprocess"]
+    assert (
+        "ofa" not in stub_pid_by_model(server)
+        and stub_pid_by_model(server)["preprocess"] == stubs["preprocess"]
+    )
     assert models_ready(server) == dict.fromkeys(["server", "caption", "preprocess", "ofa"], True), (
         "Triton now reports the dead stub: update docs/reliability.md (stub failure) and this test"
     )
@@ -109,7 +117,7 @@ def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(
         assert later.status == "StatusCode.INTERNAL" and NOT_HEALTHY in later.message, later
         assert later.latency_s < 10
         time.sleep(1)
-    assert "ofa" not in stub_pids(server), (
+    assert "ofa" not in stub_pid_by_model(server), (
         "Triton restarted the stub: update docs/reliability.md and this test"
     )
 
@@ -128,7 +136,7 @@ def test_ofa_stub_killed_during_load_fails_requests_fast_and_a_restart_recovers(
         print(f"\n{region} was left behind by the killed stub ({region.stat().st_size} bytes); removed")
         region.unlink()
     assert probe_server(server.http_url, headers=server.admin_headers).ok
-    assert stub_pids(server)["ofa"] != stubs["ofa"]
+    assert stub_pid_by_model(server)["ofa"] != stubs["ofa"]
     recovered = _one_caption(server)
     assert recovered.ok, recovered
 

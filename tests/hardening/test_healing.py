@@ -36,7 +36,8 @@ import yaml
 from load_tests.reliabilitylib import Outcome, caption_inputs, fire
 from ofa_serving.launcher import TritonServer, default_model_repository
 from ofa_serving.probe import probe_server
-from ofa_serving.supervisor import Supervisor, new_admin_key, stub_pids
+from ofa_serving.processes import stub_pids
+from ofa_serving.supervisor import Supervisor, new_admin_key
 
 from .conftest import FAST, fresh_seed, png, supervised, wait_for
 

@@ -129,7 +129,7 @@ def test_32_images_just_under_the_pixel_limit_at_once_stay_within_bounded_memory
     import tritonclient.grpc as grpcclient
 
     from load_tests.reliabilitylib import fire, memory_status
-    from ofa_serving.supervisor import stub_pids
+    from ofa_serving.processes import stub_pids
 
     from .conftest import MAX_IMAGE_PIXELS
 

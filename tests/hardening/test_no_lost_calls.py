@@ -34,7 +34,7 @@ import pytest
 from client import CaptionClient, CaptionError, InvalidInputError, ServerUnavailableError
 from ofa_serving.launcher import free_ports
 from ofa_serving.probe import server_ready
-from ofa_serving.supervisor import stub_pids
+from ofa_serving.processes import stub_pids
 
 from .conftest import FAST, fresh_seed, model_metric, png, wait_for
 from .test_server_restart import (

@@ -30,7 +30,7 @@ from .conftest import (
     model_metric,
     models_ready,
     png,
-    stub_pids,
+    stub_pid_by_model,
     wait_until_preprocessed,
 )
 
@@ -102,7 +102,7 @@ def burst(queue_server):
     ``infer``.
     """
     server = queue_server.get()
-    before = {"stubs": stub_pids(server)}
+    before = {"stubs": stub_pid_by_model(server)}
     seed = fresh_seed()
     # `ofa` first starts one slow batch (16 images at the checkpoint's default settings, seconds on CPU); the burst
     # arrives while it runs, so 4 raw requests wait in `ofa`'s queue until it ends and the clients' first attempts
@@ -191,7 +191,7 @@ def burst(queue_server):
         "clients": client_results,
         "attempts": [(i, p, t - start, s) for i, p, t, s in attempts],
         "before": before,
-        "after": {"stubs": stub_pids(server), "ready": models_ready(server)},
+        "after": {"stubs": stub_pid_by_model(server), "ready": models_ready(server)},
     }
 
 

@@ -30,6 +30,7 @@ from ofa_serving import launcher as launcher_module
 from ofa_serving import security as security_module
 from ofa_serving import serve as serve_module
 from ofa_serving.launcher import ServerStartError, TritonServer, find_triton, free_port
+from ofa_serving.processes import stub_pids
 from ofa_serving.security import (
     ADMIN_APIS,
     CVES,
@@ -42,7 +43,6 @@ from ofa_serving.security import (
     write_key_file,
 )
 from ofa_serving.settings import SecuritySettings, ServerSettings, SettingsError, load_settings
-from ofa_serving.supervisor import stub_pids
 
 from .conftest import API_KEY, FAST, fresh_seed, models_ready, png
 

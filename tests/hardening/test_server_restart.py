@@ -34,7 +34,8 @@ import tritonclient.grpc as grpcclient
 
 from load_tests.reliabilitylib import caption_inputs, fire
 from ofa_serving.launcher import TritonServer, free_ports
-from ofa_serving.supervisor import CrashLoop, child_processes, describe_exit, exit_status
+from ofa_serving.processes import child_processes, cmdline, is_running, shm_pools
+from ofa_serving.supervisor import CrashLoop, describe_exit, exit_status
 
 from .conftest import FAST, fresh_seed, png, wait_for
 
@@ -81,7 +82,7 @@ class Supervised:
             what += " (a tritonserver with CVE-2025-23310 fixed, 25.07 or newer, survives the request)"
         else:
             os.kill(pid, sig)
-        wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 60, what)
+        wait_for(lambda: not is_running(pid), 60, what)
         return time.monotonic()
 
     def restarted(self, old: int, since: float) -> tuple[int, float]:
@@ -89,7 +90,7 @@ class Supervised:
         new = wait_for(lambda: (p := self.server_pid()) not in (None, old) and p, 30, "a new tritonserver")
         started = time.monotonic() - since
         assert started <= RESTART_BOUND_S, f"restarted {started:.1f} s after the crash\n{self.text()[-3000:]}"
-        args = Path(f"/proc/{new}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        args = cmdline(new)
         assert f"--http-port={self.http_port}" in args  # the same ports
         return new, started
 
@@ -120,20 +121,6 @@ class Supervised:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def _shm_pools(pid: int) -> set[str]:
-    """The Python backend's shared-memory pools that process ``pid`` maps (one per stub)."""
-    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    return {line.split()[-1] for line in maps if "/dev/shm/triton_python_backend_shm_region_" in line}
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2 :].split()[0] in ("Z", "X")
 
 
 def _chunked_request(port: int) -> None:
@@ -238,7 +225,7 @@ def _supervisor_lines(text: str) -> str:
 def _crash_and_recover(sup: Supervised, sig: signal.Signals | None, expected: str) -> None:
     before = sup.counters()
     old = wait_for(sup.server_pid, 30, "one tritonserver")
-    pools = _shm_pools(old)
+    pools = shm_pools(old)
     assert len(pools) == 2, pools  # preprocess and ofa
     crashed = sup.crash(old, sig)
     new, started = sup.restarted(old, crashed)
@@ -277,7 +264,7 @@ def test_a_requested_stop_exits_cleanly_and_is_not_restarted(served):
     crashes = served.counters()["server_crashes"]
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(60) == 0, served.text()[-3000:]
-    assert not Path(f"/proc/{old}").exists() or _zombie(old)
+    assert not is_running(old)
     assert served.counters()["server_crashes"] == crashes
     assert "started again" not in served.text().split("SIGTERM: stopping tritonserver")[-1]
 

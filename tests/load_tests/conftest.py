@@ -17,21 +17,18 @@ def load_server(
     request: pytest.FixtureRequest, demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ):
     """A ready tritonserver serving the demo checkpoint, as a ``loadlib.ServerHandle``."""
-    from load_tests.loadlib import ServerHandle, ensure_server
-    from ofa_serving.launcher import free_ports
+    from load_tests.loadlib import ServerHandle
+    from load_tests.testkit.servers import running
+    from ofa_serving.launcher import TritonServer
 
     try:
         shared = request.getfixturevalue("triton_server")
     except pytest.FixtureLookupError:
         shared = None
     if shared is not None:
-        host = "127.0.0.1" if shared.host in ("", "0.0.0.0") else shared.host
-        yield ServerHandle(host, shared.http_port, shared.grpc_port, shared.metrics_port, started=False)
+        yield ServerHandle.of(shared, started=False)
         return
-    http_port, grpc_port, metrics_port = free_ports(3)
     log_file = tmp_path_factory.mktemp("load-server") / "tritonserver.log"
-    with ensure_server(
-        "127.0.0.1", http_port, grpc_port, metrics_port, model_dir=demo_checkpoint, log_file=log_file
-    ) as server:
-        assert server.started, "a server already answered on ports that were free a moment ago"
-        yield server
+    server = TritonServer.on_free_ports(model_dir=demo_checkpoint, log_file=log_file)
+    with running(server):
+        yield ServerHandle.of(server)

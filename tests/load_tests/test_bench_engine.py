@@ -1,11 +1,13 @@
-"""bench_engine's profile and arithmetic floor, without the reference timing run."""
+"""bench_engine's measurement, profile, arithmetic floor and report, without the reference timing run."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 
-from load_tests import bench_engine
+from load_tests import bench_engine, engine_profile
 
 
 def _row(dtype: str, batch: int, reference_s: float, engine_s: float) -> dict:
@@ -87,7 +89,7 @@ def test_beam_profile_tells_the_output_projection_from_the_layers(demo_checkpoin
         hyps = beam_search(model, enc, settings)
     steps = max(len(h.tokens) for h in hyps[0])  # as stage_profile counts them
 
-    rows = {r["family"]: r for r in bench_engine._beam_op_profile(model, enc, settings, steps)}
+    rows = {r["family"]: r for r in engine_profile.beam_op_profile(model, enc, settings, steps)}
 
     layers = model.config.decoder_layers
     # One projection per step; per layer and step: self q|k|v and out, cross q and out, fc1 and fc2 (plus, once
@@ -152,3 +154,51 @@ def test_the_kept_memory_pass_gets_its_own_table():
     first, kept = text.split("freed memory kept for reuse")
     assert "**10.50x**" in first and "**5.50x**" not in first
     assert "**5.50x**" in kept
+
+
+def test_timed_calls_stops_at_the_time_bound_after_the_least_calls():
+    calls = []
+
+    def slow(chunk):
+        calls.append(chunk)
+        time.sleep(0.02)
+        return [f"cap {x}" for x in chunk]
+
+    bounded = bench_engine.timed_calls(
+        {"engine": slow}, [[i, i] for i in range(50)], seconds=0.01, min_calls=3
+    )
+
+    assert bounded.calls == 3 and calls == [[0, 0], [1, 1], [2, 2]]
+    side = bounded.sides["engine"]
+    assert side.images == 6 and side.outputs[:2] == ["cap 0", "cap 0"] and len(side.latencies) == 3
+    assert bounded.wall_s >= side.seconds >= 0.06
+
+    unbounded = bench_engine.timed_calls({"engine": slow}, [[i] for i in range(4)])
+    assert unbounded.calls == 4 and unbounded.sides["engine"].images == 4
+
+
+def test_the_tool_refuses_more_images_than_the_corpus_has(tmp_path, capsys, monkeypatch):
+    from load_tests.testkit import images
+
+    corpus = images.image_corpus()
+    monkeypatch.setattr(
+        "load_tests.testkit.reference.Reference", lambda *a: pytest.fail("loaded the reference")
+    )
+
+    code = bench_engine.main(["--images", str(len(corpus) + 1), "--results-dir", str(tmp_path)])
+
+    assert code == 2 and f"--images: the corpus has {len(corpus)} images" in capsys.readouterr().err
+    assert not (tmp_path / "bench_engine.json").exists()
+
+
+def test_json_names_where_the_report_goes():
+    from pathlib import Path
+
+    from load_tests import tool
+
+    args = tool.parse_args(bench_engine.TOOL, ["--json", "/tmp/x/engine.json"])
+    assert (args.results_dir, args.name) == (Path("/tmp/x"), "engine")
+    default = tool.parse_args(bench_engine.TOOL, [])
+    assert default.name == "bench_engine" and default.json is None
+    to_stdout = tool.parse_args(bench_engine.TOOL, ["--json", "-"])
+    assert to_stdout.json == "-" and to_stdout.name == "bench_engine"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import http.server
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,9 @@ import pytest
 from PIL import Image
 
 from load_tests import bench, bench_report, bench_served, run_load_test
-from load_tests.loadlib import REPO_ROOT, UniqueImages, latency_summary, model_metrics_delta, parse_metrics
+from load_tests.corpus import UniqueImages
+from load_tests.loadlib import REPO_ROOT, latency_summary, model_metrics_delta
+from load_tests.testkit.servers import parse_metrics
 
 
 def _encoded(fmt: str, seed: int) -> bytes:
@@ -320,3 +324,72 @@ def test_a_tool_without_its_packages_names_the_make_target_in_one_line(capsys, m
     with pytest.raises(ModuleNotFoundError):
         run_tool(broken_own_import)
     assert run_tool(lambda: 0, "json") == 0
+
+
+class _Ready(http.server.BaseHTTPRequestHandler):
+    """Answers Triton's readiness call with 200 (and anything else with 404)."""
+
+    def do_GET(self):
+        self.send_response(200 if self.path == "/v2/health/ready" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_tool_uses_the_server_answering_on_its_port_and_never_starts_one_with_no_start(tmp_path):
+    from load_tests import burst
+    from load_tests.loadlib import server_from_args
+    from ofa_serving.launcher import free_ports
+
+    answering = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
+    threading.Thread(target=answering.serve_forever, daemon=True).start()
+    port = answering.server_address[1]
+    ports = ["--grpc-port", "1", "--metrics-port", "2", "--results-dir", str(tmp_path), "--no-start"]
+    try:
+        with server_from_args(burst.parse_args(["--http-port", str(port), *ports])) as server:
+            assert (server.started, server.pid, server.http_url) == (False, None, f"http://127.0.0.1:{port}")
+            assert server.ready()
+    finally:
+        answering.shutdown()
+        answering.server_close()
+
+    (silent,) = free_ports(1)
+    with (
+        pytest.raises(RuntimeError, match="starting one was not asked"),
+        server_from_args(burst.parse_args(["--http-port", str(silent), *ports])),
+    ):
+        pass
+    assert list(tmp_path.iterdir()) == []  # no server log: nothing was started
+
+
+def test_bad_options_are_refused_with_exit_2_before_any_server_starts(tmp_path, capsys):
+    from load_tests import soak
+
+    no_server = ["--no-start", "--http-port", "1", "--results-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as refused:
+        soak.main(["--seconds", "20", *no_server])
+    assert refused.value.code == 2 and "two 30 s windows after the warm-up" in capsys.readouterr().err
+
+    assert run_load_test.main(["--steps", "0,2", *no_server]) == 2
+    assert "user steps must be positive integers" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no report, no server log
+
+
+def test_load_test_checks_name_each_expectation_and_the_reasons_follow_them():
+    summary = {"total": {"requests": 10, "failures": 2, "p95_ms": 1500.0}}
+
+    checks = run_load_test.load_checks(summary, max_p95_ms=1000, locust_rc=1)
+
+    assert {name: ok for name, ok, _ in checks} == {
+        "locust exited with 0": False,
+        "requests were sent": True,
+        "no failed request": False,
+        "p95 within 1000 ms": False,
+    }
+    assert run_load_test.verdict(summary, 1000, 1) == [
+        "locust exited with 1",
+        "2 of 10 requests failed",
+        "p95 1500 ms is over the bound of 1000 ms",
+    ]

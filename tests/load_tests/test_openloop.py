@@ -200,7 +200,7 @@ def bench_inputs(tmp_path, demo_checkpoint):
 
 
 def _fake_phases(monkeypatch, served_rate: float):
-    monkeypatch.setattr(bench, "bench_engine", lambda model_dir, images, args: _rows())
+    monkeypatch.setattr(bench, "engine_phases", lambda model_dir, images, args: _rows())
     served = [
         bench_report.phase_result(
             "served", "c8", [2.1] * 8, 8, 8 / served_rate, concurrency=8, failures=0, cache_hits=0
@@ -221,25 +221,28 @@ def test_bench_exits_non_zero_when_a_target_is_missed(
 
     assert bench.main([*bench_inputs, "--reference-images", "0", *extra]) == code
 
-    err = capsys.readouterr().err
-    if served_rate < 3.6:
-        assert "FAIL: targets missed: served c8 images/s >= 90% of engine best" in err
-    else:
-        assert "PASS: every target met (3 checked)" in err
+    out = capsys.readouterr().out
+    c8 = "served c8 images/s >= 90% of engine best"
+    assert (f"[FAIL] {c8}" in out) == (served_rate < 3.6) and (f"[ok] {c8}" in out) == (served_rate >= 3.6)
+    assert out.count("[ok] ") + out.count("[FAIL] ") == 3  # the targets the phases allow
 
 
-def test_open_loop_without_the_engine_needs_its_rates_and_bound_up_front(capsys):
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--skip-engine", "--open-loop-rates", "1"])
-    assert "--open-loop-p99-ms" in capsys.readouterr().err
+def test_open_loop_without_the_engine_needs_its_rates_and_bound_up_front(monkeypatch, capsys, bench_inputs):
+    ran = []
+    monkeypatch.setattr(bench, "reference_phase", lambda *a: ran.append("reference") or [])
+    assert bench.main([*bench_inputs, "--skip-engine", "--open-loop-rates", "1"]) == 2
+    assert not ran and "--open-loop-p99-ms" in capsys.readouterr().err
     args = bench.parse_args(["--skip-engine", "--open-loop-rates", "1", "--open-loop-p99-ms", "900"])
-    assert (args.open_loop_rates, args.open_loop_p99_ms) == ("1", 900.0)
-    assert bench.parse_args(["--skip-engine", "--skip-open-loop"]).skip_open_loop
+    assert bench.check_arguments(args) is None and (args.open_loop_rates, args.open_loop_p99_ms) == (
+        "1",
+        900.0,
+    )
+    assert bench.check_arguments(bench.parse_args(["--skip-engine", "--skip-open-loop"])) is None
 
 
-def test_bench_says_when_no_target_could_be_checked(monkeypatch, capsys, bench_inputs):
-    assert bench.main([*bench_inputs, "--reference-images", "0", "--skip-engine", "--skip-served"]) == 0
-    assert "no target checked" in capsys.readouterr().err
+def test_bench_fails_when_no_target_could_be_checked(monkeypatch, capsys, bench_inputs):
+    assert bench.main([*bench_inputs, "--reference-images", "0", "--skip-engine", "--skip-served"]) == 1
+    assert "no check ran" in capsys.readouterr().out
 
 
 def test_gpu_bench_refuses_clearly_without_cuda(monkeypatch, capsys, bench_inputs):
@@ -247,14 +250,16 @@ def test_gpu_bench_refuses_clearly_without_cuda(monkeypatch, capsys, bench_input
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ran = []
-    monkeypatch.setattr(bench, "bench_engine", lambda *a: ran.append("engine") or [])
+    monkeypatch.setattr(bench, "engine_phases", lambda *a: ran.append("engine") or [])
     monkeypatch.setattr(bench, "bench_served", lambda *a: ran.append("served") or ([], {}, None))
 
     code = bench.main([*bench_inputs, "--device", "cuda", "--dtype", "float16"])
 
-    assert code == bench.EXIT_NO_DEVICE == 2 and ran == []
+    assert code == 2 and ran == []
     err = capsys.readouterr().err
-    assert "FAIL: --device cuda" in err and "sees no CUDA device" in err and "Nothing was run" in err
+    assert (
+        "bench: refused: --device cuda" in err and "sees no CUDA device" in err and "Nothing was run" in err
+    )
 
 
 def test_gpu_bench_runs_the_started_server_on_cuda_too(monkeypatch):

@@ -145,3 +145,36 @@ def test_grpc_tls_from_the_environment(tmp_path):
     )
     assert "--grpc-use-ssl-mutual=true" in mutual.command()
     assert f"--grpc-root-cert={tmp_path / 'ca.pem'}" in mutual.command()
+
+
+def test_a_server_from_a_command_reads_its_endpoints_from_the_flags():
+    from ofa_serving.launcher import ServerProcess
+
+    command = ["tritonserver", "--http-port=9100", "--grpc-port", "9101", "--exit-timeout-secs=12"]
+    server = ServerProcess.from_command(command, admin_key="k" * 20, api_key="a" * 20)
+    assert server.command() == command and server.pid is None
+    assert (server.http_url, server.grpc_address) == ("http://127.0.0.1:9100", "127.0.0.1:9101")
+    assert server.metrics_url == "http://127.0.0.1:8002/metrics" and server.exit_timeout_secs == 12
+    assert server.admin_headers == {"ofa-admin-key": "k" * 20} and server.api_headers == {
+        "ofa-api-key": "a" * 20
+    }
+    assert server.environment()["OFA_DRAIN_FILE"] == str(server.drain_file) and not server.grpc_tls
+    plain = ServerProcess.from_command(["tritonserver", "--grpc-use-ssl=true"])
+    assert plain.http_port == 8000 and plain.exit_timeout_secs == 30 and plain.admin_headers == {}
+    assert plain.grpc_tls
+
+
+def test_a_server_from_a_command_runs_stops_and_can_start_again(tmp_path):
+    from ofa_serving.launcher import ServerProcess
+    from ofa_serving.processes import is_running
+
+    command = [sys.executable, "-c", "import time; time.sleep(60)", f"--http-port={free_ports(1)[0]}"]
+    server = ServerProcess.from_command(command)
+    first = server.start().pid
+    assert is_running(first) and not server.is_ready()  # nothing answers HTTP
+    assert server.stop(timeout=5) == -15 and not is_running(first)
+    second = server.start().pid
+    assert second != first and is_running(second)
+    server.terminate()
+    assert server.wait(5) == -15
+    assert server.stop() == -15  # idempotent

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ofa_captioning.images import ImageDecodeError, load_image, preprocess_images
-from ofa_captioning.pixels import normalize_pixels
+from ofa_captioning.images import ImageDecodeError, load_image, normalize_pixels, preprocess_images
 from ofa_serving.settings import SettingsError
 
 from .conftest import init_args, load_adapter

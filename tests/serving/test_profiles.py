@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ofa_serving import profiles, repository
+from ofa_serving.model_config import instance_group, parse_config, read_config
 from ofa_serving.profiles import (
     GpuProfile,
     apply_profile,
@@ -89,28 +90,53 @@ def test_gpu_profile_changes_nothing_else(gpu_repo):
         assert without(got, *GPU_FIELDS) == without(want, *GPU_FIELDS)
 
 
-def test_every_gpu_value_carries_a_comment_and_the_header_names_the_profile(gpu_repo):
+def test_the_header_names_the_profile_and_every_value_it_sets(gpu_repo):
     out, _ = gpu_repo
-    text = (out / "ofa" / "config.pbtxt").read_text()
-    assert "# Serving profile gpu:" in text.split("\n\n")[0]
-    lines = text.splitlines()
-    for field in ("max_batch_size: 64", "max_queue_delay_microseconds: 2000", "kind: KIND_GPU", "count: 1"):
-        (i,) = [i for i, line in enumerate(lines) if line.strip() == field]
-        assert lines[i - 1].strip().startswith("# gpu profile (ofa_serving.profiles):"), field
+    header = [
+        line for line in (out / "ofa" / "config.pbtxt").read_text().splitlines() if line.startswith("#")
+    ]
+    assert header[2] == "# Serving profile gpu (ofa_serving.profiles) sets, instead of the committed values:"
+    fields = [line.removeprefix("#   ").split(" (")[0] for line in header[3:]]
+    assert fields == [
+        "max_batch_size: 64",
+        "dynamic_batching.max_queue_delay_microseconds: 2000",
+        "dynamic_batching.default_queue_policy.max_queue_size: 256",
+        "instance_group: KIND_GPU x 1",
+    ]
+    assert all(line.endswith(")") for line in header[3:])  # each with its reason
 
 
-def test_cpu_profile_is_the_committed_text():
+def test_cpu_profile_changes_nothing():
     for name in ("preprocess", "ofa", "caption"):
-        text = (MODEL_REPOSITORY / name / "config.pbtxt").read_text()
-        assert apply_profile(name, text, "cpu") == text
+        config = read_config(MODEL_REPOSITORY / name / "config.pbtxt")
+        assert apply_profile(name, config, "cpu") == []
+        assert config == read_config(MODEL_REPOSITORY / name / "config.pbtxt")
 
 
-def test_a_committed_file_of_another_shape_is_refused():
-    text = (MODEL_REPOSITORY / "ofa" / "config.pbtxt").read_text().replace("    count: 1\n", "")
-    with pytest.raises(SettingsError, match="0 `count` fields where the serving profile expects one"):
-        apply_profile("ofa", text, "gpu")
+def test_the_profile_sets_fields_whatever_the_committed_files_layout():
+    """Fields of the message, not lines of text: a config without the fields, or with them spelled another
+    way, gets the same values."""
+    bare = parse_config('backend: "python"\nmax_batch_size: 8\n')
+    apply_profile("ofa", bare, "gpu", VALUES)
+    committed_ofa = read_config(MODEL_REPOSITORY / "ofa" / "config.pbtxt")
+    apply_profile("ofa", committed_ofa, "gpu", VALUES)
+    for config in (bare, committed_ofa):
+        assert config.max_batch_size == 64
+        assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+        assert config.dynamic_batching.default_queue_policy.max_queue_size == 256
+        assert instance_group(config) == ("KIND_GPU", 1)
+    two_groups = parse_config("instance_group [ { kind: KIND_CPU count: 2 }, { kind: KIND_MODEL } ]")
+    apply_profile("preprocess", two_groups, "gpu", VALUES)
+    assert instance_group(two_groups) == ("KIND_CPU", 3)
+
+
+def test_unknown_profiles_and_models_are_refused():
+    config = read_config(MODEL_REPOSITORY / "ofa" / "config.pbtxt")
     with pytest.raises(SettingsError, match="unknown serving profile 'tpu'"):
-        apply_profile("ofa", text, "tpu")
+        apply_profile("ofa", config, "tpu")
+    with pytest.raises(SettingsError, match="no gpu profile for model 'other'"):
+        apply_profile("other", config, "gpu")
+    assert config == read_config(MODEL_REPOSITORY / "ofa" / "config.pbtxt")
 
 
 def test_preprocess_instances_follow_the_host_cores():

@@ -148,6 +148,36 @@ def test_generated_ensembles_are_wired_to_their_own_steps(two):
         assert got == want  # inputs, outputs, maps, response cache as committed
 
 
+def test_the_generated_configs_do_not_depend_on_the_committed_files_layout(two, tmp_path):
+    """Fields of Triton's message, not lines of text: the same repository from sources written on one line each,
+    without comments, in another field order."""
+    models, out, _, _ = two
+    source = tmp_path / "one-line"
+    for name in ("caption", "preprocess", "ofa"):
+        message = text_format.Parse(
+            (MODEL_REPOSITORY / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+        )
+        lines = []
+        for field, _ in reversed(message.ListFields()):
+            single = model_config_pb2.ModelConfig()
+            single.CopyFrom(message)
+            for other, _ in message.ListFields():
+                if other.name != field.name:
+                    single.ClearField(other.name)
+            lines.append(text_format.MessageToString(single, as_one_line=True))
+        (source / name / "1").mkdir(parents=True)
+        (source / name / "config.pbtxt").write_text("\n".join(lines) + "\n")
+        if name != "caption":
+            (source / name / "1" / "model.py").write_bytes(
+                (MODEL_REPOSITORY / name / "1" / "model.py").read_bytes()
+            )
+    again = generate_repository(models, tmp_path / "again", source)
+    names = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert names == sorted(p.name for p in again.iterdir() if p.is_dir())
+    for name in names:
+        assert parsed(again / name / "config.pbtxt") == parsed(out / name / "config.pbtxt")
+
+
 def test_the_adapters_load_the_generated_configs_with_their_checkpoint(two, pb, engine, monkeypatch):
     _, out, _, small = two
     monkeypatch.setenv("OFA_MODEL_DIR", "")  # what the launcher passes: empty = unset, the parameter applies

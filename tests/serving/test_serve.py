@@ -3,6 +3,7 @@ checkpoint once downloaded, the demo checkpoint as the fallback."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import types
 from pathlib import Path
@@ -113,3 +114,72 @@ def test_usage_text_shows_the_key_header_never_the_key(tmp_path):
     text = serve.usage_text(server, "real")
     assert 'curl -s -H "ofa-api-key: $CAPTION_API_KEY"' in text and "CAPTION_API_KEY" in text
     assert "the-key-0123456789" not in text
+
+
+class _Process:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.returncode = None
+
+    def poll(self):
+        return self.returncode
+
+    def kill(self) -> None:
+        self.sent.append("SIGKILL")
+
+    def send_signal(self, signum) -> None:
+        self.sent.append(signal.Signals(signum).name)
+
+
+class _Server:
+    pid, exit_timeout_secs = 4242, 30
+
+    def __init__(self, tmp_path) -> None:
+        self.process = _Process()
+        self.drain_file = tmp_path / "draining"
+
+    def terminate(self) -> None:
+        self.process.sent.append("SIGTERM")
+
+
+@pytest.mark.parametrize("second_kills", [True, False])
+def test_stop_signals_drain_once_supervised_then_kill_or_pass_on(tmp_path, second_kills):
+    from ofa_serving.supervisor import StopSignals
+
+    lines: list[str] = []
+    server = _Server(tmp_path)
+    stop = StopSignals(server, lines.append, second_kills=second_kills)
+    assert not stop.requested()
+    stop.supervising = True
+    stop(signal.SIGINT)
+    assert stop.requested() and server.drain_file.exists() and server.process.sent == ["SIGTERM"]
+    assert lines[0].startswith("SIGINT: stopping tritonserver (pid 4242) gracefully")
+    stop(signal.SIGINT)
+    assert server.process.sent[1:] == (["SIGKILL"] if second_kills else ["SIGINT"])
+
+
+def test_stop_signals_before_supervision_terminate_without_the_drain_flag(tmp_path):
+    from ofa_serving.supervisor import StopSignals
+
+    server = _Server(tmp_path)
+    stop = StopSignals(server, lambda line: None, second_kills=True)
+    stop(signal.SIGTERM)
+    assert server.process.sent == ["SIGTERM"] and not server.drain_file.exists()
+    server.process.returncode = 0  # exited: later signals have nothing to reach
+    stop(signal.SIGTERM)
+    assert server.process.sent == ["SIGTERM"] and stop.count == 2
+
+
+def test_help_describes_the_command_and_starts_nothing(capsys):
+    with pytest.raises(SystemExit) as stop:
+        serve.main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "python -m ofa_serving.serve" in out and "OFA_MODEL_DIR" in out
+
+
+def test_an_unknown_option_is_refused_before_anything_starts(capsys):
+    with pytest.raises(SystemExit) as stop:
+        serve.main(["--model", "x"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err

@@ -21,15 +21,17 @@ from ofa_serving.backend_utils import (
     RequestCancelled,
     cancelled,
     check_tensor_dims,
+    generation_settings,
     input_array,
     model_config_dict,
     optional_int_rows,
     responses,
 )
-from ofa_serving.batching import RequestError, run_batched
+from ofa_serving.batching import run_batched
 from ofa_serving.nbest import n_best_arrays, pad_captions, request_num_captions
 from ofa_serving.profiles import instance_device, warmup_batch_sizes
 from ofa_serving.settings import OFASettings, load_settings, resolve_dtype
+from ofa_serving.tensors import PIXEL_VALUES, pixel_values
 
 
 class TritonPythonModel:
@@ -50,8 +52,8 @@ class TritonPythonModel:
         size = self.captioner.patch_image_size
         check_tensor_dims(
             config,
-            "pixel_values",
-            [3, size, size],
+            PIXEL_VALUES.name,
+            pixel_values(size).dims,
             f"the checkpoint {settings.model_dir} (patch_image_size {size})",
         )
         self.max_beam_tokens = settings.max_beam_tokens
@@ -97,20 +99,8 @@ class TritonPythonModel:
                     input_array(pb_utils, request, "num_captions", optional=True), rows, "num_captions"
                 )
             )
-            keys, counts = [], []
-            for beam, length in zip(beams, lengths, strict=True):
-                try:
-                    keys.append(self.captioner.validate_settings(beam, length))
-                    counts.append(self.captioner.validate_num_captions(wanted, keys[-1][0]))
-                except ValueError as exc:
-                    raise RequestError(str(exc)) from exc
-                cost = keys[-1][0] * keys[-1][1]
-                if cost > self.max_beam_tokens:
-                    raise RequestError(
-                        f"beam_size x max_length = {keys[-1][0]} x {keys[-1][1]} = {cost} is over this server's "
-                        f"limit of {self.max_beam_tokens} (setting OFA_MAX_BEAM_TOKENS / max_beam_tokens)"
-                    )
-            return list(zip(keys, zip(pixels, counts, strict=True), strict=True))
+            settings = generation_settings(self.captioner, beams, lengths, wanted, self.max_beam_tokens)
+            return [(key, (row, n)) for (key, n), row in zip(settings, pixels, strict=True)]
         except Exception as exc:  # noqa: BLE001 - becomes this request's error response
             return exc
 

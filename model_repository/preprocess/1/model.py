@@ -1,5 +1,5 @@
 """Triton adapter `preprocess`: encoded image bytes -> ``pixel_values`` [3, S, S] uint8 (resized RGB; `ofa`
-normalizes them on the model's device, ``ofa_captioning.pixels``).
+normalizes them on the model's device).
 
 A thin adapter over ``ofa_captioning.images`` (the same function the engine and the tests use). The images
 of one execute() are decoded one at a time and each is reduced to its pixel tensor at once, so that at most one
@@ -15,8 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ofa_captioning.config import load_task_config
-from ofa_captioning.images import ImageDecodeError
-from ofa_captioning.pixels import resized_pixels
+from ofa_captioning.images import ImageDecodeError, resized_pixels
 from ofa_serving.backend_utils import (
     RequestCancelled,
     cancelled,
@@ -29,6 +28,7 @@ from ofa_serving.backend_utils import (
 from ofa_serving.batching import RequestError, run_batched
 from ofa_serving.payloads import PayloadError, decode_image_payload
 from ofa_serving.settings import PreprocessSettings, load_settings
+from ofa_serving.tensors import PIXEL_VALUES, pixel_values
 
 
 class TritonPythonModel:
@@ -43,8 +43,8 @@ class TritonPythonModel:
         self.size = task.patch_image_size
         check_tensor_dims(
             config,
-            "pixel_values",
-            [3, self.size, self.size],
+            PIXEL_VALUES.name,
+            pixel_values(self.size).dims,
             f"the checkpoint {self.settings.model_dir} (patch_image_size {self.size})",
         )
         pb_utils.Logger.log_info(
