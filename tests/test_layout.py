@@ -11,11 +11,11 @@
 from __future__ import annotations
 
 import ast
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT_DIRS = ("src", "client", "model_repository")
@@ -47,6 +47,29 @@ def test_the_product_never_imports_the_harness():
         for path in python_files(*PRODUCT_DIRS)
         for line, module in imported_modules(path)
         if module.split(".")[0] in HARNESS_PACKAGES
+    ]
+    assert offenders == []
+
+
+#: The project packages each part of the product may import besides its own (docs/architecture.md's table).
+ALLOWED_IMPORTS = {
+    "src/ofa_captioning": set(),
+    "src/ofa_serving": {"ofa_captioning"},
+    "src/ofa_eval": {"client", "ofa_captioning"},
+    "client": set(),
+    "model_repository": {"ofa_serving", "ofa_captioning"},
+}
+PROJECT_PACKAGES = PRODUCT_PACKAGES | HARNESS_PACKAGES
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED_IMPORTS))
+def test_each_part_of_the_product_imports_only_what_the_layout_allows(folder):
+    own = Path(folder).name
+    offenders = [
+        f"{path.relative_to(REPO)}:{line} imports {module}"
+        for path in python_files(folder)
+        for line, module in imported_modules(path)
+        if module.split(".")[0] in PROJECT_PACKAGES - {own} - ALLOWED_IMPORTS[folder]
     ]
     assert offenders == []
 
@@ -126,3 +149,30 @@ def test_the_locustfile_needs_only_the_client_and_the_corpus():
                 todo.append(REPO / (module.replace(".", "/") + ".py"))
     assert "load_tests.corpus" in seen and "client" in reached
     assert not reached & {"ofa_serving", "ofa_captioning", "ofa_eval", "torch"}
+
+
+def test_the_architecture_page_names_every_module():
+    """docs/architecture.md shows the tree as it is: every module of the product and the harness has its line."""
+    page = (REPO / "docs" / "architecture.md").read_text()
+    missing = [
+        str(path.relative_to(REPO))
+        for path in python_files("src", "client", "load_tests")
+        if path.stem not in ("__init__", "__main__")
+        and f"`{path.stem}`" not in page
+        and f"`{path.parent.name}.{path.stem}`" not in page
+    ]
+    assert missing == []
+
+
+def test_no_regular_expression_edits_a_model_configuration():
+    """Configs change through ``ofa_serving.model_config`` (Triton's ModelConfig message), never by substitution:
+    no product module that handles ``config.pbtxt`` calls a regular expression's ``sub``."""
+    handlers = [p for p in python_files(*PRODUCT_DIRS) if "pbtxt" in p.read_text()]
+    assert REPO / "src" / "ofa_serving" / "model_config.py" in handlers
+    offenders = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for path in handlers
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in ("sub", "subn")
+    ]
+    assert offenders == []

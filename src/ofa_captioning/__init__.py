@@ -4,9 +4,24 @@
 >>> captioner = Captioner.from_pretrained("checkpoints/ofa-tiny-demo")
 >>> captioner.caption([image_bytes])  # [Caption(text=..., score=...)]
 
-Modules: ``config`` (config.json/configuration.json), ``checkpoint`` (weights), ``model`` (the network),
-``generate`` (beam search), ``captioner`` (the API), ``tokenizer``, ``preprocess``, ``demo_checkpoint``,
-``download``. Attributes below are imported lazily, so ``import ofa_captioning.images`` stays light.
+Modules:
+
+* ``captioner`` - the API: :class:`Captioner` (checkpoint directory in, captions out) and :class:`Caption`;
+* ``config`` - config.json (network hyper-parameters) and configuration.json (task and generation settings),
+  the accepted languages and dtypes;
+* ``checkpoint`` - loading the weights (``pytorch_model.bin`` or ``model.safetensors``);
+* ``tokenizer`` - OFA's English (BPE) and Chinese (WordPiece) tokenizers and the caption clean-up;
+* ``images`` - image decoding and pixels: float32 in one step, or uint8 resized then normalized on the device;
+* ``model`` - :class:`~ofa_captioning.model.OFAModel`, the network assembled and prepared for inference;
+* ``resnet`` - the image embedding (ResNet stem and three bottleneck stages, BatchNorm folding);
+* ``transformer`` - attention, encoder and decoder layers, and the incremental decoder state;
+* ``kernels`` - how convolutions and linear layers run: oneDNN fast paths on a CPU, plain-PyTorch fallback;
+* ``beam_search`` - the batched beam search with the reference generator's semantics;
+* ``demo_checkpoint`` - a small random-weight checkpoint in the published layout (offline stand-in);
+* ``demo_vocab`` - the demo checkpoints' vocabularies (a small-corpus BPE, a Chinese ``vocab.txt``);
+* ``download`` - fetching the published checkpoint from ModelScope.
+
+Attributes below are imported lazily, so ``import ofa_captioning.images`` stays light (no torch).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .model import EncoderOutput, OFAModel
+from .model import DecoderState, EncoderOutput, OFAModel
 
 __all__ = ["BeamSearchSettings", "Hypothesis", "beam_search", "block_repeated_ngrams", "row_topk"]
 
@@ -130,106 +130,147 @@ def beam_search(
     sentence's beams at -inf, e.g. after non-finite logits) this returns what was finished, possibly nothing.
     """
     beam, max_len = settings.beam_size, settings.max_len_b
-    eos, pad = settings.eos_id, settings.pad_id
     bsz = encoder_out.last_hidden_state.shape[0]
     device = encoder_out.last_hidden_state.device
     # All beams of a sentence are identical at step 0, so the state starts with one row per image and the
     # first reorder fans it out to `beam` rows.
     state = model.init_decoder_state(encoder_out, 1, max_positions=max_len + 1)
 
-    tokens = torch.full((bsz, beam, max_len + 2), pad, dtype=torch.long, device=device)
+    tokens = torch.full((bsz, beam, max_len + 2), settings.pad_id, dtype=torch.long, device=device)
     tokens[:, :, 0] = settings.bos_id
     cum_scores = torch.zeros(bsz, beam, dtype=torch.float32, device=device)
     finalized: list[list[Hypothesis]] = [[] for _ in range(bsz)]
     active = list(range(bsz))  # original image index of each live sentence
-    neg_inf = -math.inf
 
     for step in range(max_len + 1):
-        n_live = len(active)
         width = 1 if step == 0 else beam  # decoder rows per sentence
-        logits = model.decode_step(tokens[:, :width, step].reshape(-1), state)
-        logits = logits.float()
-        if settings.temperature != 1.0:
-            logits = logits / settings.temperature
-        lprobs = torch.log_softmax(logits, dim=-1)
-        vocab = lprobs.shape[-1]
-        if step < settings.min_len:
-            lprobs[:, eos] = neg_inf
-        lprobs[:, pad] = neg_inf
-        if settings.unk_penalty:
-            lprobs[:, settings.unk_id] -= settings.unk_penalty
-        if step >= max_len:
-            lprobs[:, :eos] = neg_inf
-            lprobs[:, eos + 1 :] = neg_inf
-        if settings.no_repeat_ngram_size > 0:
-            history = tokens[:, :width, : step + 1].reshape(n_live * width, step + 1)
-            block_repeated_ngrams(lprobs, history, settings.no_repeat_ngram_size, pad)
-
-        # Top 2*beam of (cumulative score + log-prob) over beam x vocabulary, in two stages: the best k of
-        # each beam row, then the best k of those (same values as one top-k over the flattened scores).
-        k = min(2 * beam, width * vocab - 1)
-        row_scores, row_tokens = row_topk(lprobs, min(k, vocab))
-        if bool(torch.isnan(row_scores).any()):  # NaN ranks first in topk; the reference makes it -inf
-            lprobs.masked_fill_(torch.isnan(lprobs), neg_inf)
-            row_scores, row_tokens = row_topk(lprobs, min(k, vocab))
-        row_scores = row_scores.view(n_live, width, -1)
-        if step > 0:
-            row_scores = row_scores + cum_scores.unsqueeze(-1)
-        cand_scores, flat = torch.topk(row_scores.view(n_live, -1), k)
-        per_row = row_tokens.shape[-1]
-        cand_beams = torch.div(flat, per_row, rounding_mode="floor")
-        cand_tokens = torch.gather(row_tokens.view(n_live, -1), 1, flat)
-        eos_mask = cand_tokens.eq(eos) & cand_scores.ne(neg_inf)
-
-        done_rows: list[int] = []
-        final_mask = eos_mask[:, :beam]
-        if bool(final_mask.any()):
-            rows_ranks = final_mask.nonzero().tolist()  # sentence-major, then rank: the reference's order
-            norm = cand_scores[:, :beam]
-            if settings.normalize_scores:
-                norm = norm / float(step + 1) ** settings.len_penalty
-            norm = norm.tolist()
-            parents = cand_beams[:, :beam].tolist()
-            prefixes = tokens[:, :, 1 : step + 1].tolist()
-            touched: list[int] = []
-            for row, rank in rows_ranks:
-                sent = active[row]
-                if len(finalized[sent]) < beam:
-                    hyp = tuple(prefixes[row][parents[row][rank]]) + (eos,)
-                    finalized[sent].append(Hypothesis(hyp, norm[row][rank]))
-                if not touched or touched[-1] != row:
-                    touched.append(row)
-            done_rows = [r for r in touched if len(finalized[active[r]]) == beam or step == max_len]
-
-        if len(done_rows) == n_live or step == max_len:
+        lprobs = _step_log_probs(model, state, tokens, step, width, settings)
+        cand = _candidates(lprobs, cum_scores, step, width, beam, settings.eos_id)
+        done_rows = _finalize(cand, tokens, step, active, finalized, settings)
+        if len(done_rows) == len(active) or step == max_len:
             break
-
-        if done_rows:
+        keep = None
+        if done_rows:  # finished sentences leave the batch
             done = set(done_rows)
-            keep_rows = [r for r in range(n_live) if r not in done]
+            keep_rows = [r for r in range(len(active)) if r not in done]
             keep = torch.tensor(keep_rows, dtype=torch.long, device=device)
             active = [active[r] for r in keep_rows]
-            eos_mask, cand_beams = eos_mask[keep], cand_beams[keep]
-            cand_scores, cand_tokens = cand_scores[keep], cand_tokens[keep]
-            tokens = tokens[keep]
-            n_live = len(active)
-        else:
-            keep = None
-
-        # The first `beam` candidates in rank order that are not (finite) EOS continue.
-        order = eos_mask.long() * k + torch.arange(k, device=device)
-        survivors = torch.topk(order, beam, dim=1, largest=False).indices
-        parent = torch.gather(cand_beams, 1, survivors)
-        tokens = torch.gather(tokens, 1, parent.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])).clone()
-        tokens[:, :, step + 1] = torch.gather(cand_tokens, 1, survivors)
-        cum_scores = torch.gather(cand_scores, 1, survivors)
-
-        # Rows of the decoder state: each survivor's parent row (in the pre-pruning layout).
-        old_sent = keep if keep is not None else torch.arange(n_live, device=device)
-        rows = (old_sent.unsqueeze(1) * width + parent).reshape(-1)
+            cand, tokens = cand.select(keep), tokens[keep]
+        tokens, cum_scores, rows = _advance(cand, tokens, step, width, beam, keep)
         state.reorder(rows, keep)
 
     for hyps in finalized:
         # Stable sort, best first; the reference's torch.sort leaves the order of equal scores unspecified.
         hyps.sort(key=lambda h: h.score, reverse=True)
     return finalized
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """The top ``k`` continuations of each live sentence by cumulative score, best first (each [S, k])."""
+
+    scores: Tensor  # cumulative score with the new token
+    beams: Tensor  # the beam (row within the sentence) each one extends
+    tokens: Tensor  # the new token
+    eos: Tensor  # bool: the new token is EOS with a finite score
+
+    def select(self, keep: Tensor) -> _Candidates:
+        """The candidates of the sentences at ``keep``."""
+        return _Candidates(self.scores[keep], self.beams[keep], self.tokens[keep], self.eos[keep])
+
+
+def _step_log_probs(
+    model: OFAModel, state: DecoderState, tokens: Tensor, step: int, width: int, settings: BeamSearchSettings
+) -> Tensor:
+    """Decode the newest token of each row and return its next-token log-probabilities [S*width, V] with the
+    reference's bans: EOS before ``min_len``, pad, ``unk_penalty``, all but EOS at ``max_len``, repeated n-grams."""
+    n_live = tokens.shape[0]
+    eos, pad, neg_inf = settings.eos_id, settings.pad_id, -math.inf
+    logits = model.decode_step(tokens[:, :width, step].reshape(-1), state).float()
+    if settings.temperature != 1.0:
+        logits = logits / settings.temperature
+    lprobs = torch.log_softmax(logits, dim=-1)
+    if step < settings.min_len:
+        lprobs[:, eos] = neg_inf
+    lprobs[:, pad] = neg_inf
+    if settings.unk_penalty:
+        lprobs[:, settings.unk_id] -= settings.unk_penalty
+    if step >= settings.max_len_b:
+        lprobs[:, :eos] = neg_inf
+        lprobs[:, eos + 1 :] = neg_inf
+    if settings.no_repeat_ngram_size > 0:
+        history = tokens[:, :width, : step + 1].reshape(n_live * width, step + 1)
+        block_repeated_ngrams(lprobs, history, settings.no_repeat_ngram_size, pad)
+    return lprobs
+
+
+def _candidates(
+    lprobs: Tensor, cum_scores: Tensor, step: int, width: int, beam: int, eos: int
+) -> _Candidates:
+    """Top ``2*beam`` of (cumulative score + log-prob) over beam x vocabulary per sentence, in two stages: the
+    best k of each beam row, then the best k of those (the same values as one top-k over the flattened scores).
+    NaN log-probabilities count as -inf, as in the reference."""
+    n_live, vocab = lprobs.shape[0] // width, lprobs.shape[-1]
+    k = min(2 * beam, width * vocab - 1)
+    row_scores, row_tokens = row_topk(lprobs, min(k, vocab))
+    if bool(torch.isnan(row_scores).any()):  # NaN ranks first in topk; the reference makes it -inf
+        lprobs.masked_fill_(torch.isnan(lprobs), -math.inf)
+        row_scores, row_tokens = row_topk(lprobs, min(k, vocab))
+    row_scores = row_scores.view(n_live, width, -1)
+    if step > 0:
+        row_scores = row_scores + cum_scores.unsqueeze(-1)
+    scores, flat = torch.topk(row_scores.view(n_live, -1), k)
+    beams = torch.div(flat, row_tokens.shape[-1], rounding_mode="floor")
+    tokens = torch.gather(row_tokens.view(n_live, -1), 1, flat)
+    return _Candidates(scores, beams, tokens, tokens.eq(eos) & scores.ne(-math.inf))
+
+
+def _finalize(
+    cand: _Candidates,
+    tokens: Tensor,
+    step: int,
+    active: list[int],
+    finalized: list[list[Hypothesis]],
+    settings: BeamSearchSettings,
+) -> list[int]:
+    """Finish the finite EOS candidates among ranks ``0..beam-1`` (while their sentence has fewer than ``beam``
+    finished hypotheses), scored ``cum / (step+1) ** len_penalty`` (``cum`` without ``normalize_scores``); EOS in
+    lower ranks is dropped. Returns the live rows whose sentence is done (``beam`` finished, or the last step)."""
+    beam = settings.beam_size
+    final_mask = cand.eos[:, :beam]
+    if not bool(final_mask.any()):
+        return []
+    rows_ranks = final_mask.nonzero().tolist()  # sentence-major, then rank: the reference's order
+    norm = cand.scores[:, :beam]
+    if settings.normalize_scores:
+        norm = norm / float(step + 1) ** settings.len_penalty
+    norm = norm.tolist()
+    parents = cand.beams[:, :beam].tolist()
+    prefixes = tokens[:, :, 1 : step + 1].tolist()
+    touched: list[int] = []
+    for row, rank in rows_ranks:
+        sent = active[row]
+        if len(finalized[sent]) < beam:
+            hyp = tuple(prefixes[row][parents[row][rank]]) + (settings.eos_id,)
+            finalized[sent].append(Hypothesis(hyp, norm[row][rank]))
+        if not touched or touched[-1] != row:
+            touched.append(row)
+    return [r for r in touched if len(finalized[active[r]]) == beam or step == settings.max_len_b]
+
+
+def _advance(
+    cand: _Candidates, tokens: Tensor, step: int, width: int, beam: int, keep: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The first ``beam`` candidates in rank order that are not (finite) EOS continue: their token sequences
+    [S, beam, L] and cumulative scores [S, beam], and the decoder-state row of each one's parent (in the layout
+    before ``keep`` dropped finished sentences)."""
+    k = cand.scores.shape[1]
+    order = cand.eos.long() * k + torch.arange(k, device=tokens.device)
+    survivors = torch.topk(order, beam, dim=1, largest=False).indices
+    parent = torch.gather(cand.beams, 1, survivors)
+    tokens = torch.gather(tokens, 1, parent.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])).clone()
+    tokens[:, :, step + 1] = torch.gather(cand.tokens, 1, survivors)
+    cum_scores = torch.gather(cand.scores, 1, survivors)
+    old_sent = keep if keep is not None else torch.arange(tokens.shape[0], device=tokens.device)
+    rows = (old_sent.unsqueeze(1) * width + parent).reshape(-1)
+    return tokens, cum_scores, rows

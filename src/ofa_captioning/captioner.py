@@ -21,8 +21,8 @@ import torch
 
 from .beam_search import BeamSearchSettings, Hypothesis, beam_search
 from .checkpoint import load_state_dict
-from .config import ModelConfig, TaskConfig, load_configs
-from .images import ImageInput, preprocess_images
+from .config import ModelConfig, TaskConfig, load_configs, parse_dtype
+from .images import ImageInput, normalize_pixels, preprocess_images
 from .model import OFAModel
 from .tokenizer import OFATokenizer, load_tokenizer, postprocess_caption
 
@@ -30,17 +30,6 @@ __all__ = ["MAX_BEAM_SIZE", "MAX_LENGTH", "MIN_BEAM_SIZE", "MIN_LENGTH", "Captio
 
 MIN_BEAM_SIZE, MAX_BEAM_SIZE = 1, 16
 MIN_LENGTH, MAX_LENGTH = 1, 64
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
 @dataclass(frozen=True)
@@ -52,18 +41,10 @@ class Caption:
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """The torch dtype of a ``dtype`` argument (None: float32), parsed by :func:`~ofa_captioning.config.parse_dtype`."""
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    else:
-        key = str(dtype).lower().removeprefix("torch.")
-        if key not in _DTYPES:
-            raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype!r}")
-        resolved = _DTYPES[key]
-    if resolved not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype!r}")
-    return resolved
+    return getattr(torch, parse_dtype(dtype))
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> int:
@@ -207,10 +188,8 @@ class Captioner:
         return torch.from_numpy(pixels)
 
     def normalize_pixels(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """uint8 pixels [B,3,S,S] (``ofa_captioning.pixels.resized_pixels``) -> the reference's float32 pixels on
+        """uint8 pixels [B,3,S,S] (``ofa_captioning.images.resized_pixels``) -> the reference's float32 pixels on
         this model's device, bit for bit those of :meth:`preprocess` (the bytes are moved, then normalized)."""
-        from .pixels import normalize_pixels
-
         return normalize_pixels(pixels, self.task_config.mean, self.task_config.std, device=self._device)
 
     def generate(
@@ -220,9 +199,8 @@ class Captioner:
         max_length: int | None = None,
     ) -> list[Caption]:
         """Captions for a pixel batch [B,3,S,S] (or one image [3,S,S]), numpy or torch, as from :meth:`preprocess`."""
-        return [
-            self._to_caption(hyps) for hyps in self.generate_hypotheses(pixel_values, beam_size, max_length)
-        ]
+        beam, length = self.validate_settings(beam_size, max_length)
+        return [self._to_caption(hyps) for hyps in self._hypotheses(pixel_values, beam, length)]
 
     def validate_num_captions(self, num_captions: int | None, beam_size: int) -> int:
         """Resolve ``None`` to the checkpoint's ``num_return_sequences`` and check it is in 1..``beam_size``."""
@@ -243,7 +221,7 @@ class Captioner:
         n = self.validate_num_captions(num_captions, beam)
         return [
             [self._hypothesis_caption(h) for h in hyps[:n]]
-            for hyps in self.generate_hypotheses(pixel_values, beam, length)
+            for hyps in self._hypotheses(pixel_values, beam, length)
         ]
 
     def caption(
@@ -254,7 +232,7 @@ class Captioner:
     ) -> list[Caption]:
         """Captions for encoded images (bytes) or PIL images: :meth:`preprocess` then :meth:`generate`."""
         beam, length = self.validate_settings(beam_size, max_length)
-        return self.generate(self.preprocess(images), beam, length)
+        return [self._to_caption(hyps) for hyps in self._hypotheses(self.preprocess(images), beam, length)]
 
     def generate_hypotheses(
         self,
@@ -263,7 +241,13 @@ class Captioner:
         max_length: int | None = None,
     ) -> list[list[Hypothesis]]:
         """All finished hypotheses per image (token ids, best first), before decoding to text."""
-        beam, length = self.validate_settings(beam_size, max_length)
+        return self._hypotheses(pixel_values, *self.validate_settings(beam_size, max_length))
+
+    def _hypotheses(
+        self, pixel_values: torch.Tensor | np.ndarray, beam: int, length: int
+    ) -> list[list[Hypothesis]]:
+        """:meth:`generate_hypotheses` with settings that :meth:`validate_settings` returned (checked once per
+        call of a public method)."""
         pixels = self._as_pixels(pixel_values)
         if pixels.shape[0] == 0:
             return []

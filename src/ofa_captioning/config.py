@@ -243,7 +243,31 @@ BEAM_SEARCH_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
 #: Generator keywords ModelScope accepts but never uses on this path (stored only), so they change nothing.
 BEAM_SEARCH_INERT = ("max_len", "eos", "symbols_to_strip_from_output", "lm_weight")
 
+#: configuration.json ``model.language`` values ModelScope accepts (OfaForAllTasks / OfaBasePreprocessor).
 LANGUAGES = ("en", "zh", "cn")
+
+#: Floating-point types the engine runs in (``Captioner.from_pretrained(dtype=...)``, the ``dtype`` setting).
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# Each accepted spelling (lower case, without a ``torch.`` prefix) and the type it names.
+_DTYPE_SPELLINGS = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def parse_dtype(value: object) -> str:
+    """The name in :data:`DTYPE_NAMES` that ``value`` spells (``"fp16"``, ``"torch.bfloat16"``, ``torch.float32``,
+    any case); ``ValueError`` naming the accepted types otherwise."""
+    name = _DTYPE_SPELLINGS.get(str(value).lower().removeprefix("torch."))
+    if name is None:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {value!r}")
+    return name
 
 
 def _number(section: str, name: str, value: Any, kind: type, low: float | None = None) -> Any:

@@ -41,8 +41,9 @@ from tokenizers import (
     pre_tokenizers,
 )
 
+from .config import LANGUAGES
+
 __all__ = [
-    "LANGUAGES",
     "NUM_BINS",
     "NUM_CODES",
     "OFATokenizer",
@@ -574,9 +575,6 @@ class OFATokenizerZH(_OFATokenizerBase):
 
 # --------------------------------------------------------------------------------------------------------
 # By language
-
-#: configuration.json ``model.language`` values ModelScope accepts (OfaForAllTasks / OfaBasePreprocessor).
-LANGUAGES = ("en", "zh", "cn")
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 # ModelScope's OfaForAllTasks.detokenizer: drop every run of spaces after or before a character that is not a

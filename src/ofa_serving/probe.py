@@ -48,7 +48,6 @@ from .triton_api import TritonHttp, TritonHttpError
 __all__ = [
     "ModelCheck",
     "ProbeResult",
-    "server_ready",
     "list_models",
     "probe_model",
     "probe_models",
@@ -126,12 +125,6 @@ def tiny_png(size: int = 8) -> bytes:
         + chunk(b"IDAT", zlib.compress(rows))
         + chunk(b"IEND", b"")
     )
-
-
-def server_ready(base_url: str, timeout: float = 2.0) -> bool:
-    """Whether the server at ``base_url`` answers ``GET /v2/health/ready`` with 200 (all models loaded, warm-up
-    done); False when it does not answer at all."""
-    return TritonHttp(base_url).server_ready(timeout)
 
 
 def list_models(

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ofa_captioning.config import DTYPE_NAMES, parse_dtype
+
 __all__ = [
     "SettingsError",
     "setting",
@@ -222,7 +224,7 @@ class OFASettings:
         "auto",
         env="OFA_DTYPE",
         param="dtype",
-        choices=("auto", "float32", "float16", "bfloat16"),
+        choices=("auto", *DTYPE_NAMES),
         help="auto = float16 on CUDA, float32 on CPU",
     )
     torch_threads: int = setting(
@@ -431,7 +433,6 @@ def resolve_device(device: str, cuda_available: bool) -> str:
 def resolve_dtype(dtype: str, device: str) -> str:
     """``"float16"`` on CUDA and ``"float32"`` on CPU for ``auto``; an explicit dtype by the engine's name for it
     (the engine's parser, :func:`ofa_captioning.config.parse_dtype`)."""
-    from ofa_captioning.config import parse_dtype
 
     if dtype == "auto":
         return "float16" if device.startswith("cuda") else "float32"

@@ -3,7 +3,7 @@
 Random weights give the same caption for many images, so captions alone prove little: the scores (which do
 differ per image) must agree within 1e-4 as well, and for a subset every finished hypothesis is compared. Every
 comparison goes through ``load_tests.testkit.reference.assert_tie_aware_parity``: the only accepted divergence is a beam-search
-near-tie, checked by re-scoring the engine's tokens with ModelScope's model (issue 9); the corpus includes an image
+near-tie, checked by re-scoring the engine's tokens with ModelScope's model; the corpus includes an image
 built to sit on such a tie.
 """
 
@@ -37,7 +37,7 @@ def near_tie_image(k: int = NEAR_TIE_PIXELS) -> bytes:
     switches (between k = 94900 and 94901: a hypothesis pruned at the beam boundary one pixel earlier survives).
     One pixel flips the decision, so two candidates' scores differ there by about what one pixel changes, and the
     engine's and ModelScope's float rounding may rank them differently. This plays the role of scikit-image's
-    480 px horse silhouette (issue 9), which is not installed here.
+    480 px horse silhouette, which is not installed here.
     """
     a = np.asarray(synthetic_rgb(480, 480, 203)).reshape(-1, 3).copy()
     b = np.asarray(synthetic_rgb(480, 480, 204)).reshape(-1, 3)

@@ -1,4 +1,4 @@
-"""Checkpoint layout, configuration reading and strict loading (engine side of issue 2)."""
+"""Checkpoint layout, configuration reading and strict loading."""
 
 from __future__ import annotations
 

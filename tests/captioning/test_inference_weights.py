@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ofa_captioning.captioner import Captioner
-from ofa_captioning.model import InferenceLinear, OFAModel
+from ofa_captioning.kernels import InferenceLinear
+from ofa_captioning.model import OFAModel
 
 onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU torch build)")
 

@@ -270,7 +270,7 @@ def test_activations_are_transformers_act2fn():
     from transformers.activations import ACT2FN
 
     from ofa_captioning.config import ACTIVATIONS
-    from ofa_captioning.model import _activation
+    from ofa_captioning.transformer import _activation
 
     x = torch.linspace(-6, 6, 2001)
     for name in ACTIVATIONS:

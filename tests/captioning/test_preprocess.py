@@ -18,12 +18,14 @@ from ofa_captioning.config import load_configs
 from ofa_captioning.images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
+    _normalize_on_device,
     load_image,
     normalize_lut,
+    normalize_pixels,
     preprocess_image,
     preprocess_images,
+    resized_pixels,
 )
-from ofa_captioning.pixels import _normalize_on_device, normalize_pixels, resized_pixels
 
 HALF = (0.5, 0.5, 0.5)
 PIL_DEFAULT_BOMB_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Image.MAX_IMAGE_PIXELS unless someone changed it
@@ -86,7 +88,7 @@ def test_uint8_pixels_normalized_match_reference(reference, demo_checkpoint, ima
     assert torch.allclose(ours, ref, rtol=0, atol=1e-5)
 
 
-# ------------------------------------------------------------------------------- the uint8 path (ofa_captioning.pixels)
+# ------------------------------------------------------------------------------------------------ the uint8 path
 
 
 @pytest.mark.parametrize(("mean", "std"), [(HALF, HALF), (IMAGENET_MEAN, IMAGENET_STD)])

@@ -33,8 +33,8 @@ import pytest
 
 from client import CaptionClient, CaptionError, InvalidInputError, ServerUnavailableError
 from ofa_serving.launcher import free_ports
-from ofa_serving.probe import server_ready
 from ofa_serving.processes import stub_pids
+from ofa_serving.triton_api import TritonHttp
 
 from .conftest import FAST, fresh_seed, model_metric, png, wait_for
 from .test_server_restart import (
@@ -234,7 +234,9 @@ def test_sigterm_under_load_answers_accepted_calls_and_refuses_new_ones_fast(ser
         accepted_before = time.monotonic() - ACCEPTED_AFTER_S
         serving.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        wait_for(lambda: not server_ready(f"http://127.0.0.1:{serving.http_port}", timeout=1), 10, "unready")
+        wait_for(
+            lambda: not TritonHttp(f"http://127.0.0.1:{serving.http_port}").server_ready(1), 10, "unready"
+        )
         unready = time.monotonic()
         # a new request now: refused at once, and answered by the second server
         image = png(40, 30, fresh_seed() + 500_000)

@@ -172,10 +172,10 @@ def _environment(
 
 def _wait_ready(sup: Supervised) -> None:
     url = f"http://127.0.0.1:{sup.http_port}"
-    from ofa_serving.probe import server_ready
+    from ofa_serving.triton_api import TritonHttp
 
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while not server_ready(url):
+    while not TritonHttp(url).server_ready(2.0):
         assert sup.proc.poll() is None, sup.text()[-5000:]
         assert time.monotonic() < deadline, "not ready in time"
         time.sleep(0.5)
