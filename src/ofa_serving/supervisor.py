@@ -504,137 +504,170 @@ def run_supervised(server: Any, admin_key: str, stopping: Callable[[], bool], se
     """
     from .settings import SupervisorSettings, load_settings
 
-    settings = settings or load_settings(SupervisorSettings)
-    requested = threading.Event()  # a model cannot be healed by reloading: restart the server
-    restarted = threading.Event()
+    return _ServerWatch(server, admin_key, stopping, settings or load_settings(SupervisorSettings)).run()
 
-    def restart() -> None:
-        # Called from the supervisor's thread. The restart runs in this function's own thread (the one that
-        # started the server: the server must not die with the supervisor's thread); wait for it.
-        restarted.clear()
-        requested.set()
-        while not restarted.wait(0.5) and not stopping():
+
+class _ServerWatch:
+    """The loop of :func:`run_supervised`: the server's process watched, restarted on request or after a crash."""
+
+    def __init__(self, server: Any, admin_key: str, stopping: Callable[[], bool], settings: Any) -> None:
+        self.server = server
+        self.stopping = stopping
+        self.settings = settings
+        self.requested = threading.Event()  # a model cannot be healed by reloading: restart the server
+        self.restarted = threading.Event()
+        self.state = settings.state_file or default_state_file(server.http_port)
+        self.supervisor = Supervisor(
+            server,
+            admin_key,
+            interval_s=settings.probe_interval_s,
+            probe_timeout_s=settings.probe_timeout_s,
+            hang_after_s=settings.hang_after_s,
+            state_file=self.state,
+            restart=self.restart,
+            stopping=stopping,
+        )
+        self.crashes = CrashLoop(settings.max_server_crashes, settings.server_crash_window_s)
+        self.leftovers = _Leftovers()
+
+    def restart(self) -> None:
+        """Called from the supervisor's thread. The restart runs in the thread of :meth:`run` (the one that
+        started the server: the server must not die with the supervisor's thread); wait for it."""
+        self.restarted.clear()
+        self.requested.set()
+        while not self.restarted.wait(0.5) and not self.stopping():
             pass
 
-    state = settings.state_file or default_state_file(server.http_port)
-    supervisor = Supervisor(
-        server,
-        admin_key,
-        interval_s=settings.probe_interval_s,
-        probe_timeout_s=settings.probe_timeout_s,
-        hang_after_s=settings.hang_after_s,
-        state_file=state,
-        restart=restart,
-        stopping=stopping,
-    )
-    crashes = CrashLoop(settings.max_server_crashes, settings.server_crash_window_s)
-    leftovers = _Leftovers()
-
-    def start_again(since: float) -> bool:
+    def start_again(self, since: float) -> bool:
         """Start the server again; True once it is ready (False: it exited first, or a stop was requested)."""
-        if stopping():  # asked to stop while no server ran: nothing to start, nothing to drain
+        server = self.server
+        if self.stopping():  # asked to stop while no server ran: nothing to start, nothing to drain
             _log("a stop was requested while tritonserver was down; not starting it again")
             return False
         server.start()
-        if stopping():  # the stop signal came while the server was being started: pass it on
+        if self.stopping():  # the stop signal came while the server was being started: pass it on
             server.terminate()
             return False
         _log(f"tritonserver started again (pid {server.pid}) {time.monotonic() - since:.1f} s after it ended")
-        while server.process.poll() is None and not stopping():
+        while server.process.poll() is None and not self.stopping():
             if server.is_ready():
                 return True
             time.sleep(0.25)
         return False
 
-    _log(
-        f"supervising tritonserver (pid {server.pid}): every model probed every {settings.probe_interval_s:g} s; "
-        f"restarted when it crashes, up to {settings.max_server_crashes - 1} time(s) within "
-        f"{settings.server_crash_window_s:g} s; heal counters in {state}"
-    )
-    supervisor.start()
-    try:
-        while True:
-            process = server.process
-            while (
-                process.poll() is None
-                and not stopping()
-                and not supervisor.gave_up
-                and not requested.is_set()
-            ):
-                leftovers.note(process.pid)
-                time.sleep(0.2)
-            if stopping():
-                break
-            if supervisor.gave_up:  # a model could not be healed and no restart was possible
-                supervisor.stop()
-                server.stop(timeout=10)
-                leftovers.clean(process.pid)
-                return 1
-            if requested.is_set():
-                _log(f"stopping tritonserver (pid {process.pid}) to start it again")
-                since = time.monotonic()
-                server.stop(timeout=10)
-                leftovers.clean(process.pid)
-                try:
-                    ready = start_again(since)
-                except (OSError, RuntimeError) as exc:
-                    _log(f"cannot start tritonserver again ({exc}); giving up")
+    def run(self) -> int:
+        """Watch until a stop is requested or supervision ends; the exit status (see :func:`run_supervised`)."""
+        settings = self.settings
+        _log(
+            f"supervising tritonserver (pid {self.server.pid}): every model probed every "
+            f"{settings.probe_interval_s:g} s; restarted when it crashes, up to {settings.max_server_crashes - 1} "
+            f"time(s) within {settings.server_crash_window_s:g} s; heal counters in {self.state}"
+        )
+        self.supervisor.start()
+        try:
+            while True:
+                process = self.server.process
+                self._wait_for_an_event(process)
+                if self.stopping():
+                    break
+                if self.supervisor.gave_up:  # a model could not be healed and no restart was possible
+                    self.supervisor.stop()
+                    self.server.stop(timeout=10)
+                    self.leftovers.clean(process.pid)
                     return 1
-                if ready:
-                    seconds = time.monotonic() - since
-                    _log(f"tritonserver is ready again (pid {server.pid}) after {seconds:.1f} s")
-                requested.clear()
-                restarted.set()
-                continue
-            code, pid, since = process.returncode, process.pid, time.monotonic()
-            if code == 0:
-                _log(f"tritonserver (pid {pid}) exited with status 0 without being asked to; stopping too")
-                supervisor.stop()
-                leftovers.clean(pid)
-                server.stop(timeout=0)
-                return 0
-            how = describe_exit(code)
-            supervisor._paused.set()  # no probe rounds until it is back (one in progress ends by itself)
-            loop = crashes.crashed()
-            removed = leftovers.clean(pid)
-            server.stop(timeout=0)  # closes what the launcher holds for it
-            count = (
-                f"crash {crashes.recent} within {settings.server_crash_window_s:g} s; "
-                f"{settings.max_server_crashes} make a crash loop"
-            )
-            shm = f"; removed its {len(removed)} shared-memory pool(s)" if removed else ""
-            if loop:
-                _log(
-                    f"tritonserver (pid {pid}) {how} ({count}); giving up with exit status "
-                    f"{exit_status(code)} (the restart policy takes over){shm}"
+                status = (
+                    self._restart_on_request(process)
+                    if self.requested.is_set()
+                    else self._after_exit(process)
                 )
-                supervisor.server_crashed(how, restarting=False)
-                return exit_status(code)
-            _log(f"tritonserver (pid {pid}) {how} while not asked to stop ({count}); restarting it{shm}")
-            supervisor.server_crashed(how, restarting=True)
-            try:
-                ready = start_again(since)
-            except (OSError, RuntimeError) as exc:
-                _log(f"cannot start tritonserver again ({exc}); giving up")
-                return exit_status(code)
-            if ready:
-                seconds = time.monotonic() - since
-                _log(f"tritonserver is ready again (pid {server.pid}), {seconds:.1f} s after the crash")
-                supervisor.server_back(seconds)
-                supervisor.resume()
-                if requested.is_set():  # the fresh server is the restart the supervisor asked for
-                    requested.clear()
-                    restarted.set()
-        # A stop was requested: the caller's signal handler sent it to tritonserver, which drains: readiness false,
-        # new requests refused with UNAVAILABLE, those in flight answered, exit within its --exit-timeout-secs.
-        # No probe round and no heal meanwhile (``stopping`` tells the supervisor), no restart after it.
-        supervisor.stop()
-        code = _wait_for_drain(server)
-        leftovers.clean(server.process.pid)
-        return exit_status(code)
-    finally:
-        restarted.set()  # a supervisor waiting for a restart that will not come
-        supervisor.stop()
+                if status is not None:
+                    return status
+            # A stop was requested: the caller's signal handler sent it to tritonserver, which drains: readiness
+            # false, new requests refused with UNAVAILABLE, those in flight answered, exit within its
+            # --exit-timeout-secs. No probe round and no heal meanwhile (``stopping`` tells the supervisor), no
+            # restart after it.
+            self.supervisor.stop()
+            code = _wait_for_drain(self.server)
+            self.leftovers.clean(self.server.process.pid)
+            return exit_status(code)
+        finally:
+            self.restarted.set()  # a supervisor waiting for a restart that will not come
+            self.supervisor.stop()
+
+    def _wait_for_an_event(self, process: Any) -> None:
+        """Until the server exits, a stop is requested, the supervisor gives up or asks for a restart."""
+        while (
+            process.poll() is None
+            and not self.stopping()
+            and not self.supervisor.gave_up
+            and not self.requested.is_set()
+        ):
+            self.leftovers.note(process.pid)
+            time.sleep(0.2)
+
+    def _restart_on_request(self, process: Any) -> int | None:
+        """The supervisor asked for a restart: stop the server, start it again; None to go on watching."""
+        _log(f"stopping tritonserver (pid {process.pid}) to start it again")
+        since = time.monotonic()
+        self.server.stop(timeout=10)
+        self.leftovers.clean(process.pid)
+        try:
+            ready = self.start_again(since)
+        except (OSError, RuntimeError) as exc:
+            _log(f"cannot start tritonserver again ({exc}); giving up")
+            return 1
+        if ready:
+            _log(
+                f"tritonserver is ready again (pid {self.server.pid}) after {time.monotonic() - since:.1f} s"
+            )
+        self.requested.clear()
+        self.restarted.set()
+        return None
+
+    def _after_exit(self, process: Any) -> int | None:
+        """The server exited unasked: 0 ends supervision; a crash is restarted unless it makes a crash loop.
+        The exit status to return, or None to go on watching."""
+        settings, supervisor = self.settings, self.supervisor
+        code, pid, since = process.returncode, process.pid, time.monotonic()
+        if code == 0:
+            _log(f"tritonserver (pid {pid}) exited with status 0 without being asked to; stopping too")
+            supervisor.stop()
+            self.leftovers.clean(pid)
+            self.server.stop(timeout=0)
+            return 0
+        how = describe_exit(code)
+        supervisor._paused.set()  # no probe rounds until it is back (one in progress ends by itself)
+        loop = self.crashes.crashed()
+        removed = self.leftovers.clean(pid)
+        self.server.stop(timeout=0)  # closes what the launcher holds for it
+        count = (
+            f"crash {self.crashes.recent} within {settings.server_crash_window_s:g} s; "
+            f"{settings.max_server_crashes} make a crash loop"
+        )
+        shm = f"; removed its {len(removed)} shared-memory pool(s)" if removed else ""
+        if loop:
+            _log(
+                f"tritonserver (pid {pid}) {how} ({count}); giving up with exit status "
+                f"{exit_status(code)} (the restart policy takes over){shm}"
+            )
+            supervisor.server_crashed(how, restarting=False)
+            return exit_status(code)
+        _log(f"tritonserver (pid {pid}) {how} while not asked to stop ({count}); restarting it{shm}")
+        supervisor.server_crashed(how, restarting=True)
+        try:
+            ready = self.start_again(since)
+        except (OSError, RuntimeError) as exc:
+            _log(f"cannot start tritonserver again ({exc}); giving up")
+            return exit_status(code)
+        if ready:
+            seconds = time.monotonic() - since
+            _log(f"tritonserver is ready again (pid {self.server.pid}), {seconds:.1f} s after the crash")
+            supervisor.server_back(seconds)
+            supervisor.resume()
+            if self.requested.is_set():  # the fresh server is the restart the supervisor asked for
+                self.requested.clear()
+                self.restarted.set()
+        return None
 
 
 def drain(server: Any) -> None:
