@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .batching import RequestError
+from .tensors import CAPTION, CAPTIONS, SCORE, SCORES
 
 __all__ = ["EMPTY", "request_num_captions", "pad_captions", "n_best_arrays"]
 
@@ -66,4 +67,4 @@ def n_best_arrays(rows: Sequence[Sequence[Any]]) -> dict[str, np.ndarray]:
         raise ValueError(f"every image needs the same number (>= 1) of captions, got {sorted(widths)}")
     texts = np.array([[c.text.encode("utf-8") for c in r] for r in rows], dtype=np.object_)
     scores = np.array([[c.score for c in r] for r in rows], dtype=np.float32)
-    return {"caption": texts[:, :1], "score": scores[:, :1], "captions": texts, "scores": scores}
+    return {CAPTION.name: texts[:, :1], SCORE.name: scores[:, :1], CAPTIONS.name: texts, SCORES.name: scores}

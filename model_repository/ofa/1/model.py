@@ -31,7 +31,7 @@ from ofa_serving.batching import run_batched
 from ofa_serving.nbest import n_best_arrays, pad_captions, request_num_captions
 from ofa_serving.profiles import instance_device, warmup_batch_sizes
 from ofa_serving.settings import OFASettings, load_settings, resolve_dtype
-from ofa_serving.tensors import PIXEL_VALUES, pixel_values
+from ofa_serving.tensors import BEAM_SIZE, MAX_LENGTH, NUM_CAPTIONS, PIXEL_VALUES, pixel_values
 
 
 class TritonPythonModel:
@@ -86,19 +86,13 @@ class TritonPythonModel:
         if gone is not None:
             return gone
         try:
-            pixels = input_array(pb_utils, request, "pixel_values")
+            pixels = input_array(pb_utils, request, PIXEL_VALUES.name)
             rows = len(pixels)
-            beams = optional_int_rows(
-                input_array(pb_utils, request, "beam_size", optional=True), rows, "beam_size"
+            beams, lengths, wanted = (
+                optional_int_rows(input_array(pb_utils, request, t.name, optional=True), rows, t.name)
+                for t in (BEAM_SIZE, MAX_LENGTH, NUM_CAPTIONS)
             )
-            lengths = optional_int_rows(
-                input_array(pb_utils, request, "max_length", optional=True), rows, "max_length"
-            )
-            wanted = request_num_captions(
-                optional_int_rows(
-                    input_array(pb_utils, request, "num_captions", optional=True), rows, "num_captions"
-                )
-            )
+            wanted = request_num_captions(wanted)
             settings = generation_settings(self.captioner, beams, lengths, wanted, self.max_beam_tokens)
             return [(key, (row, n)) for (key, n), row in zip(settings, pixels, strict=True)]
         except Exception as exc:  # noqa: BLE001 - becomes this request's error response

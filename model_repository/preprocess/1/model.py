@@ -28,7 +28,7 @@ from ofa_serving.backend_utils import (
 from ofa_serving.batching import RequestError, run_batched
 from ofa_serving.payloads import PayloadError, decode_image_payload
 from ofa_serving.settings import PreprocessSettings, load_settings
-from ofa_serving.tensors import PIXEL_VALUES, pixel_values
+from ofa_serving.tensors import IMAGE, PIXEL_VALUES, pixel_values
 
 
 class TritonPythonModel:
@@ -64,7 +64,7 @@ class TritonPythonModel:
         return responses(
             pb_utils,
             results,
-            lambda pixels: [pb_utils.Tensor("pixel_values", np.stack(pixels))],
+            lambda pixels: [pb_utils.Tensor(PIXEL_VALUES.name, np.stack(pixels))],
             model_name=self.model_name,
         )
 
@@ -74,7 +74,7 @@ class TritonPythonModel:
         if gone is not None:
             return gone
         try:
-            images = input_array(pb_utils, request, "image")
+            images = input_array(pb_utils, request, IMAGE.name)
             if images.ndim != 2 or images.shape[1] != 1:
                 raise RequestError(f"input 'image' must have shape [batch, 1], got {list(images.shape)}")
             rows = []
