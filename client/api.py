@@ -494,7 +494,12 @@ def api_key_headers(protocol: str, api_key: str | None = None) -> dict[str, str]
     key = read_api_key(api_key)
     if key is None:
         return {}
-    return {GRPC_API_KEY_HEADER if protocol == "grpc" else API_KEY_HEADER: key}
+    return {_key_header(protocol): key}
+
+
+def _key_header(protocol: str) -> str:
+    """The name of the header (gRPC metadata) that carries the inference key for ``protocol``."""
+    return GRPC_API_KEY_HEADER if protocol == "grpc" else API_KEY_HEADER
 
 
 class _HeadersPlugin(_PluginBase):
@@ -518,8 +523,7 @@ def with_api_key(client: Any, protocol: str, api_key: str | None = None) -> Any:
     that call tritonclient directly; :class:`CaptionClient` does this itself."""
     key = read_api_key(api_key)
     if key is not None:
-        header = GRPC_API_KEY_HEADER if protocol == "grpc" else API_KEY_HEADER
-        client.register_plugin(_HeadersPlugin(header, _Secret(key)))
+        client.register_plugin(_HeadersPlugin(_key_header(protocol), _Secret(key)))
     return client
 
 
@@ -657,14 +661,8 @@ class CaptionClient:
         return self._api_key is not None
 
     def __repr__(self) -> str:
-        scheme = {
-            ("grpc", False): "grpc",
-            ("grpc", True): "grpcs",
-            ("http", False): "http",
-            ("http", True): "https",
-        }
         key = "set" if self._api_key is not None else "none"
-        where = f"{scheme[self.protocol, self.ssl]}://{self.address}"
+        where = f"{self.protocol}{'s' if self.ssl else ''}://{self.address}"  # grpc(s):// or http(s)://
         return f"CaptionClient({where!r}, model={self.model!r}, api_key={key})"
 
     # -- connections -----------------------------------------------------------------------------------
@@ -733,8 +731,7 @@ class CaptionClient:
                     network_timeout=timeout,
                 )
             if self._api_key is not None:
-                header = GRPC_API_KEY_HEADER if self.protocol == "grpc" else API_KEY_HEADER
-                client.register_plugin(_HeadersPlugin(header, self._api_key))
+                client.register_plugin(_HeadersPlugin(_key_header(self.protocol), self._api_key))
             self._local.client = client
             self._local.timeout = timeout
             with self._lock:

@@ -30,7 +30,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .api import DEFAULT_DEADLINE, DEFAULT_RETRIES, CaptionClient, CaptionError, ImageSourceError, is_url
+from .api import (
+    DEFAULT_DEADLINE,
+    DEFAULT_RETRIES,
+    DOWNLOAD_TIMEOUT,
+    CaptionClient,
+    CaptionError,
+    ImageSourceError,
+    is_url,
+)
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main"]
 
@@ -140,8 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument(
         "--download-timeout",
         type=float,
-        default=30.0,
-        help="seconds for the whole download of one image URL (default 30)",
+        default=DOWNLOAD_TIMEOUT,
+        help=f"seconds for the whole download of one image URL (default {DOWNLOAD_TIMEOUT:g})",
     )
 
     health = sub.add_parser("health", help="print server and model readiness; exit 1 unless all are ready")

@@ -44,9 +44,9 @@ from load_tests.reliabilitylib import (
     caption_inputs,
     fire,
     format_retries,
+    live_stubs,
     server_pid_on_port,
 )
-from ofa_serving.processes import stub_processes
 
 QUEUE_FULL = "Exceeds maximum queue size"
 QUEUE_TIMEOUT = "Request timeout expired"
@@ -209,11 +209,6 @@ def retrying_clients(args: argparse.Namespace, server: ServerHandle, corpus: Uni
         "attempts": dict(attempts),
         "checks": {"every image captioned": not failed},
     }
-
-
-def live_stubs(pid: int | None) -> dict[str, int]:
-    """``{instance: pid}`` of the server's Python backend stubs (``{}`` when its PID is unknown)."""
-    return {s.instance: s.pid for s in stub_processes(pid)} if pid else {}
 
 
 def run(args: argparse.Namespace, server: ServerHandle) -> dict:

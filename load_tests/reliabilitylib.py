@@ -4,8 +4,8 @@ Standard library + numpy only at import time (``tritonclient`` is imported where
 (``/proc``). tritonserver's processes (its Python backend stubs) are found by :mod:`ofa_serving.processes`.
 
 * processes: :func:`memory_status` and :func:`rss_bytes` (``/proc/<pid>/status``), :func:`shm_pool_bytes`,
-  :func:`server_pid_on_port`, :func:`listening_addresses` (the liveness check is ``ofa_serving.probe``, shipped
-  in the image);
+  :func:`server_pid_on_port`, :func:`listening_addresses`, :func:`live_stubs` (the liveness check is
+  ``ofa_serving.probe``, shipped in the image);
 * memory over time: :class:`RssSampler`, :func:`rss_growth`;
 * bursts: :func:`fire` sends many ``caption`` requests at once over gRPC (asynchronous calls from one thread, so
   a burst really arrives within milliseconds) and returns one :class:`Outcome` per request;
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ofa_serving.processes import server_processes
+from ofa_serving.processes import server_processes, stub_processes
 
 # ------------------------------------------------------------------------------------------- client retries
 
@@ -44,8 +44,7 @@ def retry_cause(error_type: str, message: str) -> str:
 class ClientRetries(logging.Handler):
     """Counts the retries of every ``client.CaptionClient`` in this process by cause, from the DEBUG record the
     client logs per retry (logger ``client``, attributes ``retry_error`` and ``retry_message``). Use as a context
-    manager (or :meth:`start`/:meth:`stop`): it turns that logger's DEBUG records on while installed (and only
-    sends them here)."""
+    manager: it turns that logger's DEBUG records on while installed (and only sends them here)."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -71,14 +70,6 @@ class ClientRetries(logging.Handler):
         """``{"total": n, "by_cause": {cause: count}}``, most frequent cause first."""
         with self._counting:
             return {"total": sum(self.causes.values()), "by_cause": dict(self.causes.most_common())}
-
-    def start(self) -> ClientRetries:
-        """Install (the same as entering the context)."""
-        return self.__enter__()
-
-    def stop(self) -> None:
-        """Remove (the same as leaving the context)."""
-        self.__exit__()
 
     def __enter__(self) -> ClientRetries:
         logger = logging.getLogger("client")
@@ -203,6 +194,11 @@ def listening_addresses(pid: int) -> list[tuple[str, int]]:
     except OSError:
         return []
     return sorted((addr, port) for addr, port, inode in _listening_sockets() if inode in owned)
+
+
+def live_stubs(pid: int | None) -> dict[str, int]:
+    """``{instance: pid}`` of the Python backend stubs of server ``pid`` (``{}`` when its PID is unknown)."""
+    return {s.instance: s.pid for s in stub_processes(pid)} if pid else {}
 
 
 # ------------------------------------------------------------------------------------------- memory

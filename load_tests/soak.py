@@ -42,10 +42,10 @@ from load_tests.reliabilitylib import (
     RssSampler,
     format_retries,
     is_process_key,
+    live_stubs,
     rss_growth,
     server_pid_on_port,
 )
-from ofa_serving.processes import stub_processes
 
 WINDOW_S = 30.0
 MODELS = ("caption", "preprocess", "ofa")
@@ -226,7 +226,7 @@ def server_stubs(server: ServerHandle) -> tuple[int, dict[str, int]]:
     pid = server.pid or server_pid_on_port(server.http_port)
     if pid is None:
         raise SystemExit(f"cannot find the PID of the server on port {server.http_port} (needed for its RSS)")
-    stubs = {s.instance: s.pid for s in stub_processes(pid)}
+    stubs = live_stubs(pid)
     if not stubs:
         raise SystemExit(
             f"process {pid} has no Python backend stubs: is it the tritonserver of this repository?"
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace, server: ServerHandle) -> dict:
         wait_for_users(start_users(args, server, corpus, tally, deadline), tally, sampler, deadline)
         sampler.sample()
         sampler.stop()
-    stubs_after = {s.instance: s.pid for s in stub_processes(pid)}
+    stubs_after = live_stubs(pid)
     growth = rss_growth(sampler.samples, args.warmup_seconds, WINDOW_S)
     metrics_after = server.metrics()
     checks = {

@@ -268,7 +268,7 @@ def _advance(
     order = cand.eos.long() * k + torch.arange(k, device=tokens.device)
     survivors = torch.topk(order, beam, dim=1, largest=False).indices
     parent = torch.gather(cand.beams, 1, survivors)
-    tokens = torch.gather(tokens, 1, parent.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])).clone()
+    tokens = torch.gather(tokens, 1, parent.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # a new tensor
     tokens[:, :, step + 1] = torch.gather(cand.tokens, 1, survivors)
     cum_scores = torch.gather(cand.scores, 1, survivors)
     old_sent = keep if keep is not None else torch.arange(tokens.shape[0], device=tokens.device)

@@ -280,17 +280,20 @@ class ServerProcess:
     def _connect_host(self) -> str:
         return "127.0.0.1" if self.host in ("", "0.0.0.0") else ("::1" if self.host == "::" else self.host)
 
+    def _endpoint(self, port: int) -> str:
+        """``host:port`` to connect to (an IPv6 host in brackets)."""
+        host = self._connect_host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     @property
     def http_address(self) -> str:
         """``host:port`` of the HTTP endpoint (what ``tritonclient.http`` and ``CaptionClient`` take)."""
-        host = self._connect_host
-        return f"[{host}]:{self.http_port}" if ":" in host else f"{host}:{self.http_port}"
+        return self._endpoint(self.http_port)
 
     @property
     def grpc_address(self) -> str:
         """``host:port`` of the gRPC endpoint (what ``tritonclient.grpc`` and ``CaptionClient`` take)."""
-        host = self._connect_host
-        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+        return self._endpoint(self.grpc_port)
 
     @property
     def http_url(self) -> str:
@@ -305,9 +308,7 @@ class ServerProcess:
     @property
     def metrics_url(self) -> str:
         """``http://host:port/metrics``: Prometheus text."""
-        host = self._connect_host
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.metrics_port}/metrics"
+        return f"http://{self._endpoint(self.metrics_port)}/metrics"
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -382,9 +383,8 @@ class ServerProcess:
             preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
         atexit.register(self.stop)
-        if (
-            self.admin_key
-        ):  # for local tools without OFA_ADMIN_KEY (the image's HEALTHCHECK probe): owner-only
+        # for local tools without OFA_ADMIN_KEY (the image's HEALTHCHECK probe): owner-only
+        if self.admin_key:
             write_key_file(self.http_port, self.admin_key)
         return self
 
@@ -624,7 +624,7 @@ class TritonServer(ServerProcess):
         """The server's environment: ours plus LD_LIBRARY_PATH, PATH, PYTHONPATH, OFA_MODEL_DIR, OFA_DRAIN_FILE and
         ``env``."""
         triton = find_triton()
-        env = dict(os.environ)
+        env = super().environment()
 
         def prepend(name: str, *parts: str) -> None:
             old = [p for p in env.get(name, "").split(os.pathsep) if p and p not in parts]
@@ -642,7 +642,6 @@ class TritonServer(ServerProcess):
             env.pop(name, None)
         if self.model_dir is not None:
             env["OFA_MODEL_DIR"] = str(self.model_dir)
-        env["OFA_DRAIN_FILE"] = str(self.drain_file)
         env.update(self.extra_env)
         return env
 

@@ -192,23 +192,14 @@ def prepare_models(settings: ServerSettings, out_dir: str | Path | None = None, 
     from ``OFA_MODEL_REPOSITORY`` (default ``model_repository/``). ``OFA_MODEL_DIR`` may not be set as well, and
     is passed to the server empty, so that each model's ``model_dir`` parameter applies.
     """
-    from .launcher import TritonServer
-
     if settings.model_dir is not None:
         raise SettingsError(
             "environment variables OFA_MODELS and OFA_MODEL_DIR are both set: OFA_MODELS names every checkpoint; "
             "unset OFA_MODEL_DIR"
         )
     models = parse_models(settings.models)
-    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="ofa-model-repository-"))
-    try:
-        generate_repository(models, out, settings.model_repository, resolve_profile(settings.profile))
-    except BaseException:
-        if out_dir is None:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    server = TritonServer.from_settings(
-        settings, model_repository=out, model_dir=None, env={"OFA_MODEL_DIR": ""}, **server_options
+    server, out = _generated_server(
+        settings, models, resolve_profile(settings.profile), out_dir, server_options
     )
     return server, models, out
 
@@ -226,11 +217,20 @@ def prepare_server(settings: ServerSettings, model_dir: str | Path, **server_opt
     if profile == "cpu":
         return TritonServer.from_settings(settings, model_dir=model_dir, **server_options), None
     models = [ServedModel(DEFAULT_NAME, Path(model_dir).resolve(), *step_names(DEFAULT_NAME))]
-    out = Path(tempfile.mkdtemp(prefix="ofa-model-repository-"))
+    return _generated_server(settings, models, profile, None, server_options)
+
+
+def _generated_server(settings: ServerSettings, models, profile: str, out_dir, server_options):
+    """``(TritonServer, repository)``: ``models`` generated into ``out_dir`` (default: a new temporary directory,
+    removed again if the generation fails), served with each model's own ``model_dir`` parameter."""
+    from .launcher import TritonServer
+
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="ofa-model-repository-"))
     try:
         generate_repository(models, out, settings.model_repository, profile)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        if out_dir is None:
+            shutil.rmtree(out, ignore_errors=True)
         raise
     server = TritonServer.from_settings(
         settings, model_repository=out, model_dir=None, env={"OFA_MODEL_DIR": ""}, **server_options

@@ -306,13 +306,12 @@ def detect_runtime(binary: Path | None = None, environ: Mapping[str, str] | None
     version (:data:`PYTRITON_TRITON`).
     """
     environ = os.environ if environ is None else environ
-    roots = [binary.resolve().parent.parent] if binary is not None else [Path("/opt/tritonserver")]
-    for root in roots:
-        marker = root / "TRITON_VERSION"
-        if marker.is_file():
-            version = marker.read_text().strip() or None
-            release = environ.get("NVIDIA_TRITON_SERVER_VERSION", "").strip() or None
-            return TritonRuntime(version, release, str(marker))
+    root = binary.resolve().parent.parent if binary is not None else Path("/opt/tritonserver")
+    marker = root / "TRITON_VERSION"
+    if marker.is_file():
+        version = marker.read_text().strip() or None
+        release = environ.get("NVIDIA_TRITON_SERVER_VERSION", "").strip() or None
+        return TritonRuntime(version, release, str(marker))
     if binary is None or "pytriton" in binary.parts:
         try:
             wheel = importlib.metadata.version("nvidia-pytriton")

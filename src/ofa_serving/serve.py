@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .launcher import ServerStartError, TritonServer, find_triton
 from .repository import DEFAULT_NAME, prepare_models, prepare_server
-from .security import API_HEADER, check_exposure, detect_runtime
+from .security import API_HEADER, admin_key_from_settings, check_exposure, detect_runtime
 from .settings import (
     SecuritySettings,
     ServerSettings,
@@ -39,7 +39,7 @@ from .settings import (
     SupervisorSettings,
     load_settings,
 )
-from .supervisor import StopSignals, describe_exit, exit_status, new_admin_key, run_supervised
+from .supervisor import StopSignals, describe_exit, exit_status, run_supervised
 
 __all__ = ["prepare_checkpoint", "usage_text", "parse_args", "main"]
 
@@ -141,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         security = load_settings(SecuritySettings)
         # before anything is downloaded or started: a vulnerable server stays on loopback unless overridden
         check_exposure(settings.host, detect_runtime(find_triton().binary), security.allow_unpatched_triton)
-        admin_key = new_admin_key() if supervision.supervise else None
+        admin_key = admin_key_from_settings(security) if supervision.supervise else None
         if settings.models:
-            server, served, generated = prepare_models(settings, admin_key=admin_key)
+            server, served, generated = prepare_models(settings, admin_key=admin_key, security=security)
             kind, names = "configured", tuple(m.name for m in served)
             what = ", ".join(f"{m.name} <- {m.checkpoint}" for m in served) + f" (repository {generated})"
         else:
             model_dir, kind = prepare_checkpoint(settings)
-            server, generated = prepare_server(settings, model_dir, admin_key=admin_key)
+            server, generated = prepare_server(settings, model_dir, admin_key=admin_key, security=security)
             names, what = (DEFAULT_NAME,), f"{model_dir} ({kind})"
             what += f" (gpu profile, repository {generated})" if generated else ""
     except (SettingsError, ServerStartError, OSError) as exc:

@@ -269,16 +269,7 @@ class Supervisor:
                 f"{model}: NOT healed after {seconds:.1f} s (load: HTTP {status} {text}; probe: {check.status} "
                 f"{check.detail}); {self._failed_heals[model]} failed heal(s) in a row"
             )
-        self.events.append(
-            {
-                "time": time.time(),
-                "model": model,
-                "reason": reason,
-                "healed": ok,
-                "seconds": round(seconds, 2),
-            }
-        )
-        self.events = self.events[-50:]
+        self._event(model=model, reason=reason, healed=ok, seconds=round(seconds, 2))
         if not ok and self._failed_heals[model] >= self.max_heal_failures:
             self._restart_or_give_up(model)
         self._write_state()
@@ -305,6 +296,10 @@ class Supervisor:
         self.restarts += 1
         self.restart_server()
 
+    def _event(self, **fields: Any) -> None:
+        """Remember an event (heal, crash) for the state file: the last 50."""
+        self.events = [*self.events[-49:], {"time": time.time(), **fields}]
+
     def _write_state(self) -> None:
         if self.state_file is None:
             return
@@ -327,16 +322,7 @@ class Supervisor:
             self.restarts += 1
         else:
             self.gave_up = True
-        self.events.append(
-            {
-                "time": time.time(),
-                "server": "tritonserver",
-                "reason": how,
-                "restarted": restarting,
-                "seconds": None,
-            }
-        )
-        self.events = self.events[-50:]
+        self._event(server="tritonserver", reason=how, restarted=restarting, seconds=None)
         self._write_state()
 
     def server_back(self, seconds: float) -> None:
@@ -780,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(SupervisorSettings)
         security = load_settings(SecuritySettings)
-        key, api_key = new_admin_key(), api_key_from_settings(security)
+        key, api_key = admin_key_from_settings(security), api_key_from_settings(security)
         tls = grpc_tls_flags(security.grpc_tls_cert, security.grpc_tls_key, security.grpc_tls_ca)
     except SettingsError as exc:
         _log(f"error: {exc}")
@@ -790,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     # the admin APIs behind the key, inference behind OFA_API_KEY if set, gRPC over TLS if configured; its start
     # writes the key file that the image's HEALTHCHECK probe reads (owner-only); the supervisor's probes send both keys
     server = ServerProcess.from_command(
-        command + model_control_flags(key, api_key)[2:] + tls, admin_key=key, api_key=api_key
+        command + restricted_api_flags(key, api_key) + tls, admin_key=key, api_key=api_key
     )
     stop = StopSignals(server, _log, second_kills=False).install()
     server.start()

@@ -143,8 +143,3 @@ class TritonHttp:
         """``GET /v2/models/<model>/config``: the model's configuration as JSON (an admin API); raises as
         :meth:`statistics`."""
         return self._json("GET", f"{self._model(model)}/config", timeout=timeout)
-
-    @staticmethod
-    def metrics(metrics_url: str, timeout: float = 10.0) -> str:
-        """The Prometheus text of ``metrics_url`` (:func:`scrape`)."""
-        return scrape(metrics_url, timeout)

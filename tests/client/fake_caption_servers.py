@@ -206,6 +206,26 @@ class FakeGrpcServer:
 # -- HTTP --------------------------------------------------------------------------------------------------
 
 
+#: The JSON body of Triton's HTTP answer to a ``caption`` inference: CAPTION with SCORE.
+CAPTION_ANSWER = {
+    "model_name": "caption",
+    "outputs": [
+        {"name": "caption", "datatype": "BYTES", "shape": [1, 1], "data": [CAPTION]},
+        {"name": "score", "datatype": "FP32", "shape": [1, 1], "data": [SCORE]},
+    ],
+}
+
+
+def reply_json(handler: http.server.BaseHTTPRequestHandler, status: int, payload: dict) -> None:
+    """Answer the request ``handler`` serves with ``status`` and ``payload`` as JSON."""
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class FakeHttpServer:
     """HTTP stand-in on 127.0.0.1 (HTTPS with ``certificates``); ``api_key`` restricts inference as Triton's
     ``--http-restricted-api`` does (403 with its message); records the headers of every inference."""
@@ -218,34 +238,19 @@ class FakeHttpServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def _reply(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                self._reply(200, {})  # health: live, ready, model ready
+                reply_json(self, 200, {})  # health: live, ready, model ready
 
             def do_POST(self) -> None:  # noqa: N802
                 self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 owner.infer_headers.append(headers)
                 if owner.api_key is not None and headers.get(HTTP_HEADER) != owner.api_key:
-                    self._reply(403, {"error": f"This API is restricted, expecting header '{HTTP_HEADER}'"})
+                    reply_json(
+                        self, 403, {"error": f"This API is restricted, expecting header '{HTTP_HEADER}'"}
+                    )
                     return
-                self._reply(
-                    200,
-                    {
-                        "model_name": "caption",
-                        "outputs": [
-                            {"name": "caption", "datatype": "BYTES", "shape": [1, 1], "data": [CAPTION]},
-                            {"name": "score", "datatype": "FP32", "shape": [1, 1], "data": [SCORE]},
-                        ],
-                    },
-                )
+                reply_json(self, 200, CAPTION_ANSWER)
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -29,7 +29,7 @@ from client.api import (
     ServerUnavailableError,
 )
 
-from .fake_caption_servers import CAPTION, GRPC_HEADER, FakeGrpcServer
+from .fake_caption_servers import CAPTION, CAPTION_ANSWER, GRPC_HEADER, FakeGrpcServer, reply_json
 
 KEY = "retry-test-key-0123456789"
 STUB_DEAD = "in ensemble 'caption', Stub process 'ofa_0_0' is not healthy."
@@ -383,22 +383,9 @@ class TritonLikeHttp:
                 owner.calls += 1
                 if owner.answers:
                     status, message = owner.answers.pop(0)
-                    payload = {"error": message}
+                    reply_json(self, status, {"error": message})
                 else:
-                    status = 200
-                    payload = {
-                        "model_name": "caption",
-                        "outputs": [
-                            {"name": "caption", "datatype": "BYTES", "shape": [1, 1], "data": [CAPTION]},
-                            {"name": "score", "datatype": "FP32", "shape": [1, 1], "data": [-0.5]},
-                        ],
-                    }
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                    reply_json(self, 200, CAPTION_ANSWER)
 
             def log_message(self, *args):
                 pass

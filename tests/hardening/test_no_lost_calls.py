@@ -184,37 +184,39 @@ def _assert_nothing_lost(traffic: Traffic, figures: dict) -> None:
     assert figures["retries"] > 0, "the outage was not seen by any call: the test proves nothing"
 
 
+def _kill_under_load(serving, pid, marker, event, title):
+    """SIGKILL pid under mixed-protocol load, wait for `marker` in the log, then check no call was lost."""
+    grpc, http = _addresses(serving)
+    with Traffic(grpc, http) as traffic:
+        wait_for(lambda: traffic.done_after(0) >= 4, 120, "captions before the kill")
+        seen = serving.text().count(marker)
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: serving.text().count(marker) > seen, OUTAGE_BOUND_S, f"the {event}")
+        back = time.monotonic()
+        wait_for(lambda: traffic.done_after(back) >= CALLS_AFTER, 120, f"captions after the {event}")
+    _assert_nothing_lost(traffic, traffic.figures(title.format(back - killed)))
+
+
 @pytest.mark.integration
 def test_a_heal_under_load_loses_no_call(serving):
     server = wait_for(serving.server_pid, 30, "one tritonserver")
     (stub,) = stub_pids(server, "ofa")
-    grpc, http = _addresses(serving)
-    with Traffic(grpc, http) as traffic:
-        wait_for(lambda: traffic.done_after(0) >= 4, 120, "captions before the kill")
-        heals = serving.text().count("ofa: healed in")
-        os.kill(stub, signal.SIGKILL)
-        killed = time.monotonic()
-        wait_for(lambda: serving.text().count("ofa: healed in") > heals, OUTAGE_BOUND_S, "the heal")
-        healed = time.monotonic()
-        wait_for(lambda: traffic.done_after(healed) >= CALLS_AFTER, 120, "captions after the heal")
-    figures = traffic.figures(f"heal (ofa stub SIGKILLed, healed {healed - killed:.1f} s later)")
-    _assert_nothing_lost(traffic, figures)
+    _kill_under_load(
+        serving, stub, "ofa: healed in", "heal", "heal (ofa stub SIGKILLed, healed {:.1f} s later)"
+    )
 
 
 @pytest.mark.integration
 def test_a_tritonserver_restart_under_load_loses_no_call(serving):
     old = wait_for(serving.server_pid, 30, "one tritonserver")
-    grpc, http = _addresses(serving)
-    with Traffic(grpc, http) as traffic:
-        wait_for(lambda: traffic.done_after(0) >= 4, 120, "captions before the kill")
-        restarts = serving.text().count("is ready again")
-        os.kill(old, signal.SIGKILL)
-        killed = time.monotonic()
-        wait_for(lambda: serving.text().count("is ready again") > restarts, OUTAGE_BOUND_S, "the restart")
-        back = time.monotonic()
-        wait_for(lambda: traffic.done_after(back) >= CALLS_AFTER, 120, "captions after the restart")
-    figures = traffic.figures(f"restart (tritonserver SIGKILLed, ready again {back - killed:.1f} s later)")
-    _assert_nothing_lost(traffic, figures)
+    _kill_under_load(
+        serving,
+        old,
+        "is ready again",
+        "restart",
+        "restart (tritonserver SIGKILLed, ready again {:.1f} s later)",
+    )
     assert serving.server_pid() not in (None, old)
 
 
