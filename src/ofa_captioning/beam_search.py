@@ -121,7 +121,7 @@ def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 @torch.inference_mode()
 def beam_search(
-    model: OFAModel, encoder_out: EncoderOutput, settings: BeamSearchSettings
+    model: OFAModel, encoder_out: EncoderOutput, settings: BeamSearchSettings, *, cuda_graphs: bool = False
 ) -> list[list[Hypothesis]]:
     """Beam search for every image of ``encoder_out``.
 
