@@ -6,9 +6,13 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 # The torch build make setup installs: auto (CPU without an NVIDIA driver, else the CUDA build the driver runs),
-# cpu, cu126, cu130 or cu132 (also read from the environment: TORCH=cpu make setup).
-TORCH ?= auto
+# cpu, cu126, cu130 or cu132 (also read from the environment: TORCH=cpu make setup); or system: none, .venv is
+# created with --system-site-packages and reuses the host's torch (NGC PyTorch, cloud images), checked first. A
+# .venv set up with TORCH=system keeps it for later targets unless TORCH is given.
+TORCH ?= $(if $(wildcard $(VENV)/.torch-system),system,auto)
 TORCH_STAMP := $(VENV)/.torch-$(TORCH)
+# The pinned runtime pip installs: with TORCH=system, requirements/runtime.txt without its torch line.
+RUNTIME_REQS := $(if $(filter system,$(TORCH)),$(VENV)/runtime-without-torch.txt,requirements/runtime.txt)
 PLATFORM_CHECK := requirements/platform_check.py
 # Where `make serve` and the tests find the demo checkpoint when OFA_MODEL_DIR is not set.
 DEMO_CHECKPOINT ?= checkpoints/ofa-tiny-demo
@@ -16,8 +20,8 @@ export DEMO_CHECKPOINT
 
 .PHONY: setup setup-dev check-platform serve test test-unit lint bench bench-engine load-test soak burst clean
 
-## setup: check the platform, create .venv, install torch (TORCH=auto|cpu|cu126|cu130|cu132), the pinned runtime and
-## the product (ofa_captioning, ofa_serving, ofa_eval, client)
+## setup: check the platform, create .venv, install torch (TORCH=auto|cpu|cu126|cu130|cu132; TORCH=system reuses the
+## host's torch), the pinned runtime and the product (ofa_captioning, ofa_serving, ofa_eval, client)
 setup: $(RUNTIME_STAMP)
 
 ## check-platform: what make setup checks first, and the torch build TORCH means on this machine
@@ -27,14 +31,19 @@ check-platform:
 # The platform check runs under $(PYTHON) before the environment exists or anything is downloaded; then torch
 # of the chosen build, before the rest, so that the torch==VERSION line of runtime.txt finds it installed.
 # One stamp per TORCH value: asking for another build reinstalls torch and nothing else (order-only below).
+# TORCH=system: the check imports the host's torch in $(PYTHON) (version, CUDA, numpy beside it), the venv sees it
+# through --system-site-packages, and --install-torch only checks it again from inside.
 $(TORCH_STAMP): requirements/runtime.txt
 	@$(PYTHON) $(PLATFORM_CHECK) --torch $(TORCH)
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(PYTHON) -m venv $(if $(filter system,$(TORCH)),--system-site-packages) $(VENV)
 	$(PY) $(PLATFORM_CHECK) --install-torch $(TORCH)
 	@rm -f $(VENV)/.torch-* && touch $@
 
-$(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml | $(TORCH_STAMP)
-	$(PY) -m pip install -q -r requirements/runtime.txt
+$(VENV)/runtime-without-torch.txt: requirements/runtime.txt | $(TORCH_STAMP)
+	grep -v -E '^[[:space:]]*torch[[:space:]]*==' requirements/runtime.txt > $@
+
+$(RUNTIME_STAMP): requirements/runtime.txt $(RUNTIME_REQS) pyproject.toml | $(TORCH_STAMP)
+	$(PY) -m pip install -q -r $(RUNTIME_REQS)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . || $(PY) -m pip install -q --no-deps -e .
 	@touch $@
 
@@ -42,7 +51,7 @@ $(RUNTIME_STAMP): requirements/runtime.txt pyproject.toml | $(TORCH_STAMP)
 setup-dev: $(DEV_STAMP)
 
 $(DEV_STAMP): requirements/dev.txt load_tests/pyproject.toml $(RUNTIME_STAMP)
-	$(PY) -m pip install -q -r requirements/runtime.txt -r requirements/dev.txt
+	$(PY) -m pip install -q -r $(RUNTIME_REQS) -r requirements/dev.txt
 	# fairseq is imported by ModelScope's OFA package; --no-deps keeps torchaudio out,
 	# --no-build-isolation keeps pip from putting a CUDA torch into the build environment.
 	$(PY) -c "import fairseq" 2>/dev/null || $(PY) -m pip install -q --no-deps --no-build-isolation fairseq-fixed==0.12.3.1
@@ -103,10 +112,22 @@ BENCH_ARGS ?=
 bench: setup-dev
 	$(PY) load_tests/bench.py $(BENCH_ARGS)
 
-## bench-gpu: the same on CUDA in float16 (engine and server); refuses (exit 2) where torch sees no CUDA device
+## bench-gpu: the GPU deployment: the engine on decoded pixels (batches 1/8/32/64; float16, float32, bfloat16) with
+## its per-step split, then the gpu serving profile at concurrency 1/8/32/64, GPU utilisation throughout; exits 1
+## when a target is missed, refuses (exit 2) where torch sees no CUDA device; needs `make setup` only (no
+## ModelScope); load_tests/results/bench_gpu.{json,md}. On a CPU: BENCH_GPU_ARGS="--device cpu --quick" (smoke test)
+BENCH_GPU_ARGS ?=
+BENCH_GPU_STAMP := $(VENV)/.bench-gpu-installed
 .PHONY: bench-gpu
-bench-gpu: setup-dev
-	$(PY) load_tests/bench.py --device cuda --dtype float16 --name bench_gpu $(BENCH_ARGS)
+bench-gpu: $(BENCH_GPU_STAMP)
+	$(PY) load_tests/bench_gpu.py $(BENCH_GPU_ARGS)
+
+# The harness without the dev set (no ModelScope, fairseq or test tools): the load_tests package and the
+# Prometheus parser it reads Triton's metrics with, at the dev set's pin.
+$(BENCH_GPU_STAMP): requirements/dev.txt load_tests/pyproject.toml $(RUNTIME_STAMP)
+	$(PY) -m pip install -q $$(grep -E '^prometheus_client==' requirements/dev.txt)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e load_tests || $(PY) -m pip install -q --no-deps -e load_tests
+	@touch $@
 
 ## soak: steady load for SOAK_SECONDS (default 600): zero failed requests, RSS of server + stubs flat; load_tests/results/soak.json
 SOAK_SECONDS ?= 600
@@ -141,7 +162,7 @@ eval: $(EVAL_STAMP)
 	$(PY) -m ofa_eval run $(EVAL_DATASET) $(if $(EVAL_IMAGES),--images $(EVAL_IMAGES)) $(if $(EVAL_URL),--url $(EVAL_URL)) $(if $(EVAL_ENGINE),--engine $(EVAL_ENGINE)) $(EVAL_ARGS)
 
 $(EVAL_STAMP): requirements/eval.txt $(RUNTIME_STAMP)
-	$(PY) -m pip install -q -r requirements/runtime.txt -r requirements/eval.txt
+	$(PY) -m pip install -q -r $(RUNTIME_REQS) -r requirements/eval.txt
 	@touch $@
 
 # The evaluation tests (tests/eval, in `make test`) need the same packages: requirements/dev.txt includes

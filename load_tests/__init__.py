@@ -8,7 +8,8 @@ before ``tritonclient.grpc`` is imported.
 Modules:
     tool            the one skeleton of the tools (``Tool``, ``main``: arguments -> server -> load -> checks ->
                     report -> verdict -> exit status), the one timer (``Stopwatch``, ``timed``) and verdict printer
-    bench           ``make bench``/``bench-gpu``: reference vs engine in-process vs the served ensemble
+    bench           ``make bench``: reference vs engine in-process vs the served ensemble
+    bench_gpu       ``make bench-gpu``: the GPU deployment (engine on decoded pixels, the gpu profile served)
     bench_engine    ``make bench-engine``: engine vs reference alternating on pixels; ``timed_calls``, the one
                     engine-vs-reference measurement, which ``bench`` uses too
     engine_profile  the engine's per-stage profile, operator families per decoder step, arithmetic floor

@@ -21,8 +21,8 @@ Targets (``bench_report.py``): served closed-loop throughput at concurrency 8 >=
 served p50 at concurrency 1 <= 1.15x the engine's batch-1 latency; the highest open-loop rate held >= 90 % of the
 engine's best; no failed request; no response-cache hit. A missed target prints a red ``[FAIL]`` line and exits 1
 (``--report-only``: exit 0); a run whose skipped paths leave no target to check exits 1 too. ``--device cuda``
-(``make bench-gpu``) runs the engine and the server on CUDA and refuses at once, exit 2, where torch sees no CUDA
-device.
+runs the engine and the server on CUDA and refuses at once, exit 2, where torch sees no CUDA device (``make
+bench-gpu`` is ``bench_gpu.py``: the GPU profile, decoded pixels, up to batch 64).
 
 Writes ``load_tests/results/bench.json``, ``bench.md`` and ``bench_open_loop.png``.
 """

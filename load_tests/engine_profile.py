@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from load_tests.tool import timed
 
+#: The row of :func:`beam_op_profile` that counts every operator of a step.
+OPERATORS_PER_STEP = "operators per step"
+
 # Operator families of the beam-search profile (first match wins). The output projection is the matrix product
 # with a vocabulary-sized operand; prepacked oneDNN linears are ``mkldnn::_linear_pointwise``.
 _MATMULS = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
@@ -84,20 +87,23 @@ def stage_profile(engine, images: list[bytes], batch: int) -> dict:
     }
 
 
-def beam_op_profile(model, enc, settings, steps: int) -> list[dict]:
+def beam_op_profile(model, enc, settings, steps: int, search=None) -> list[dict]:
     """One beam search under torch.profiler: self time and calls of each operator family per decoder step.
 
     Times are the profiler's (its overhead inflates small operators); the last rows are the time spent outside
-    ATen operators (Python, dispatch) and the number of operators a step runs.
+    ATen operators (Python, dispatch) and the number of operators a step runs. ``search`` is the beam search
+    profiled, called as ``search(model, enc, settings)`` (default: the engine's ``beam_search``; the
+    decode-step comparison passes the baseline's).
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from ofa_captioning.beam_search import beam_search
+    if search is None:
+        from ofa_captioning.beam_search import beam_search as search
 
     per_step = max(steps, 1)
     vocab = model.config.vocab_size
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        _, wall_s = timed(beam_search, model, enc, settings)
+        _, wall_s = timed(search, model, enc, settings)
     events = [
         e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith(("aten::", "mkldnn::"))
     ]
@@ -124,9 +130,15 @@ def beam_op_profile(model, enc, settings, steps: int) -> list[dict]:
         }
     )
     rows.append(
-        {"family": "operators per step", "ms_per_step": None, "calls_per_step": _count(events) / per_step}
+        {"family": OPERATORS_PER_STEP, "ms_per_step": None, "calls_per_step": _count(events) / per_step}
     )
     return rows
+
+
+def operators_per_step(model, enc, settings, steps: int, search=None) -> float:
+    """ATen operators a decoder step runs: :func:`beam_op_profile`'s count (one profiled beam search)."""
+    rows = beam_op_profile(model, enc, settings, steps, search)
+    return next(r["calls_per_step"] for r in rows if r["family"] == OPERATORS_PER_STEP)
 
 
 def _count(events) -> int:

@@ -15,9 +15,13 @@ The platform: ``nvidia-pytriton`` (which carries the ``tritonserver`` binary) is
 (torch 2.13 too): so Linux on x86_64 with glibc 2.35 or newer and Python 3.10-3.13.
 
 The torch build (``TORCH``): ``auto`` picks the CPU build where no NVIDIA driver answers and the newest CUDA
-build the driver can run where one does; ``cpu``, ``cu126``, ``cu130`` and ``cu132`` choose one. The pure
-functions (``platform_problem``, ``choose_torch_build``, ``torch_requirement``) take descriptions, so the tests
-feed them fake machines; ``main()`` reads the real one.
+build the driver can run where one does; ``cpu``, ``cu126``, ``cu130`` and ``cu132`` choose one. ``system``
+installs none: the environment is created with ``--system-site-packages`` and reuses the torch of the Python that
+creates it (an NGC PyTorch or cloud image), once ``system_torch_problem`` finds it importable, of a supported
+version (``SYSTEM_TORCH_RANGE``) and says whether it has CUDA; it also says where the numpy or the Python beside
+that torch conflicts with the tritonserver stub. The pure functions (``platform_problem``, ``choose_torch_build``,
+``torch_requirement``, ``system_torch_problem``) take descriptions, so the tests feed them fake machines;
+``main()`` reads the real one.
 """
 
 # ruff: noqa: UP006, UP007, UP035, UP045 -- typing.Optional/List/Tuple: this file must run on old Pythons.
@@ -131,7 +135,9 @@ TORCH_BUILDS = {
     "cu130": TorchBuild("cu130", "13.0", 580, "PyPI's default Linux build; Turing and newer"),
     "cu132": TorchBuild("cu132", "13.2", 580, "experimental in PyTorch; Turing and newer"),
 }
-TORCH_CHOICES = ("auto",) + tuple(TORCH_BUILDS)
+#: ``TORCH=system``: no torch is installed; the environment reuses the one of the Python that creates it.
+SYSTEM = "system"
+TORCH_CHOICES = ("auto",) + tuple(TORCH_BUILDS) + (SYSTEM,)
 
 
 class TorchChoiceError(ValueError):
@@ -217,6 +223,134 @@ def build_satisfied(build: TorchBuild, installed: Optional[str], version: str) -
     return installed == f"{version}+{build.name}"
 
 
+# --- TORCH=system: the torch already installed on the host ------------------------------------------------------
+
+# What a Python reports about its numpy and torch (run in that Python, so that a broken torch cannot stop this one).
+_PROBE = """
+import json, sys
+info = {"python": list(sys.version_info[:2]), "executable": sys.executable}
+try:
+    import numpy
+    info["numpy"] = numpy.__version__
+except Exception:
+    info["numpy"] = None
+try:
+    import torch
+except Exception as exc:
+    info["error"] = "{}: {}".format(type(exc).__name__, (str(exc).strip().splitlines() or [""])[-1])
+else:
+    available = torch.cuda.is_available()
+    info.update(
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        cuda_available=available,
+        gpus=torch.cuda.device_count() if available else 0,
+        gpu_name=torch.cuda.get_device_name(0) if available else None,
+        path=torch.__file__,
+    )
+print(json.dumps(info))
+"""
+
+# The numpy the tritonserver stub needs (requirements/runtime.txt pins 1.26.4): numpy 2 corrupts BYTES tensors.
+STUB_NUMPY_BELOW = (2,)
+
+
+def system_torch_range(pinned: str) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The torch versions ``TORCH=system`` accepts: from the pin's minor version (runtime.txt, the version the
+    engine and its parity tests run on; older ones lack nothing known but are not tested) up to, not including,
+    the next major version."""
+    major, minor = _version(pinned)[:2]
+    return (major, minor), (major + 1,)
+
+
+def system_torch_problem(info: dict, pinned: str) -> Tuple[Optional[str], List[str]]:
+    """Whether the system torch described by ``info`` (what ``_PROBE`` prints) can serve: the one sentence that
+    says why not (None if it can), and the notes to print (its CUDA, a numpy the venv replaces)."""
+    python = info.get("executable") or "python3"
+    low, high = PYTHON_RANGE
+    version = tuple(info.get("python") or ())
+    if version and not low <= version <= high:
+        return (
+            f"TORCH=system reuses the packages of {python}, in whose Python the tritonserver stub then runs the "
+            f"models, and the stubs of nvidia-pytriton cover Python 3.8 to 3.13 (this project needs 3.10+), but it "
+            f"is Python {_dotted(version)}: use TORCH=auto, or `PYTHON=` a Python 3.10 to 3.13 that has torch.",
+            [],
+        )
+    if info.get("error"):
+        return (
+            f"TORCH=system needs a torch that {python} imports, but `import torch` failed ({info['error']}): "
+            f"install torch for that Python, run `make setup TORCH=system PYTHON=<the Python that has torch>`, "
+            f"or use TORCH=auto.",
+            [],
+        )
+    torch, (lowest, above) = info.get("torch") or "?", system_torch_range(pinned)
+    if not lowest <= _version(torch)[:2] < above:
+        return (
+            f"TORCH=system needs torch {_dotted(lowest)} or a newer {lowest[0]}.x (this project pins {pinned} and "
+            f"is tested on it), but {python} has torch {torch}: use TORCH=auto to install the pinned build.",
+            [],
+        )
+    if not info.get("cuda"):
+        notes = [f"torch {torch} of {python} is a CPU build: the engine and the server will run on the CPU"]
+    elif not info.get("cuda_available"):
+        notes = [
+            f"torch {torch} of {python} is a CUDA {info['cuda']} build but sees no GPU (no driver, or "
+            f"CUDA_VISIBLE_DEVICES hides them): the engine and the server will run on the CPU"
+        ]
+    else:
+        notes = [
+            f"torch {torch} of {python}: CUDA {info['cuda']}, {info.get('gpus')} GPU(s), {info.get('gpu_name')}"
+        ]
+    numpy = info.get("numpy")
+    if numpy and _version(numpy)[:1] >= STUB_NUMPY_BELOW:
+        notes.append(
+            f"numpy {numpy} is installed beside that torch, but the Python-backend stub of tritonserver 2.51 "
+            f"corrupts BYTES tensors under numpy 2: .venv gets the pinned numpy<2 of requirements/runtime.txt "
+            f"over it, and a system package built for numpy 2 only will not import inside .venv"
+        )
+    return None, notes
+
+
+def probe_python(python: str) -> dict:
+    """What ``python`` reports about its numpy and torch (``_PROBE``); ``{"error": ...}`` if it cannot say."""
+    try:
+        out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"executable": python, "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"executable": python, "error": last}
+
+
+def venv_without_system_packages(prefix: str) -> bool:
+    """Whether the environment at ``prefix`` was created without ``--system-site-packages`` (its pyvenv.cfg)."""
+    cfg = Path(prefix) / "pyvenv.cfg"
+    if not cfg.is_file():
+        return False
+    found = re.search(r"include-system-site-packages\s*=\s*(\w+)", cfg.read_text())
+    return bool(found) and found.group(1).lower() != "true"
+
+
+def check_system_torch(python: str) -> int:
+    """Print the verdict on the torch ``python`` imports (``TORCH=system``); 0 if it can serve, else 1."""
+    if sys.prefix != sys.base_prefix and venv_without_system_packages(sys.prefix):
+        print(
+            f"error: TORCH=system reuses the system's torch through --system-site-packages, but {sys.prefix} was "
+            "created without them: run `make clean`, then `make setup TORCH=system`.",
+            file=sys.stderr,
+        )
+        return 1
+    problem, notes = system_torch_problem(probe_python(python), torch_version())
+    if problem:
+        print("error: " + problem, file=sys.stderr)
+        return 1
+    for note in notes:
+        print(("warning: " if note.startswith("numpy") else "") + note)
+    return 0
+
+
 # --- installing (runs inside the new environment: sys.executable is its Python) ---------------------------------
 
 
@@ -254,7 +388,10 @@ def resolved_from_configured_indexes(requirement: str) -> Optional[str]:
 
 
 def install_torch(requested: str) -> int:
-    """Install the chosen torch build into this environment unless it is there; the exit code."""
+    """Install the chosen torch build into this environment unless it is there; the exit code. ``system``
+    installs nothing: it checks the torch this environment sees through its system site-packages."""
+    if (requested or "").strip().lower() == SYSTEM:
+        return check_system_torch(sys.executable)
     try:
         build, reason = choose_torch_build(requested, detect_nvidia_driver())
     except TorchChoiceError as exc:
@@ -298,6 +435,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if problem:
         print("error: " + problem, file=sys.stderr)
         return 1
+    if args.torch is not None and args.torch.strip().lower() == SYSTEM:
+        code = check_system_torch(sys.executable)
+        if code == 0:
+            print("platform ok; torch: the system's (TORCH=system)")
+        return code
     if args.torch is not None:
         try:
             build, reason = choose_torch_build(args.torch, detect_nvidia_driver())

@@ -116,7 +116,7 @@ def test_a_bad_torch_value_is_refused_with_the_choices(bad):
         pc.choose_torch_build(bad, "580.95.05")
     assert (
         str(err.value)
-        == f"TORCH={bad!r} is not a build of torch {TORCH}: use one of auto, cpu, cu126, cu130, cu132."
+        == f"TORCH={bad!r} is not a build of torch {TORCH}: use one of auto, cpu, cu126, cu130, cu132, system."
     )
 
 
@@ -266,3 +266,118 @@ def test_runs_by_path_with_the_standard_library_only():
     )
     assert bad.returncode == 2
     assert "TORCH='cu128' is not a build of torch" in bad.stderr
+
+
+# --- TORCH=system --------------------------------------------------------------------------------------------
+
+NGC = {
+    "python": [3, 12],
+    "executable": "/usr/bin/python3",
+    "numpy": "1.26.4",
+    "torch": "2.13.0a0+ecf3bae40a.nv26.01",  # NGC PyTorch labels its builds as pre-releases
+    "cuda": "13.0",
+    "cuda_available": True,
+    "gpus": 8,
+    "gpu_name": "NVIDIA H100 80GB HBM3",
+}
+
+
+def one_system_sentence(message: str) -> str:
+    assert message.startswith("TORCH=system ")
+    assert message.endswith(".") and ". " not in message, message
+    return message
+
+
+@pytest.mark.parametrize("version", ["2.13.0a0+ecf3bae40a.nv26.01", "2.13.0", "2.13.1+cu126", "2.14.0"])
+def test_system_torch_of_a_supported_version_with_cuda_passes(version):
+    problem, notes = pc.system_torch_problem({**NGC, "torch": version}, "2.13.0")
+    assert problem is None
+    assert notes == [f"torch {version} of /usr/bin/python3: CUDA 13.0, 8 GPU(s), NVIDIA H100 80GB HBM3"]
+
+
+@pytest.mark.parametrize("version", ["2.12.1", "2.6.0a0+df5bbc09d1.nv24.11", "3.0.0", "nonsense"])
+def test_system_torch_outside_the_supported_range_is_refused_in_one_sentence(version):
+    problem, _ = pc.system_torch_problem({**NGC, "torch": version}, "2.13.0")
+    message = one_system_sentence(problem)
+    assert f"has torch {version}" in message and "needs torch 2.13 or a newer 2.x" in message
+    assert "use TORCH=auto" in message
+
+
+def test_the_supported_range_follows_the_pin():
+    assert pc.system_torch_range("2.13.0") == ((2, 13), (3,))
+    assert pc.system_torch_problem({**NGC, "torch": "2.14.0"}, "2.15.0")[0] is not None
+
+
+def test_a_python_without_torch_is_refused_with_what_to_do():
+    info = {"python": [3, 11], "executable": "/usr/bin/python3", "numpy": None}
+    problem, _ = pc.system_torch_problem(
+        {**info, "error": "ModuleNotFoundError: No module named 'torch'"}, TORCH
+    )
+    message = one_system_sentence(problem)
+    assert "/usr/bin/python3 imports" in message and "No module named 'torch'" in message
+    assert "make setup TORCH=system PYTHON=" in message
+
+
+@pytest.mark.parametrize("python", [[3, 14], [3, 9]])
+def test_a_python_the_triton_stub_does_not_cover_is_refused(python):
+    problem, _ = pc.system_torch_problem({**NGC, "python": python}, TORCH)
+    message = one_system_sentence(problem)
+    assert f"is Python {python[0]}.{python[1]}" in message and "stubs of nvidia-pytriton" in message
+
+
+@pytest.mark.parametrize(
+    ("cuda", "available", "said"),
+    [(None, False, "is a CPU build"), ("12.6", False, "is a CUDA 12.6 build but sees no GPU")],
+)
+def test_a_system_torch_without_a_usable_gpu_passes_and_says_the_server_runs_on_the_cpu(
+    cuda, available, said
+):
+    problem, notes = pc.system_torch_problem({**NGC, "cuda": cuda, "cuda_available": available}, TORCH)
+    assert problem is None
+    assert said in notes[0] and notes[0].endswith("will run on the CPU")
+
+
+def test_numpy_2_beside_the_system_torch_is_named_with_the_stub_conflict():
+    problem, notes = pc.system_torch_problem({**NGC, "numpy": "2.1.3"}, TORCH)
+    assert problem is None
+    assert notes[1].startswith("numpy 2.1.3 is installed beside that torch")
+    assert "corrupts BYTES tensors under numpy 2" in notes[1] and "numpy<2" in notes[1]
+    assert len(pc.system_torch_problem(NGC, TORCH)[1]) == 1  # numpy 1.26.4: nothing to say
+
+
+def test_check_system_torch_prints_the_verdict(monkeypatch, capsys):
+    monkeypatch.setattr(pc, "venv_without_system_packages", lambda prefix: False)
+    monkeypatch.setattr(pc, "probe_python", lambda python: {**NGC, "numpy": "2.0.0"})
+    assert pc.check_system_torch("/usr/bin/python3") == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H100 80GB HBM3" in out and "warning: numpy 2.0.0" in out
+    monkeypatch.setattr(pc, "probe_python", lambda python: {**NGC, "torch": "2.5.1"})
+    assert pc.check_system_torch("/usr/bin/python3") == 1
+    assert capsys.readouterr().err.startswith("error: TORCH=system needs torch 2.13")
+
+
+def test_a_venv_made_without_system_packages_is_refused_before_probing(monkeypatch, capsys, tmp_path):
+    (tmp_path / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\n")
+    assert pc.venv_without_system_packages(str(tmp_path))
+    monkeypatch.setattr(pc.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(pc.sys, "base_prefix", "/usr")
+    monkeypatch.setattr(pc, "probe_python", lambda python: pytest.fail("probed"))
+    assert pc.check_system_torch("python") == 1
+    assert "make clean" in capsys.readouterr().err
+    (tmp_path / "pyvenv.cfg").write_text("include-system-site-packages = true\n")
+    assert not pc.venv_without_system_packages(str(tmp_path))
+
+
+def test_install_torch_system_installs_nothing(monkeypatch):
+    monkeypatch.setattr(pc, "check_system_torch", lambda python: 0)
+    pip = FakePip({}, set())
+    assert run_install(monkeypatch, "system", "580.95.05", None, pip) == 0
+    assert pip.installs == []
+
+
+def test_the_probe_reads_this_pythons_torch():
+    info = pc.probe_python(sys.executable)
+    import torch
+
+    assert info["torch"] == torch.__version__ and info["python"] == list(sys.version_info[:2])
+    assert info["cuda_available"] == torch.cuda.is_available()

@@ -10,6 +10,8 @@ Modules:
                ``python -m load_tests.testkit.images samples/`` regenerates the committed sample images
     memory     the C allocator's handling of freed memory (``keep_freed_memory``), a process-wide setting that
                ``bench_engine``'s second timing pass uses
+    baseline   the engine of commit 0741503 (``load_baseline``), importable beside the current one: the decode
+               loop's "before" for ``bench_engine`` and the before/after test; needs git history
     servers    a server process for the length of a block (``running``, ``started``), Triton's metrics parser,
                the demo checkpoint's folder (``demo_checkpoint_dir``)
 """

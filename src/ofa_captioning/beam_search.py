@@ -1,17 +1,22 @@
 """Batched beam search with the semantics of ModelScope's (fairseq-style) ``SequenceGenerator``.
 
-Per step, for every live sentence (image), exactly as the reference:
+Per step, for every sentence (image) not yet done, exactly as the reference:
 
-1. log-softmax (float32) of the newest position's logits divided by ``temperature``; EOS banned while
-   ``step < min_len``; NaN -> -inf; pad banned; ``unk_penalty`` subtracted from ``<unk>``; at ``step == max_len``
+1. log-softmax (float32) of the newest position's logits divided by ``temperature``; NaN -> -inf; pad banned;
+   ``unk_penalty`` subtracted from ``<unk>``; EOS banned while ``step < min_len``; at ``step == max_len``
    everything but EOS is banned; no-repeat-ngram blocking over the whole prefix including its leading BOS;
 2. candidates: at step 0 only beam 0, later cumulative score + log-prob over beam x vocabulary, top ``2*beam``;
 3. finite EOS candidates among ranks ``0..beam-1`` are finalised with score ``cum / (step+1) ** len_penalty``
    (``cum`` itself without ``normalize_scores``), while the sentence has fewer than ``beam`` finished
    hypotheses; EOS in lower ranks is dropped;
-4. a sentence is done when it has ``beam`` finished hypotheses or when ``step == max_len``; done sentences leave
-   the batch, so their images stop costing compute;
+4. a sentence is done when it has ``beam`` finished hypotheses or when ``step == max_len``; the search ends when
+   every sentence is done;
 5. the first ``beam`` non-EOS candidates in rank order continue.
+
+The step has static shapes (:class:`BeamSearch`): a done sentence keeps its rows (masked: it finalises nothing
+more) instead of leaving the batch, everything a step keeps lives in buffers allocated once, and the host reads
+one boolean per step. That is what lets a GPU run the step without waiting on the host, and as a CUDA graph
+(:mod:`ofa_captioning.cuda_graphs`).
 
 The decoder runs incrementally (see :class:`ofa_captioning.model.DecoderState`); the reference recomputes the
 whole prefix every step, which is the same maths.
@@ -27,7 +32,14 @@ from torch import Tensor
 
 from .model import DecoderState, EncoderOutput, OFAModel
 
-__all__ = ["BeamSearchSettings", "Hypothesis", "beam_search", "block_repeated_ngrams", "row_topk"]
+__all__ = [
+    "BeamSearch",
+    "BeamSearchSettings",
+    "Hypothesis",
+    "beam_search",
+    "block_repeated_ngrams",
+    "row_topk",
+]
 
 # Columns per block of :func:`row_topk`'s first pass.
 TOPK_BLOCK = 64
@@ -128,149 +140,206 @@ def beam_search(
     Returns, per image, its finished hypotheses sorted by score (best first): ``beam_size`` of them in the
     reference's normal course. Where the reference would fail its ``step < max_len`` assertion (all of a
     sentence's beams at -inf, e.g. after non-finite logits) this returns what was finished, possibly nothing.
+
+    Every step has the same shapes (images x beams rows; finished sentences are masked, not dropped) and reads one
+    boolean back to the host: whether every sentence is done. With ``cuda_graphs`` on a CUDA device, each step runs
+    as a CUDA graph captured once per (batch bucket, settings) (see :mod:`ofa_captioning.cuda_graphs`).
     """
-    beam, max_len = settings.beam_size, settings.max_len_b
-    bsz = encoder_out.last_hidden_state.shape[0]
-    device = encoder_out.last_hidden_state.device
-    # All beams of a sentence are identical at step 0, so the state starts with one row per image and the
-    # first reorder fans it out to `beam` rows.
-    state = model.init_decoder_state(encoder_out, 1, max_positions=max_len + 1)
+    if cuda_graphs and encoder_out.last_hidden_state.device.type == "cuda":
+        from .cuda_graphs import graphed_beam_search
 
-    tokens = torch.full((bsz, beam, max_len + 2), settings.pad_id, dtype=torch.long, device=device)
-    tokens[:, :, 0] = settings.bos_id
-    cum_scores = torch.zeros(bsz, beam, dtype=torch.float32, device=device)
-    finalized: list[list[Hypothesis]] = [[] for _ in range(bsz)]
-    active = list(range(bsz))  # original image index of each live sentence
-
-    for step in range(max_len + 1):
-        width = 1 if step == 0 else beam  # decoder rows per sentence
-        lprobs = _step_log_probs(model, state, tokens, step, width, settings)
-        cand = _candidates(lprobs, cum_scores, step, width, beam, settings.eos_id)
-        done_rows = _finalize(cand, tokens, step, active, finalized, settings)
-        if len(done_rows) == len(active) or step == max_len:
-            break
-        keep = None
-        if done_rows:  # finished sentences leave the batch
-            done = set(done_rows)
-            keep_rows = [r for r in range(len(active)) if r not in done]
-            keep = torch.tensor(keep_rows, dtype=torch.long, device=device)
-            active = [active[r] for r in keep_rows]
-            cand, tokens = cand.select(keep), tokens[keep]
-        tokens, cum_scores, rows = _advance(cand, tokens, step, width, beam, keep)
-        state.reorder(rows, keep)
-
-    for hyps in finalized:
-        # Stable sort, best first; the reference's torch.sort leaves the order of equal scores unspecified.
-        hyps.sort(key=lambda h: h.score, reverse=True)
-    return finalized
+        return graphed_beam_search(model, encoder_out, settings)
+    search = BeamSearch(model, encoder_out, settings)
+    search.run(search.step)
+    return search.hypotheses()
 
 
-@dataclass(frozen=True)
-class _Candidates:
-    """The top ``k`` continuations of each live sentence by cumulative score, best first (each [S, k])."""
+class BeamSearch:
+    """The buffers of one beam search, allocated once, and its step (:meth:`step`), which only writes into them.
 
-    scores: Tensor  # cumulative score with the new token
-    beams: Tensor  # the beam (row within the sentence) each one extends
-    tokens: Tensor  # the new token
-    eos: Tensor  # bool: the new token is EOS with a finite score
+    Persistent state (tokens, cumulative scores, the decoder's KV cache, finished hypotheses) lives in tensors of
+    fixed shape: what a step reorders (tokens, KV cache) has two copies used in turn by step parity, so that step
+    ``s`` always reads and writes the same storage (what CUDA graphs need). Finished hypotheses are kept on the
+    device (``beam`` slots per image plus one that takes the rejected ones) and read back once, at the end.
+    """
 
-    def select(self, keep: Tensor) -> _Candidates:
-        """The candidates of the sentences at ``keep``."""
-        return _Candidates(self.scores[keep], self.beams[keep], self.tokens[keep], self.eos[keep])
+    def __init__(self, model: OFAModel, encoder_out: EncoderOutput, settings: BeamSearchSettings) -> None:
+        enc = encoder_out.last_hidden_state
+        device, batch = enc.device, enc.shape[0]
+        beam, length = settings.beam_size, settings.max_len_b + 2
+        self.model, self.settings, self.batch = model, settings, batch
+        self.state = model.init_decoder_state(encoder_out, beam, max_positions=settings.max_len_b + 1)
+        self.caches = (self.state.self_kv, torch.empty_like(self.state.self_kv))
+        self.tokens = tuple(
+            torch.empty((batch, beam, length), dtype=torch.long, device=device) for _ in range(2)
+        )
+        self.cum_scores = torch.empty((batch, beam), dtype=torch.float32, device=device)
+        self.fin_tokens = torch.empty((batch, beam + 1, length), dtype=torch.long, device=device)
+        self.fin_scores = torch.empty((batch, beam + 1), dtype=torch.float32, device=device)
+        self.fin_steps = torch.empty((batch, beam + 1), dtype=torch.long, device=device)
+        self.fin_count = torch.empty(batch, dtype=torch.long, device=device)
+        self.done = torch.empty(batch, dtype=torch.bool, device=device)
+        self.all_done = torch.empty((), dtype=torch.bool, device=device)
+        # Constants of every step, made once: nothing inside a step is built on the host.
+        self.ranks = torch.arange(2 * beam, device=device)
+        self.first_rows = torch.arange(batch, device=device).unsqueeze(1)  # step 0: one row per image
+        self.beam_rows = self.first_rows * beam
+        self.bans = _bans(settings, device)
+        self.topk = row_topk if device.type == "cpu" else torch.topk
+        self.reset()
+
+    def reset(self, encoder_out: EncoderOutput | None = None) -> None:
+        """Start again (with ``encoder_out``'s images written into the state, same shapes)."""
+        if encoder_out is not None:
+            self.model.load_decoder_state(self.state, encoder_out)
+        s = self.settings
+        tokens = self.tokens[0]
+        tokens.fill_(s.pad_id)
+        tokens[:, :, 0] = s.bos_id
+        self.cum_scores.zero_()
+        self.fin_tokens.fill_(s.pad_id)
+        self.fin_scores.fill_(-math.inf)
+        self.fin_steps.zero_()
+        self.fin_count.zero_()
+        self.done.zero_()
+        self.all_done.zero_()
+
+    def run(self, step) -> None:
+        """Run ``step(s)`` for s = 0, 1, ... until every sentence is done (one boolean read per step)."""
+        for s in range(self.settings.max_len_b + 1):
+            step(s)
+            if s == self.settings.max_len_b or self.all_done.item():
+                break
+
+    def step(self, s: int) -> None:
+        """Decoder step ``s``: log-probabilities with the reference's bans, the top candidates, finished
+        hypotheses stored, survivors' tokens and cache rows reordered into the other copies."""
+        st, beam = self.settings, self.settings.beam_size
+        width = 1 if s == 0 else beam  # all beams of a sentence are identical at step 0: one row per image
+        tokens = self.tokens[s % 2]
+        state = self.state
+        state.self_kv, state.length = self.caches[s % 2], s
+        lprobs = _log_probs(self.model, state, tokens, s, width, st, self.bans)
+        scores, beams, new_tokens, eos = self._candidates(lprobs, s, width)
+        self._finalize(scores, beams, eos, tokens, s)
+        if s < st.max_len_b:
+            self._advance(scores, beams, new_tokens, eos, tokens, s, width)
+        torch.all(self.done, out=self.all_done)
+
+    def _candidates(self, lprobs: Tensor, s: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Top ``2*beam`` of (cumulative score + log-prob) over beam x vocabulary per sentence, in two stages (the
+        best k of each row, then the best k of those): scores, the beam each extends, the new token, finite EOS."""
+        vocab, beam = lprobs.shape[-1], self.settings.beam_size
+        k = min(2 * beam, width * vocab - 1)
+        row_scores, row_tokens = self.topk(lprobs, min(k, vocab))
+        # A row with a NaN log-probability has no finite one (NaN or +inf logits make log-softmax NaN or -inf
+        # throughout) and NaN ranks first: its candidates become -inf, as the reference's NaN -> -inf makes them.
+        row_scores = row_scores.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        row_scores = row_scores.view(self.batch, width, -1)
+        if s > 0:
+            row_scores = row_scores + self.cum_scores.unsqueeze(-1)
+        scores, flat = torch.topk(row_scores.view(self.batch, -1), k)
+        beams = torch.div(flat, row_tokens.shape[-1], rounding_mode="floor")
+        new_tokens = torch.gather(row_tokens.view(self.batch, -1), 1, flat)
+        return scores, beams, new_tokens, new_tokens.eq(self.settings.eos_id) & scores.ne(-math.inf)
+
+    def _finalize(self, scores: Tensor, beams: Tensor, eos: Tensor, tokens: Tensor, s: int) -> None:
+        """Store the finite EOS candidates among ranks ``0..beam-1`` of sentences not yet done, in rank order,
+        while a sentence has fewer than ``beam`` (the rest go to the spare slot), scored ``cum / (s+1) **
+        len_penalty`` (``cum`` without ``normalize_scores``); a sentence with ``beam`` of them is done."""
+        st, beam = self.settings, self.settings.beam_size
+        final = eos[:, :beam] & ~self.done.unsqueeze(1)
+        slot = self.fin_count.unsqueeze(1) + final.cumsum(1) - 1
+        accept = final & slot.lt(beam)
+        slot = torch.where(accept, slot, beam)
+        prefix = torch.gather(tokens, 1, beams[:, :beam].unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        self.fin_tokens.scatter_(1, slot.unsqueeze(-1).expand_as(prefix), prefix)
+        norm = scores[:, :beam]
+        if st.normalize_scores:
+            norm = norm / float(s + 1) ** st.len_penalty
+        self.fin_scores.scatter_(1, slot, norm)
+        self.fin_steps.scatter_(1, slot, s)
+        self.fin_count.add_(accept.sum(1))
+        self.done.logical_or_(self.fin_count.eq(beam))
+
+    def _advance(
+        self,
+        scores: Tensor,
+        beams: Tensor,
+        new_tokens: Tensor,
+        eos: Tensor,
+        tokens: Tensor,
+        s: int,
+        width: int,
+    ) -> None:
+        """The first ``beam`` candidates in rank order that are not (finite) EOS continue: their tokens and cache
+        rows are gathered into the other copies, their cumulative scores into ``cum_scores``."""
+        k, beam = scores.shape[1], self.settings.beam_size
+        order = eos.long() * k + self.ranks[:k]
+        survivors = torch.topk(order, beam, dim=1, largest=False).indices
+        parent = torch.gather(beams, 1, survivors)
+        torch.gather(scores, 1, survivors, out=self.cum_scores)
+        nxt = self.tokens[(s + 1) % 2]
+        torch.index_select(
+            tokens.view(-1, tokens.shape[-1]),
+            0,
+            (self.beam_rows + parent).view(-1),
+            out=nxt.view(-1, tokens.shape[-1]),
+        )
+        nxt[:, :, s + 1] = torch.gather(new_tokens, 1, survivors)
+        rows = ((self.first_rows if width == 1 else self.beam_rows) + parent).view(-1)
+        cur, spare = self.caches[s % 2], self.caches[(s + 1) % 2]
+        torch.index_select(cur[..., : s + 1, :], 2, rows, out=spare[..., : s + 1, :])
+
+    def hypotheses(self) -> list[list[Hypothesis]]:
+        """The finished hypotheses of each image, best first (read back from the device at once)."""
+        eos, beam = self.settings.eos_id, self.settings.beam_size
+        counts, steps = self.fin_count.tolist(), self.fin_steps[:, :beam].tolist()
+        scores, tokens = self.fin_scores[:, :beam].tolist(), self.fin_tokens[:, :beam].tolist()
+        out = []
+        for count, image_steps, image_scores, image_tokens in zip(counts, steps, scores, tokens, strict=True):
+            hyps = [
+                Hypothesis(tuple(image_tokens[j][1 : image_steps[j] + 1]) + (eos,), image_scores[j])
+                for j in range(count)
+            ]
+            # Stable sort, best first; the reference's torch.sort leaves the order of equal scores unspecified.
+            hyps.sort(key=lambda h: h.score, reverse=True)
+            out.append(hyps)
+        return out
 
 
-def _step_log_probs(
-    model: OFAModel, state: DecoderState, tokens: Tensor, step: int, width: int, settings: BeamSearchSettings
+def _bans(settings: BeamSearchSettings, device) -> tuple[Tensor, Tensor]:
+    """The tokens every step bans (-inf) before ``min_len`` and after it, as index tensors: pad always, EOS before
+    ``min_len`` (the reference's bans; ``max_len``'s all-but-EOS is :func:`_log_probs`'s own case)."""
+    early = torch.tensor([settings.pad_id, settings.eos_id], device=device)
+    return early, early[:1]
+
+
+def _log_probs(
+    model: OFAModel,
+    state: DecoderState,
+    tokens: Tensor,
+    step: int,
+    width: int,
+    settings: BeamSearchSettings,
+    bans: tuple[Tensor, Tensor],
 ) -> Tensor:
-    """Decode the newest token of each row and return its next-token log-probabilities [S*width, V] with the
-    reference's bans: EOS before ``min_len``, pad, ``unk_penalty``, all but EOS at ``max_len``, repeated n-grams."""
-    n_live = tokens.shape[0]
-    eos, pad, neg_inf = settings.eos_id, settings.pad_id, -math.inf
+    """Decode the newest token of each row and return its next-token log-probabilities [S*width, V] (float32)
+    with the reference's bans: EOS before ``min_len``, pad, ``unk_penalty``, all but EOS at ``max_len``, repeated
+    n-grams. NaN stays (see :meth:`BeamSearch._candidates`)."""
+    rows = tokens.shape[0] * width
     logits = model.decode_step(tokens[:, :width, step].reshape(-1), state).float()
     if settings.temperature != 1.0:
         logits = logits / settings.temperature
     lprobs = torch.log_softmax(logits, dim=-1)
-    if step < settings.min_len:
-        lprobs[:, eos] = neg_inf
-    lprobs[:, pad] = neg_inf
+    if step >= settings.max_len_b:  # only EOS may follow
+        eos = lprobs[:, settings.eos_id].clone()
+        lprobs.fill_(-math.inf)[:, settings.eos_id] = eos
+        return lprobs
+    lprobs.index_fill_(1, bans[0] if step < settings.min_len else bans[1], -math.inf)
     if settings.unk_penalty:
         lprobs[:, settings.unk_id] -= settings.unk_penalty
-    if step >= settings.max_len_b:
-        lprobs[:, :eos] = neg_inf
-        lprobs[:, eos + 1 :] = neg_inf
     if settings.no_repeat_ngram_size > 0:
-        history = tokens[:, :width, : step + 1].reshape(n_live * width, step + 1)
-        block_repeated_ngrams(lprobs, history, settings.no_repeat_ngram_size, pad)
+        history = tokens[:, :width, : step + 1].reshape(rows, step + 1)
+        block_repeated_ngrams(lprobs, history, settings.no_repeat_ngram_size, settings.pad_id)
     return lprobs
-
-
-def _candidates(
-    lprobs: Tensor, cum_scores: Tensor, step: int, width: int, beam: int, eos: int
-) -> _Candidates:
-    """Top ``2*beam`` of (cumulative score + log-prob) over beam x vocabulary per sentence, in two stages: the
-    best k of each beam row, then the best k of those (the same values as one top-k over the flattened scores).
-    NaN log-probabilities count as -inf, as in the reference."""
-    n_live, vocab = lprobs.shape[0] // width, lprobs.shape[-1]
-    k = min(2 * beam, width * vocab - 1)
-    row_scores, row_tokens = row_topk(lprobs, min(k, vocab))
-    if bool(torch.isnan(row_scores).any()):  # NaN ranks first in topk; the reference makes it -inf
-        lprobs.masked_fill_(torch.isnan(lprobs), -math.inf)
-        row_scores, row_tokens = row_topk(lprobs, min(k, vocab))
-    row_scores = row_scores.view(n_live, width, -1)
-    if step > 0:
-        row_scores = row_scores + cum_scores.unsqueeze(-1)
-    scores, flat = torch.topk(row_scores.view(n_live, -1), k)
-    beams = torch.div(flat, row_tokens.shape[-1], rounding_mode="floor")
-    tokens = torch.gather(row_tokens.view(n_live, -1), 1, flat)
-    return _Candidates(scores, beams, tokens, tokens.eq(eos) & scores.ne(-math.inf))
-
-
-def _finalize(
-    cand: _Candidates,
-    tokens: Tensor,
-    step: int,
-    active: list[int],
-    finalized: list[list[Hypothesis]],
-    settings: BeamSearchSettings,
-) -> list[int]:
-    """Finish the finite EOS candidates among ranks ``0..beam-1`` (while their sentence has fewer than ``beam``
-    finished hypotheses), scored ``cum / (step+1) ** len_penalty`` (``cum`` without ``normalize_scores``); EOS in
-    lower ranks is dropped. Returns the live rows whose sentence is done (``beam`` finished, or the last step)."""
-    beam = settings.beam_size
-    final_mask = cand.eos[:, :beam]
-    if not bool(final_mask.any()):
-        return []
-    rows_ranks = final_mask.nonzero().tolist()  # sentence-major, then rank: the reference's order
-    norm = cand.scores[:, :beam]
-    if settings.normalize_scores:
-        norm = norm / float(step + 1) ** settings.len_penalty
-    norm = norm.tolist()
-    parents = cand.beams[:, :beam].tolist()
-    prefixes = tokens[:, :, 1 : step + 1].tolist()
-    touched: list[int] = []
-    for row, rank in rows_ranks:
-        sent = active[row]
-        if len(finalized[sent]) < beam:
-            hyp = tuple(prefixes[row][parents[row][rank]]) + (settings.eos_id,)
-            finalized[sent].append(Hypothesis(hyp, norm[row][rank]))
-        if not touched or touched[-1] != row:
-            touched.append(row)
-    return [r for r in touched if len(finalized[active[r]]) == beam or step == settings.max_len_b]
-
-
-def _advance(
-    cand: _Candidates, tokens: Tensor, step: int, width: int, beam: int, keep: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The first ``beam`` candidates in rank order that are not (finite) EOS continue: their token sequences
-    [S, beam, L] and cumulative scores [S, beam], and the decoder-state row of each one's parent (in the layout
-    before ``keep`` dropped finished sentences)."""
-    k = cand.scores.shape[1]
-    order = cand.eos.long() * k + torch.arange(k, device=tokens.device)
-    survivors = torch.topk(order, beam, dim=1, largest=False).indices
-    parent = torch.gather(cand.beams, 1, survivors)
-    tokens = torch.gather(tokens, 1, parent.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # a new tensor
-    tokens[:, :, step + 1] = torch.gather(cand.tokens, 1, survivors)
-    cum_scores = torch.gather(cand.scores, 1, survivors)
-    old_sent = keep if keep is not None else torch.arange(tokens.shape[0], device=tokens.device)
-    rows = (old_sent.unsqueeze(1) * width + parent).reshape(-1)
-    return tokens, cum_scores, rows

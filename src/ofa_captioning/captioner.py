@@ -10,6 +10,7 @@ The split the Triton ensemble uses is :meth:`Captioner.preprocess` (bytes/PIL ->
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ __all__ = ["MAX_BEAM_SIZE", "MAX_LENGTH", "MIN_BEAM_SIZE", "MIN_LENGTH", "Captio
 MIN_BEAM_SIZE, MAX_BEAM_SIZE = 1, 16
 MIN_LENGTH, MAX_LENGTH = 1, 64
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Caption:
@@ -45,6 +48,15 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     return getattr(torch, parse_dtype(dtype))
+
+
+def tf32_flag(device: torch.device, dtype: torch.dtype, allow_tf32: bool) -> bool | None:
+    """The value for torch's TF32 flags of a model on ``device`` in ``dtype``: ``allow_tf32`` for float32 on CUDA
+    (where cuDNN's convolutions default to TF32, so "float32" would not be float32), None elsewhere (the flags
+    only change CUDA float32 matmuls and convolutions: left as they are)."""
+    if device.type == "cuda" and dtype == torch.float32:
+        return allow_tf32
+    return None
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> int:
@@ -73,6 +85,7 @@ class Captioner:
         *,
         device: torch.device,
         dtype: torch.dtype,
+        cuda_graphs: bool = False,
     ):
         """Wrap a loaded model (see :meth:`from_pretrained`, which is the normal way in)."""
         if len(tokenizer) != model.config.vocab_size:
@@ -84,6 +97,9 @@ class Captioner:
         self.task_config = task_config
         self._device = device
         self._dtype = dtype
+        self._cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
+        if cuda_graphs and not self._cuda_graphs:
+            log.warning("cuda_graphs ignored: the model runs on %s, not on a CUDA device", device)
         self._prompt_ids = torch.tensor(
             tokenizer.encode_prompt(task_config.prompt, task_config.max_src_length),
             dtype=torch.long,
@@ -98,25 +114,42 @@ class Captioner:
         path: str | Path,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
+        *,
+        allow_tf32: bool = False,
+        cuda_graphs: bool = False,
     ) -> Captioner:
         """Load a checkpoint directory in ModelScope's layout.
 
-        ``device`` defaults to the CPU and ``dtype`` to float32; on CUDA, float16 and bfloat16 are supported
-        (float16 is refused on the CPU, where it has no fast kernels). Every hyper-parameter and generation
-        default comes from the directory's ``config.json`` and ``configuration.json``.
+        ``device`` defaults to the CPU and ``dtype`` to float32; float16 and bfloat16 are for CUDA. On the CPU,
+        bfloat16 runs where the CPU has bfloat16 kernels, and float16 runs for checks (its captions against
+        float32's): it is slow where the CPU lacks float16 kernels (the ResNet's convolutions then take a slow
+        path, seconds per image). Every hyper-parameter and generation default comes from the directory's
+        ``config.json`` and ``configuration.json``.
+
+        ``allow_tf32`` (float32 on CUDA only): False sets ``torch.backends.cuda.matmul.allow_tf32`` and
+        ``torch.backends.cudnn.allow_tf32`` to False, so that float32 is float32 (cuDNN's default rounds
+        convolution inputs to TF32); True sets both to True (faster, captions may flip on near-ties against the
+        CPU). These flags are process-wide: they apply to every model of the process, and the last captioner
+        loaded in float32 on CUDA sets them. Other devices and dtypes leave them as they are.
+
+        ``cuda_graphs`` runs the decode step as CUDA graphs per (batch, beam) bucket
+        (``beam_search(..., cuda_graphs=True)``); :meth:`warmup` runs the buckets it is given, so that they are
+        captured before serving. On a device other than CUDA it is ignored, with one warning in the log.
         """
         path = Path(path)
         device = torch.device(device if device is not None else "cpu")
         resolved = _resolve_dtype(dtype)
-        if device.type == "cpu" and resolved == torch.float16:
-            raise ValueError("float16 is only supported on CUDA; use float32 or bfloat16 on the CPU")
+        tf32 = tf32_flag(device, resolved, allow_tf32)
+        if tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
         model_config, task_config = load_configs(path)
         model = cls._load_model(path, model_config)
         model.to(device=device)
         # BatchNorm folds and attention scales are derived from the float32 weights, then rounded once.
         model.prepare_for_inference(dtype=resolved)
         tokenizer = load_tokenizer(path, task_config.language)
-        return cls(model, tokenizer, task_config, device=device, dtype=resolved)
+        return cls(model, tokenizer, task_config, device=device, dtype=resolved, cuda_graphs=cuda_graphs)
 
     @staticmethod
     def _load_model(path: Path, config: ModelConfig) -> OFAModel:
@@ -144,6 +177,17 @@ class Captioner:
     def dtype(self) -> torch.dtype:
         """Floating-point type of the model's weights and activations."""
         return self._dtype
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the decode step runs as CUDA graphs (asked for, and the model is on a CUDA device)."""
+        return self._cuda_graphs
+
+    @property
+    def setting_limits(self) -> tuple[int, int]:
+        """The largest ``beam_size`` and ``max_length`` that :meth:`validate_settings` accepts."""
+        cfg = self.task_config
+        return max(MAX_BEAM_SIZE, cfg.beam_size), max(MAX_LENGTH, cfg.max_len_b)
 
     @property
     def patch_image_size(self) -> int:
@@ -175,8 +219,9 @@ class Captioner:
         cfg = self.task_config
         beam = cfg.beam_size if beam_size is None else beam_size
         length = cfg.max_len_b if max_length is None else max_length
-        beam = _check_int("beam_size", beam, MIN_BEAM_SIZE, max(MAX_BEAM_SIZE, cfg.beam_size))
-        length = _check_int("max_length", length, MIN_LENGTH, max(MAX_LENGTH, cfg.max_len_b))
+        beam_limit, length_limit = self.setting_limits
+        beam = _check_int("beam_size", beam, MIN_BEAM_SIZE, beam_limit)
+        length = _check_int("max_length", length, MIN_LENGTH, length_limit)
         return beam, length
 
     def preprocess(self, images: Sequence[ImageInput] | ImageInput) -> torch.Tensor:
@@ -255,7 +300,7 @@ class Captioner:
         with torch.inference_mode():
             input_ids = self._prompt_ids.unsqueeze(0).expand(pixels.shape[0], -1)
             encoder_out = self.model.encode(input_ids, pixels)
-            return beam_search(self.model, encoder_out, settings)
+            return beam_search(self.model, encoder_out, settings, cuda_graphs=self._cuda_graphs)
 
     def search_settings(self, beam_size: int, max_length: int) -> BeamSearchSettings:
         """The beam-search settings of a request: configuration.json's generator fields with the request's beam

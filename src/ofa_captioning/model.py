@@ -56,7 +56,11 @@ class OFAModel(nn.Module):
     # -- housekeeping --
 
     def clear_caches(self) -> None:
-        """Forget cached position biases and folded BatchNorm weights (call after changing weights)."""
+        """Forget cached position biases, folded BatchNorm weights and captured CUDA graphs (call after changing
+        weights)."""
+        from .cuda_graphs import forget  # imports this module
+
+        forget(self)
         self.encoder.clear_cache()
         self.decoder.clear_cache()
         self.encoder.embed_images.unfuse_batchnorm()
@@ -101,7 +105,12 @@ class OFAModel(nn.Module):
                     InferenceLinear(module.fc1.weight, module.fc1.bias),
                     InferenceLinear(module.fc2.weight, module.fc2.bias),
                 )
-        self.decoder.projection = InferenceLinear(self.decoder.output_projection.weight)
+        # float16 logits round the vocabulary's scores to ~3 digits before the float32 log-softmax: the output
+        # projection runs in float32 there (bfloat16 keeps its own: float32's range, and the CPU's fast path).
+        projection = self.decoder.output_projection.weight
+        self.decoder.projection = InferenceLinear(
+            projection.float() if projection.dtype == torch.float16 else projection
+        )
         return self
 
     def _apply(self, fn, recurse=True):
@@ -122,65 +131,76 @@ class OFAModel(nn.Module):
     # -- decoder --
 
     def init_decoder_state(self, encoder_out: EncoderOutput, beam: int, max_positions: int) -> DecoderState:
-        """Per-image cross-attention K/V, the cross position bias, and empty self-attention caches.
+        """Per-image cross-attention K/V, the cross-attention bias (positions and padding mask), and the
+        self-attention cache of ``beam`` rows per image, allocated once for the whole search.
 
         ``max_positions`` is the number of decoder positions the search may run (max_len + 1).
         """
         enc = encoder_out.last_hidden_state
-        bsz = enc.shape[0]
+        cross_k, cross_v, cross_bias = self._cross_inputs(encoder_out, max_positions)
+        heads, hd = self.decoder.num_heads, self.config.d_model // self.decoder.num_heads
+        shape = (2, len(self.decoder.layers), enc.shape[0] * beam, heads, max_positions, hd)
+        return DecoderState(cross_k, cross_v, cross_bias, enc.new_empty(shape), beam)
+
+    def load_decoder_state(self, state: DecoderState, encoder_out: EncoderOutput) -> None:
+        """Write the cross-attention inputs of ``encoder_out`` (as many images, same layout) into ``state``'s own
+        tensors, for a search that reuses them (CUDA graphs read fixed addresses); the self-attention cache is
+        left as it is (a search writes each position before reading it)."""
+        cross_k, cross_v, cross_bias = self._cross_inputs(encoder_out, state.cross_bias.shape[-2])
+        for dst, src in zip(state.cross_k + state.cross_v, cross_k + cross_v, strict=True):
+            dst.copy_(src)
+        if cross_bias.shape != state.cross_bias.shape:
+            raise ValueError("encoder output with padding where the state has none (or the reverse)")
+        state.cross_bias.copy_(cross_bias)
+        state.length = 0
+
+    def _cross_inputs(
+        self, encoder_out: EncoderOutput, max_positions: int
+    ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Each decoder layer's cross-attention keys and values [B,H,N,hd] and the cross-attention bias."""
+        enc = encoder_out.last_hidden_state
         cross_k, cross_v = [], []
         for layer in self.decoder.layers:
             k, v = layer.cross_attn.keys_values(enc)
             cross_k.append(k.contiguous())
             cross_v.append(v.contiguous())
-        cross_pos_bias = self.decoder.cross_position_bias(encoder_out.position_embedding[0], max_positions)
-        cross_mask = None
+        mask = None
         if encoder_out.has_pads:
             mask = torch.zeros(encoder_out.padding_mask.shape, dtype=enc.dtype, device=enc.device)
-            cross_mask = mask.masked_fill_(encoder_out.padding_mask, torch.finfo(enc.dtype).min)[
-                :, None, None, :
-            ]
-        heads, hd = self.decoder.num_heads, self.config.d_model // self.decoder.num_heads
-        rows = bsz * beam
-        self_kv = enc.new_empty((2 * len(self.decoder.layers), rows, heads, max_positions, hd))
-        return DecoderState(cross_k, cross_v, cross_pos_bias, cross_mask, self_kv, beam)
+            mask = mask.masked_fill_(encoder_out.padding_mask, torch.finfo(enc.dtype).min)[:, None, None, :]
+        cross_bias = self.decoder.cross_bias(encoder_out.position_embedding[0], max_positions, mask)
+        return cross_k, cross_v, cross_bias
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
-        """Feed the next token of every row (images x beams, beam-major) and return logits [R,V].
+        """Feed the next token of every row (images x beams, beam-major) and return logits [R,V] (float32 where
+        the model is float16: the output projection runs in float32, see :meth:`OFADecoder.project`).
 
-        The row order must match ``state`` (use :meth:`DecoderState.reorder` between steps).
+        The row order must match ``state``'s cache (a search reorders it between steps). R may be one row per image
+        while the cache holds ``beam`` per image: the first R rows are used (a search's first step).
         """
-        return self.decoder.project(self._decode_hidden(tokens[:, None], state)[:, -1])
+        return self.decoder.project(self._decode_hidden(tokens[:, None], state))
 
     def decode_tokens(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """Feed ``T`` new positions per row (tokens [R,T]); returns logits [R,T,V] and advances the cache."""
-        return self.decoder.project(self._decode_hidden(tokens, state))
+        rows, t_new = tokens.shape
+        return self.decoder.project(self._decode_hidden(tokens, state)).view(rows, t_new, -1)
 
     def _decode_hidden(self, tokens: Tensor, state: DecoderState) -> Tensor:
-        start, t_new = state.length, tokens.shape[1]
+        """The decoder layers over ``tokens`` [R,T]: hidden states [R*T,D] (row by row)."""
+        rows, t_new = tokens.shape
+        start = state.length
         end = start + t_new
         dec = self.decoder
-        x = dec.embed(tokens)
-        self_biases = dec.self_biases(state.self_kv.shape[3], x.device, x.dtype)
-        n_layers = len(dec.layers)
-        cross_bias = state.cross_pos_bias[:, start:end]  # [H,T,N]
-        beam = tokens.shape[0] // state.cross_k[0].shape[0]
+        x = dec.embed(tokens.reshape(-1))
+        self_biases = dec.self_biases(state.self_kv.shape[-2], x.device, x.dtype)
+        cross_bias = state.cross_bias[:, :, start:end]  # [B or 1,H,T,N]
+        beam = rows // state.cross_k[0].shape[0]
         if beam > 1 and t_new > 1:  # stacked beam queries are beam-major: repeat the T rows per beam
-            heads, n_src = cross_bias.shape[0], cross_bias.shape[-1]
-            cross_bias = cross_bias.unsqueeze(1).expand(-1, beam, -1, -1).reshape(heads, -1, n_src)
-        cross_bias = cross_bias.unsqueeze(0)
-        if state.cross_mask is not None:
-            cross_bias = cross_bias + state.cross_mask
+            cross_bias = cross_bias.repeat(1, 1, beam, 1)
         for i, layer in enumerate(dec.layers):
+            bias = self_biases[i][:, :, start:end, :end]
             x = layer(
-                x,
-                state.self_kv[i],
-                state.self_kv[n_layers + i],
-                start,
-                self_biases[i][:, start:end, :end],
-                state.cross_k[i],
-                state.cross_v[i],
-                cross_bias,
+                x, t_new, state.layer_cache(i), start, bias, state.cross_k[i], state.cross_v[i], cross_bias
             )
         state.length = end
         return x

@@ -146,9 +146,13 @@ class OFAAttention(nn.Module):
 
     def query(self, x: Tensor) -> Tensor:
         """Scaled queries in heads layout [..., H, T, hd]."""
+        return self.heads(self.query_rows(x))
+
+    def query_rows(self, x: Tensor) -> Tensor:
+        """Scaled queries [..., D], heads side by side."""
         if self._fused is not None:
-            return self.heads(self._fused["q"](x))
-        return self.heads(self.q_proj(x) * self.scaling)
+            return self._fused["q"](x)
+        return self.q_proj(x) * self.scaling
 
     def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values in heads layout."""
@@ -164,21 +168,26 @@ class OFAAttention(nn.Module):
             return self.heads(q), self.heads(k), self.heads(v)
         return (self.query(x), *self.keys_values(x))
 
+    def query_keys_values(self, x: Tensor, t_new: int) -> tuple[Tensor, Tensor]:
+        """Self-attention of ``x`` [R*T,D] (``t_new`` positions per row): scaled queries [R,H,T,hd] and the keys and
+        values stacked [R,2,H,T,hd] (the decoder cache's layout), from one fused projection where it exists."""
+        if self._fused is not None:
+            qkv = self._fused["qkv"](x)
+        else:
+            qkv = torch.cat([self.q_proj(x) * self.scaling, self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = qkv.view(-1, t_new, 3, self.num_heads, self.head_dim)
+        return qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1:].permute(0, 2, 3, 1, 4)
+
     def output(self, attn: Tensor) -> Tensor:
         """[..., H, T, hd] (softmax(.)V) -> per-head scale -> concat -> out_proj: [..., T, D]."""
+        return self.project(attn.transpose(-3, -2).flatten(-2))
+
+    def project(self, attn: Tensor) -> Tensor:
+        """[..., T, D] (the heads' softmax(.)V side by side) -> per-head scale -> out_proj: [..., T, D]."""
         if self._fused is not None:
-            return self._fused["out"](attn.transpose(-3, -2).flatten(-2))
-        attn = attn * self.c_attn[:, None, None].to(attn.dtype)
-        return self.out_proj(attn.transpose(-3, -2).flatten(-2))
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
-    """softmax(q k^T + bias) v for pre-scaled q; the softmax runs in float32 like the reference's."""
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    if bias is not None:
-        scores = scores + bias
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(probs, v)
+            return self._fused["out"](attn)
+        scale = self.c_attn.repeat_interleave(self.head_dim).to(attn.dtype)
+        return self.out_proj(attn * scale)
 
 
 # -------------------------------------------------------------------------------------------------- encoder
@@ -246,6 +255,51 @@ class OFALayer(nn.Module):
         return self._residual(x, fc2(h), None, "weight_ffn", self.final_layer_norm)
 
 
+# Attention biases (the encoder's, the decoder's self- and cross-attention ones) are stored with their last dim
+# padded to a multiple of this and sliced back: SDPA's CUDA kernels need every stride but the last to be a multiple
+# of 8 elements and would otherwise copy a padded bias on every call (N = 908 for 480-pixel images).
+ATTN_BIAS_ALIGNMENT = 8
+
+
+def padded_length(n: int, alignment: int = ATTN_BIAS_ALIGNMENT) -> int:
+    """``n`` rounded up to a multiple of ``alignment``."""
+    return -(-n // alignment) * alignment
+
+
+def aligned_empty(shape: tuple[int, ...], *, dtype: torch.dtype, device) -> Tensor:
+    """An uninitialised tensor of ``shape`` whose storage pads the last dim to :func:`padded_length`: a view of
+    the first ``shape[-1]`` columns, so every stride but the last is a multiple of :data:`ATTN_BIAS_ALIGNMENT`."""
+    *lead, n = shape
+    return torch.empty(*lead, padded_length(n), dtype=dtype, device=device)[..., :n]
+
+
+def aligned_copy(t: Tensor) -> Tensor:
+    """``t``'s values in :func:`aligned_empty` storage."""
+    return aligned_empty(tuple(t.shape), dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _add_aligned(bias: Tensor, mask: Tensor) -> Tensor:
+    """``bias + mask`` (broadcast) written into :func:`aligned_empty` storage, so the sum stays aligned too."""
+    shape = torch.broadcast_shapes(bias.shape, mask.shape)
+    return torch.add(bias, mask, out=aligned_empty(shape, dtype=bias.dtype, device=bias.device))
+
+
+def clamp_fp16_overflow(x: Tensor) -> Tensor:
+    """ModelScope's float16 guard at the end of each encoder layer (``OFAEncoderLayer.forward`` in
+    ``modeling_ofa.py``): where a tensor holds an inf or a NaN, all of it is clamped to +-(float16 max - 1000);
+    NaN stays NaN. Other dtypes pass through.
+
+    The condition is decided per image (the reference decides it per batch, which equals per image at batch 1),
+    so that an image's caption does not depend on the images batched with it, and on the device
+    (``torch.where``), so that it adds no host synchronisation.
+    """
+    if x.dtype != torch.float16:
+        return x
+    limit = torch.finfo(x.dtype).max - 1000
+    overflow = ~torch.isfinite(x).flatten(1).all(dim=1)
+    return torch.where(overflow.view(-1, *[1] * (x.dim() - 1)), x.clamp(-limit, limit), x)
+
+
 class OFAEncoderLayer(OFALayer):
     def __init__(self, config: ModelConfig):
         super().__init__(
@@ -253,17 +307,18 @@ class OFAEncoderLayer(OFALayer):
         )
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
-        """x [B,N,D]; bias [B or 1,H,N,N] (position bias plus padding mask)."""
+        """x [B,N,D]; bias [B or 1,H,N,N] (position bias plus padding mask). In float16 the output goes through
+        the reference's overflow clamp (:func:`clamp_fp16_overflow`)."""
         attn = self.self_attn
         h = self.self_attn_layer_norm(x) if self.normalize_before else x
         q, k, v = attn.qkv(h)
-        # softmax(q k^T + bias) v with q pre-scaled, as _attend; the fused kernel (float32 softmax inside) avoids
-        # materialising the [B,H,N,N] probabilities.
+        # softmax(q k^T + bias) v with q pre-scaled; the fused kernel (float32 softmax inside, as the reference's)
+        # avoids materialising the [B,H,N,N] probabilities.
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
         x = self._residual(
             x, attn.output(o), self.self_attn_mid_layer_norm, "weight_self_attn", self.self_attn_layer_norm
         )
-        return self._ffn(x)
+        return clamp_fp16_overflow(self._ffn(x))
 
 
 @dataclass
@@ -345,7 +400,8 @@ class OFAEncoder(nn.Module):
         return torch.cat([image_pos, text_pos], dim=0).to(dtype)
 
     def layer_biases(self, h: int, w: int, text_len: int, device, dtype) -> list[Tensor]:
-        """Per-layer self-attention bias [1,H,N,N]: shared absolute bias + text/image relative biases."""
+        """Per-layer self-attention bias [1,H,N,N]: shared absolute bias + text/image relative biases; each a view
+        of storage padded to :func:`padded_length` columns (:func:`aligned_empty`)."""
         key = (h, w, text_len, str(device), dtype)
         cached = self._bias_cache.get(key)
         if cached is not None and not torch.is_grad_enabled():
@@ -368,7 +424,8 @@ class OFAEncoder(nn.Module):
             bias[:, :p, :p] += F.embedding(image_bucket, self.image_rel_pos_table_list[t].weight).permute(
                 2, 0, 1
             )
-            biases.append(bias.unsqueeze(0).to(dtype))
+            aligned = aligned_empty((1, *bias.shape), dtype=dtype, device=bias.device)
+            biases.append(aligned.copy_(bias.unsqueeze(0)))
         if not torch.is_grad_enabled():
             self._bias_cache = {key: biases}  # one layout at a time is all a captioner needs
         return biases
@@ -381,7 +438,7 @@ class OFAEncoder(nn.Module):
     def _layers(self, x: Tensor, biases: list[Tensor], mask: Tensor | None) -> Tensor:
         """The transformer layers over ``x`` [B,N,D]; ``mask`` [B,1,1,N] (additive padding mask) or None."""
         for layer, bias in zip(self.layers, biases, strict=True):
-            x = layer(x, bias if mask is None else bias + mask)
+            x = layer(x, bias if mask is None else _add_aligned(bias, mask))
         return x
 
     def forward(
@@ -444,87 +501,68 @@ class OFADecoderLayer(OFALayer):
     def forward(
         self,
         x: Tensor,
-        self_k: Tensor,
-        self_v: Tensor,
+        t_new: int,
+        cache: Tensor,
         start: int,
         self_bias: Tensor,
         cross_k: Tensor,
         cross_v: Tensor,
         cross_bias: Tensor,
     ) -> Tensor:
-        """One layer over ``T`` new positions.
+        """One layer over ``T`` new positions of each of R rows (images x beams, beam-major within an image).
 
-        x [R,T,D] with R = images x beams (beam-major within an image); ``self_k/self_v`` [R,H,Tmax,hd] caches,
-        written at ``start:start+T``; ``self_bias`` [H,T,start+T] (positions and causal mask);
-        ``cross_k/cross_v`` [B,H,N,hd] per image; ``cross_bias`` [B or 1,H,beam*T,N] for the stacked beam queries.
+        ``x`` [R*T,D] (row by row, the T positions of each); ``cache`` [2,R',H,Tmax,hd] this layer's self-attention
+        keys (0) and values (1), R' >= R rows of which the first R are used, written at ``start:start+T``;
+        ``self_bias`` [1,H,T,start+T] (positions and causal mask); ``cross_k/cross_v`` [B,H,N,hd] per image;
+        ``cross_bias`` [B or 1,H,beam*T,N] for the beams' queries stacked per image. Returns [R*T,D].
         """
-        rows, t_new, _ = x.shape
+        rows = x.shape[0] // t_new
+        end = start + t_new
         sa = self.self_attn
         h = self.self_attn_layer_norm(x) if self.normalize_before else x
-        q, k, v = sa.qkv(h)  # [R,H,T,hd]
-        self_k[:, :, start : start + t_new] = k
-        self_v[:, :, start : start + t_new] = v
-        end = start + t_new
-        o = _attend(q, self_k[:, :, :end], self_v[:, :, :end], self_bias)
-        x = self._residual(
-            x, sa.output(o), self.self_attn_mid_layer_norm, "weight_self_attn", self.self_attn_layer_norm
+        q, kv = sa.query_keys_values(h, t_new)
+        cache = cache[:, :rows]
+        cache[:, :, :, start:end] = kv.transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            q, cache[0, :, :, :end], cache[1, :, :, :end], self_bias, scale=1.0
         )
+        o = sa.project(o.transpose(1, 2).reshape(x.shape))
+        x = self._residual(x, o, self.self_attn_mid_layer_norm, "weight_self_attn", self.self_attn_layer_norm)
 
         ca = self.cross_attn
         h = self.cross_attn_layer_norm(x) if self.normalize_before else x
-        q = ca.query(h)  # [R,H,T,hd]
-        bsz = cross_k.shape[0]
-        beam = rows // bsz
-        # Stack the beams of an image as extra query rows: [B,H,beam*T,hd] against the image's single K/V.
-        q = (
-            q.view(bsz, beam, sa.num_heads, t_new, sa.head_dim)
-            .transpose(1, 2)
-            .reshape(bsz, sa.num_heads, beam * t_new, -1)
-        )
-        # The fused kernel (float32 softmax inside, as _attend) reads the image's K/V once per query block.
+        # The queries of an image's beams stacked: [B,H,beam*T,hd] against the image's single K/V (the fused kernel,
+        # float32 softmax inside, reads the image's K/V once per query block).
+        q = ca.heads(ca.query_rows(h).view(cross_k.shape[0], -1, x.shape[-1]))
         o = F.scaled_dot_product_attention(q, cross_k, cross_v, attn_mask=cross_bias, scale=1.0)
-        o = o.view(bsz, sa.num_heads, beam, t_new, -1).transpose(1, 2).reshape(rows, sa.num_heads, t_new, -1)
+        o = ca.project(o.transpose(1, 2).reshape(x.shape))
         x = self._residual(
-            x, ca.output(o), self.cross_attn_mid_layer_norm, "weight_cross_attn", self.cross_attn_layer_norm
+            x, o, self.cross_attn_mid_layer_norm, "weight_cross_attn", self.cross_attn_layer_norm
         )
         return self._ffn(x)
 
 
 @dataclass
 class DecoderState:
-    """Incremental decoding state of a batch of images x beams (see :meth:`OFAModel.init_decoder_state`)."""
+    """Incremental decoding state of a batch of images x beams (see :meth:`OFAModel.init_decoder_state`).
+
+    Every tensor has a fixed shape for the whole search, so that a decoder step's shapes depend only on (images,
+    beam, length): a search reorders the cache's rows (into a second cache of the same shape, see
+    :class:`~ofa_captioning.beam_search.BeamSearch`) and never drops any.
+    """
 
     cross_k: list[Tensor]  # per layer [B,H,N,hd]
     cross_v: list[Tensor]
-    cross_pos_bias: Tensor  # [H,Tmax,N] for decoder positions 0..Tmax-1
-    cross_mask: Tensor | None  # [B,1,1,N] additive padding mask, None without padding
-    self_kv: Tensor  # [2*layers,R,H,Tmax,hd]: every layer's self-attention keys, then every layer's values
-    beam: int  # rows per image the caches were allocated for
+    cross_bias: (
+        Tensor  # [B or 1,H,Tmax,N]: position bias of decoder positions 0..Tmax-1, plus the padding mask
+    )
+    self_kv: Tensor  # [2,layers,R,H,Tmax,hd]: self-attention keys (0) and values (1) of every layer
+    beam: int  # rows per image the cache was allocated for
     length: int = 0  # positions already in the self-attention cache
 
-    @property
-    def self_k(self) -> list[Tensor]:
-        """Per-layer self-attention key caches [R,H,Tmax,hd] (views of ``self_kv``)."""
-        return list(self.self_kv[: len(self.cross_k)])
-
-    @property
-    def self_v(self) -> list[Tensor]:
-        """Per-layer self-attention value caches [R,H,Tmax,hd] (views of ``self_kv``)."""
-        return list(self.self_kv[len(self.cross_k) :])
-
-    def reorder(self, rows: Tensor, images: Tensor | None = None) -> None:
-        """Keep/reorder beam rows (index into R) and, when given, the images (index into B) they belong to."""
-        n = self.length
-        # One gather for the keys and values of every layer (their first n positions are filled).
-        kv = self.self_kv
-        out = kv.new_empty((kv.shape[0], rows.numel(), *kv.shape[2:]))
-        out[:, :, :, :n] = kv[:, :, :, :n].index_select(1, rows)
-        self.self_kv = out
-        if images is not None:
-            self.cross_k = [k.index_select(0, images) for k in self.cross_k]
-            self.cross_v = [v.index_select(0, images) for v in self.cross_v]
-            if self.cross_mask is not None:
-                self.cross_mask = self.cross_mask.index_select(0, images)
+    def layer_cache(self, layer: int) -> Tensor:
+        """Layer ``layer``'s keys and values [2,R,H,Tmax,hd] (a view of ``self_kv``)."""
+        return self.self_kv[:, layer]
 
 
 class OFADecoder(nn.Module):
@@ -583,7 +621,11 @@ class OFADecoder(nn.Module):
         return self.pos_ln(self.embed_positions(torch.arange(length, device=device))).to(dtype)
 
     def self_biases(self, length: int, device, dtype) -> list[Tensor]:
-        """Per-layer self-attention bias [H,T,T] for positions 0..T-1, causal mask included (cached)."""
+        """Per-layer self-attention bias [1,H,T,T] for positions 0..T-1, causal mask included (cached).
+
+        Each is a view of aligned storage (:func:`aligned_empty`), so that SDPA's CUDA kernels take it without
+        copying.
+        """
         key = (length, str(device), dtype)
         cached = self._self_bias_cache.get(key)
         if cached is not None and not torch.is_grad_enabled():
@@ -600,7 +642,7 @@ class OFADecoder(nn.Module):
         for layer_idx in range(len(self.layers)):
             t = 0 if self.config.share_attn_bias else layer_idx
             rel = F.embedding(bucket, self.token_rel_pos_table_list[t].weight).permute(2, 0, 1)
-            biases.append((abs_bias + rel).to(dtype) + causal)
+            biases.append(aligned_copy((abs_bias + rel).to(dtype) + causal).unsqueeze(0))
         if not torch.is_grad_enabled():
             self._self_bias_cache = {key: biases}
         return biases
@@ -614,6 +656,14 @@ class OFADecoder(nn.Module):
         pos_k = self.cross_pos_k_linear(src_pos).view(src_pos.shape[0], self.num_heads, -1).transpose(0, 1)
         return torch.matmul(pos_q, pos_k.transpose(1, 2))
 
+    def cross_bias(self, src_pos: Tensor, length: int, padding_mask: Tensor | None) -> Tensor:
+        """The cross-attention bias of a search [B or 1,H,T,N]: the position bias of decoder positions 0..T-1,
+        plus ``padding_mask`` [B,1,1,N] (additive) where given; in aligned storage (:func:`aligned_empty`)."""
+        bias = self.cross_position_bias(src_pos, length).unsqueeze(0)
+        if padding_mask is not None:
+            return _add_aligned(bias, padding_mask)
+        return aligned_copy(bias)
+
     def embed(self, tokens: Tensor) -> Tensor:
         x = self.embed_tokens(tokens) * self.embed_scale
         if self.layernorm_embedding is not None:
@@ -621,9 +671,10 @@ class OFADecoder(nn.Module):
         return x
 
     def project(self, x: Tensor) -> Tensor:
-        """Final LayerNorm and output projection: [..., D] -> logits [..., V]."""
+        """Final LayerNorm and output projection: [..., D] -> logits [..., V] (float32 for a float16 model once
+        :meth:`OFAModel.prepare_for_inference` ran)."""
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         if self.projection is not None:
-            return self.projection(x)
+            return self.projection(x.to(self.projection.weight.dtype))
         return self.output_projection(x)

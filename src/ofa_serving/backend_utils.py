@@ -32,6 +32,7 @@ __all__ = [
     "ServerDraining",
     "draining",
     "EngineHealth",
+    "PixelStaging",
 ]
 
 _MAX_MESSAGE = 500
@@ -241,3 +242,52 @@ class EngineHealth:
         if unload is not None:
             # From a thread: the unload waits for this execute() to return.
             threading.Thread(target=unload, args=(self.model_name,), daemon=True).start()
+
+
+class PixelStaging:
+    """The ``ofa`` batch's uint8 pixel rows stacked into one tensor: on a CUDA instance into a preallocated
+    page-locked (pinned) host buffer of ``max_batch_size`` images, so that the engine's ``non_blocking`` copy to
+    the GPU is asynchronous and no batch allocates host memory; elsewhere with ``np.stack``, as before.
+
+    :meth:`allocate` creates the buffer (the adapter calls it in ``initialize``, so that serving allocates
+    nothing; construction touches no CUDA). The buffer is rewritten only once the previous batch's copy to the
+    device has finished: call :meth:`sent` after handing the staged tensor to the engine (an event on the current
+    stream marks the copy's end).
+    """
+
+    def __init__(self, device: str, max_batch_size: int | str | None, image_shape: Sequence[int]):
+        self.pinned = device.startswith("cuda") and int(max_batch_size or 0) > 0
+        self.shape = (int(max_batch_size or 0), *image_shape)
+        self.buffer: Any = None
+        self._copied: Any = None
+
+    def allocate(self) -> None:
+        """Create the pinned buffer and its event on a CUDA instance (once); elsewhere nothing."""
+        if self.pinned and self.buffer is None:
+            import torch
+
+            self.buffer = torch.empty(self.shape, dtype=torch.uint8, pin_memory=True)
+            self._copied = torch.cuda.Event()
+
+    def stack(self, rows: Sequence[np.ndarray]) -> Any:
+        """``rows`` (arrays of one shape) as a torch tensor [len(rows), ...]: a view of the pinned buffer where
+        there is one and the rows are uint8 images of its shape that fit in it, else a fresh ``np.stack``."""
+        import torch
+
+        fits = (
+            self.pinned
+            and 0 < len(rows) <= self.shape[0]
+            and all(r.dtype == np.uint8 and r.shape == self.shape[1:] for r in rows)
+        )
+        if not fits:
+            return torch.from_numpy(np.stack(rows))
+        self.allocate()
+        self._copied.synchronize()  # the previous batch's copy has read the buffer (no-op before the first)
+        out = self.buffer[: len(rows)]
+        np.stack(rows, out=out.numpy())
+        return out
+
+    def sent(self) -> None:
+        """The staged tensor's copy to the device is enqueued: mark its end on the current CUDA stream."""
+        if self._copied is not None:
+            self._copied.record()

@@ -21,7 +21,8 @@ queue max_queue_size       64               256 (4 full batches, as on the CPU)
 ``OFA_PROFILE`` (``auto`` | ``cpu`` | ``gpu``) chooses; ``auto`` is ``gpu`` where torch sees a CUDA device.
 The adapters read what they need from the filled config: ``ofa`` puts a ``KIND_GPU`` instance on
 ``cuda:<model_instance_device_id>`` (:func:`instance_device`) and warms up at batch 1 and at ``max_batch_size``
-on a GPU (:func:`warmup_batch_sizes`).
+on a GPU (:func:`warmup_batch_sizes`), the largest batch also with the worst request allowed
+(:func:`warmup_plan`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ __all__ = [
     "instance_device",
     "resolve_profile",
     "warmup_batch_sizes",
+    "warmup_plan",
 ]
 
 #: The profiles ``OFA_PROFILE`` may name (besides ``auto``).
@@ -189,3 +191,35 @@ def warmup_batch_sizes(value: str, device: str, max_batch_size: int | str | None
         if size not in sizes:
             sizes.append(size)
     return tuple(sizes)
+
+
+#: One warm-up call: ``Captioner.warmup(batch_sizes, beam_size, max_length)``; None = the checkpoint's default.
+WarmupCall = tuple[tuple[int, ...], int | None, int | None]
+
+
+def warmup_plan(
+    batch_sizes: tuple[int, ...], device: str, limits: tuple[int, int], max_beam_tokens: int
+) -> list[WarmupCall]:
+    """The warm-up calls of ``ofa``: each of ``batch_sizes`` at the default beam size and length and, on CUDA,
+    first the largest of them with the worst requests allowed, so that serving allocates nothing new.
+
+    ``limits`` are the largest beam size and max length the engine accepts (``Captioner.setting_limits``) and
+    ``max_beam_tokens`` bounds their product (``OFA_MAX_BEAM_TOKENS``). The worst requests are the largest beam
+    with the longest length the bound leaves it, and the longest length with the largest beam the bound leaves
+    it: the decode step's rows grow with the beam, its cache with beam x length. On the CPU (a fast start; the
+    CPU caches no per-shape kernels or graphs) only the default calls run.
+    """
+    calls: list[WarmupCall] = []
+    if device.startswith("cuda"):
+        beam_limit, length_limit = limits
+        widest = min(beam_limit, max_beam_tokens)
+        longest = min(length_limit, max_beam_tokens)
+        for beam, length in (
+            (widest, min(length_limit, max_beam_tokens // widest)),
+            (min(beam_limit, max_beam_tokens // longest), longest),
+        ):
+            call = ((max(batch_sizes),), beam, length)
+            if call not in calls:
+                calls.append(call)
+    calls.append((tuple(batch_sizes), None, None))
+    return calls

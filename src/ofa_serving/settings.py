@@ -260,6 +260,20 @@ class OFASettings:
         param="warmup_batch_sizes",
         help="warm-up batch sizes, e.g. `1,64`; unset = 1 and max_batch_size on CUDA, 1 on the CPU",
     )
+    allow_tf32: bool = setting(
+        False,
+        env="OFA_ALLOW_TF32",
+        param="allow_tf32",
+        help="float32 on CUDA: let matmuls and convolutions round their inputs to TF32 (faster, not float32: "
+        "captions may flip on near-ties against the CPU); false = true float32. Sets torch's process-wide flags",
+    )
+    cuda_graphs: bool = setting(
+        False,
+        env="OFA_CUDA_GRAPHS",
+        param="cuda_graphs",
+        help="decode step as CUDA graphs per (batch, beam) bucket, captured at warm-up; unmeasured on a GPU, "
+        "off until measured; ignored (one log line) on the CPU",
+    )
 
 
 @dataclass(frozen=True)
@@ -432,11 +446,17 @@ def resolve_device(device: str, cuda_available: bool) -> str:
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """``"float16"`` on CUDA and ``"float32"`` on CPU for ``auto``; an explicit dtype by the engine's name for it
-    (the engine's parser, :func:`ofa_captioning.config.parse_dtype`)."""
+    (the engine's parser, :func:`ofa_captioning.config.parse_dtype`). float16 is refused on the CPU: the engine
+    runs it there for checks only (slow where the CPU lacks float16 kernels)."""
 
     if dtype == "auto":
         return "float16" if device.startswith("cuda") else "float32"
     try:
-        return parse_dtype(dtype)
+        name = parse_dtype(dtype)
     except ValueError as e:
         raise SettingsError(f"OFA_DTYPE / parameter 'dtype': {e}") from None
+    if name == "float16" and not device.startswith("cuda"):
+        raise SettingsError(
+            "OFA_DTYPE / parameter 'dtype': float16 is only served on CUDA; use float32 or bfloat16 on the CPU"
+        )
+    return name

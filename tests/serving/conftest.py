@@ -86,15 +86,17 @@ class StandInCaptioner:
     instances: list[StandInCaptioner] = []
     patch_image_size = 480
     default_beam_size, default_max_length, default_num_captions = 5, 16, 1
+    setting_limits = (16, 64)
 
-    def __init__(self, path, device, dtype):
+    def __init__(self, path, device, dtype, allow_tf32=False, cuda_graphs=False):
         self.path, self.device, self.dtype = path, device, dtype
+        self.allow_tf32, self.cuda_graphs = allow_tf32, cuda_graphs
         self.calls: list[tuple[tuple[int, ...], int | None, int | None]] = []
         self.n_best_calls: list[int | None] = []
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None):
-        instance = cls(path, device, dtype)
+    def from_pretrained(cls, path, device=None, dtype=None, *, allow_tf32=False, cuda_graphs=False):
+        instance = cls(path, device, dtype, allow_tf32, cuda_graphs)
         cls.instances.append(instance)
         return instance
 
@@ -114,7 +116,9 @@ class StandInCaptioner:
         return n
 
     def warmup(self, batch_sizes=(1,), beam_size=None, max_length=None):
-        self.calls.append(("warmup", tuple(batch_sizes)))
+        """Recorded as ``("warmup", batch_sizes)`` at the default settings, else with the beam size and length."""
+        settings = () if beam_size is None and max_length is None else (beam_size, max_length)
+        self.calls.append(("warmup", tuple(batch_sizes), *settings))
 
     def normalize_pixels(self, pixels):
         """uint8 pixels -> float32 with the same values (so the image id survives), recorded."""

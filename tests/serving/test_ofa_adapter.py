@@ -152,6 +152,23 @@ def test_warmup_off_and_dtype_from_config_parameters(pb, engine, tmp_path):
     assert m.captioner.calls == [] and str(m.captioner.dtype) == "torch.bfloat16"
 
 
+def test_precision_settings_reach_the_engine_and_float16_is_not_served_on_cpu(
+    pb, engine, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("OFA_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("OFA_ALLOW_TF32", "true")
+    monkeypatch.setenv("OFA_CUDA_GRAPHS", "1")
+    m = load_adapter("ofa").TritonPythonModel()
+    m.initialize(init_args("ofa"))
+    assert m.captioner.allow_tf32 is True and m.captioner.cuda_graphs is True
+    assert m.captioner.calls == [("warmup", (1,))]  # the CPU's warm-up: no worst-request calls
+    assert any("CUDA graphs on" in msg for _, msg in pb.Logger.records)
+    monkeypatch.setenv("OFA_DTYPE", "float16")
+    with pytest.raises(SettingsError, match="float16 is only served on CUDA"):
+        load_adapter("ofa").TritonPythonModel().initialize(init_args("ofa"))
+    assert len(engine.instances) == 1  # refused before loading
+
+
 def test_initialize_refuses_config_dims_that_differ_from_the_checkpoint(pb, engine, tmp_path, monkeypatch):
     monkeypatch.setenv("OFA_MODEL_DIR", str(tmp_path))
     monkeypatch.setattr(engine, "patch_image_size", 384)

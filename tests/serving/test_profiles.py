@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ofa_serving import profiles, repository
+from ofa_serving.backend_utils import PixelStaging
 from ofa_serving.model_config import instance_group, parse_config, read_config
 from ofa_serving.profiles import (
     GpuProfile,
@@ -16,6 +17,7 @@ from ofa_serving.profiles import (
     instance_device,
     resolve_profile,
     warmup_batch_sizes,
+    warmup_plan,
 )
 from ofa_serving.repository import generate_repository, parse_models, prepare_server
 from ofa_serving.settings import ServerSettings, SettingsError, load_settings
@@ -160,6 +162,8 @@ def test_the_adapters_load_the_gpu_configs_on_their_device(gpu_repo, pb, engine,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    pinned = []  # the pinned staging buffer needs a real GPU: its size is recorded instead
+    monkeypatch.setattr(PixelStaging, "allocate", lambda staging: pinned.append(staging.shape))
 
     def args(name, device_id):
         config = parsed(out / name / "config.pbtxt")
@@ -175,7 +179,10 @@ def test_the_adapters_load_the_gpu_configs_on_their_device(gpu_repo, pb, engine,
     (captioner,) = engine.instances
     assert captioner.path == en and captioner.device == "cuda:1" and str(captioner.dtype) == "torch.float16"
     assert chosen == ["cuda:1"]
-    assert captioner.calls == [("warmup", (1, 64))]  # ready = warm at the largest batch too
+    # ready = warm at the largest batch, first with the worst requests OFA_MAX_BEAM_TOKENS (320) allows
+    assert captioner.calls == [("warmup", (64,), 16, 20), ("warmup", (64,), 5, 64), ("warmup", (1, 64))]
+    assert captioner.allow_tf32 is False and captioner.cuda_graphs is False
+    assert pinned == [(64, 3, 480, 480)]  # uint8 pixels of a full batch, allocated before serving
     pre = load_adapter("preprocess").TritonPythonModel()
     pre.initialize({**args("preprocess", "0"), "model_instance_kind": "CPU"})
     assert pre.size == 480 and pre.settings.model_dir == en
@@ -233,6 +240,23 @@ def test_bad_warmup_batch_sizes_name_the_setting(value, message):
     with pytest.raises(SettingsError, match="OFA_WARMUP_BATCH_SIZES") as info:
         warmup_batch_sizes(value, "cpu", 16)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "device", "limits", "tokens", "expected"),
+    [
+        # The CPU keeps its fast start: the sizes at the checkpoint's defaults only.
+        ((1,), "cpu", (16, 64), 320, [((1,), None, None)]),
+        ((1, 16), "cpu", (16, 64), 1024, [((1, 16), None, None)]),
+        # CUDA: the largest batch first at the widest beam and at the longest length the token bound allows.
+        ((1, 64), "cuda:0", (16, 64), 320, [((64,), 16, 20), ((64,), 5, 64), ((1, 64), None, None)]),
+        ((1, 64), "cuda", (16, 64), 1024, [((64,), 16, 64), ((1, 64), None, None)]),
+        ((8, 4), "cuda:1", (16, 128), 100, [((8,), 16, 6), ((8,), 1, 100), ((8, 4), None, None)]),
+        ((1,), "cuda", (16, 64), 4, [((1,), 4, 1), ((1,), 1, 4), ((1,), None, None)]),
+    ],
+)
+def test_warmup_plan(sizes, device, limits, tokens, expected):
+    assert warmup_plan(sizes, device, limits, tokens) == expected
 
 
 def test_prepare_server_generates_the_gpu_repository_only_for_the_gpu_profile(tmp_path, monkeypatch):

@@ -93,6 +93,21 @@ def test_bad_values_fail_at_load_naming_the_setting(environ, config, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("env", "param"), [("OFA_ALLOW_TF32", "allow_tf32"), ("OFA_CUDA_GRAPHS", "cuda_graphs")]
+)
+def test_precision_switches_default_off_parse_as_booleans_and_name_a_bad_value(env, param):
+    name = param
+    assert getattr(load_settings(OFASettings, params(model_dir="/c"), environ={}), name) is False
+    assert getattr(load_settings(OFASettings, params(model_dir="/c", **{param: "true"}), environ={}), name)
+    on_by_config = params(model_dir="/c", **{param: "yes"})
+    assert getattr(load_settings(OFASettings, on_by_config, environ={env: "off"}), name) is False
+    with pytest.raises(SettingsError, match=f"^environment variable {env}: expected a boolean .*got 'fast'$"):
+        load_settings(OFASettings, params(model_dir="/c"), environ={env: "fast"})
+    with pytest.raises(SettingsError, match=f"^config.pbtxt parameter '{param}': expected a boolean"):
+        load_settings(OFASettings, params(model_dir="/c", **{param: "2"}), environ={})
+
+
 def test_required_setting_missing_names_both_sources():
     with pytest.raises(SettingsError, match="OFA_MODEL_DIR.*'model_dir'.*required"):
         load_settings(OFASettings, params(), environ={})
@@ -121,6 +136,12 @@ def test_device_and_dtype_resolution():
     assert resolve_dtype("auto", "cuda") == "float16"
     assert resolve_dtype("auto", "cpu") == "float32"
     assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert resolve_dtype("float16", "cuda:0") == "float16"
+    # The engine runs float16 on a CPU for checks; the server refuses to serve it there.
+    with pytest.raises(
+        SettingsError, match=r"^OFA_DTYPE / parameter 'dtype': float16 is only served on CUDA"
+    ):
+        resolve_dtype("fp16", "cpu")
 
 
 def test_docs_list_every_setting():

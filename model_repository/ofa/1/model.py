@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import gc
 
-import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from ofa_captioning.captioner import Captioner
 from ofa_serving.backend_utils import (
     EngineHealth,
+    PixelStaging,
     RequestCancelled,
     cancelled,
     check_tensor_dims,
@@ -29,7 +29,7 @@ from ofa_serving.backend_utils import (
 )
 from ofa_serving.batching import run_batched
 from ofa_serving.nbest import n_best_arrays, pad_captions, request_num_captions
-from ofa_serving.profiles import instance_device, warmup_batch_sizes
+from ofa_serving.profiles import instance_device, warmup_batch_sizes, warmup_plan
 from ofa_serving.settings import OFASettings, load_settings, resolve_dtype
 from ofa_serving.tensors import BEAM_SIZE, MAX_LENGTH, NUM_CAPTIONS, PIXEL_VALUES, pixel_values
 
@@ -48,7 +48,13 @@ class TritonPythonModel:
         if device.startswith("cuda:"):  # a KIND_GPU instance: stray allocations go to its own GPU too
             torch.cuda.set_device(device)
         dtype = getattr(torch, resolve_dtype(settings.dtype, device))
-        self.captioner = Captioner.from_pretrained(settings.model_dir, device=device, dtype=dtype)
+        self.captioner = Captioner.from_pretrained(
+            settings.model_dir,
+            device,
+            dtype,
+            allow_tf32=settings.allow_tf32,
+            cuda_graphs=settings.cuda_graphs,
+        )
         size = self.captioner.patch_image_size
         check_tensor_dims(
             config,
@@ -58,12 +64,16 @@ class TritonPythonModel:
         )
         self.max_beam_tokens = settings.max_beam_tokens
         self.health = EngineHealth(pb_utils, self.model_name, settings.unhealthy_after_failures)
+        self.staging = PixelStaging(device, config.get("max_batch_size"), pixel_values(size).dims)
+        self.staging.allocate()  # pinned host memory on a CUDA instance, before serving
         sizes = warmup_batch_sizes(settings.warmup_batch_sizes, device, config.get("max_batch_size"))
-        if settings.warmup:
-            self.captioner.warmup(batch_sizes=sizes)
+        plan = warmup_plan(sizes, device, self.captioner.setting_limits, self.max_beam_tokens)
+        for batches, beam, length in plan if settings.warmup else ():
+            self.captioner.warmup(batch_sizes=batches, beam_size=beam, max_length=length)
         pb_utils.Logger.log_info(
             f"{self.model_name}: {settings.model_dir} on {device} ({dtype}), {torch.get_num_threads()} torch "
-            f"threads, warm-up {f'done at batch {sizes}' if settings.warmup else 'off'}"
+            f"threads, CUDA graphs {'on' if self.captioner.cuda_graphs else 'off'}, warm-up "
+            f"{f'done: (batches, beam, length) {plan}' if settings.warmup else 'off'}"
         )
 
     def execute(self, requests):
@@ -101,9 +111,10 @@ class TritonPythonModel:
     def _generate(self, key, rows):
         """One engine call for all rows sharing the generation settings ``key``; each row keeps its n best."""
         beam_size, max_length = key
-        batch = torch.from_numpy(np.stack([pixels for pixels, _ in rows]))
+        batch = self.staging.stack([pixels for pixels, _ in rows])  # pinned on a CUDA instance
         if batch.dtype == torch.uint8:  # preprocess's resized RGB bytes: normalized where the model runs
             batch = self.captioner.normalize_pixels(batch)
+            self.staging.sent()
         most = max(n for _, n in rows)
         try:
             lists = self.captioner.generate_n_best(batch, beam_size, max_length, num_captions=most)
