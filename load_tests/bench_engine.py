@@ -257,7 +257,7 @@ def decode_step_row(batch: int, sides: Mapping[str, SearchSide], repeats: int) -
     """The sides' beam searches alternating call by call (``repeats`` each, after one untimed call that gives
     the steps and the n-best lists): ms per decoder step of each, their ratio and each side's operators per step.
     ``sides`` holds :data:`CURRENT` and, where the baseline is available, :data:`BASELINE`."""
-    from load_tests.engine_profile import operators_per_step
+    from load_tests.engine_profile import dispatched_per_step, operators_per_step
 
     first = {name: side() for name, side in sides.items()}
     steps = {name: decoder_steps(hyps) for name, hyps in first.items()}
@@ -267,6 +267,7 @@ def decode_step_row(batch: int, sides: Mapping[str, SearchSide], repeats: int) -
         name: operators_per_step(s.model, s.encoder_out, s.settings, steps[name], s.search)
         for name, s in sides.items()
     }
+    dispatched = {name: dispatched_per_step(side, steps[name]) for name, side in sides.items()}
     base = BASELINE in sides
     return {
         "batch_size": batch,
@@ -274,9 +275,11 @@ def decode_step_row(batch: int, sides: Mapping[str, SearchSide], repeats: int) -
         "decoder_steps": steps[CURRENT],
         "current_ms_per_step": ms[CURRENT],
         "current_operators_per_step": ops[CURRENT],
+        "current_dispatched_per_step": dispatched[CURRENT],
         "baseline_decoder_steps": steps.get(BASELINE),
         "baseline_ms_per_step": ms.get(BASELINE),
         "baseline_operators_per_step": ops.get(BASELINE),
+        "baseline_dispatched_per_step": dispatched.get(BASELINE),
         "ratio": ms[CURRENT] / ms[BASELINE] if base else None,
         "same_hypotheses": same_results(first[CURRENT], first[BASELINE]) if base else None,
         "load_average": os.getloadavg()[0],
@@ -624,15 +627,16 @@ def _decode_step_table(decode: dict | None) -> list[str]:
         "",
         f"Decode step, {DECODE_STEP_DTYPE}, beam {DECODE_STEP_BEAM}: the current engine vs {BASELINE}'s in the same "
         "run (each side's encoder once on the same pixels, then their beam searches alternating; ms per step = "
-        "a beam search's seconds / its decoder steps; operators per step from one profiled beam search):",
+        "a beam search's seconds / its decoder steps; operators per step from one profiled beam search, every ATen "
+        "call counted, those inside kernels too; dispatched: the operators a step calls from Python, not gated):",
         "",
     ]
     if decode["baseline_unavailable"]:
         lines += [f"{decode['baseline_unavailable']}: only the current engine is shown.", ""]
     lines += [
         f"| batch | steps | current ms/step | {BASELINE} ms/step | ratio | current operators/step "
-        f"| {BASELINE} operators/step | same n-best | calls each | load |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {BASELINE} operators/step | dispatched/step, current / {BASELINE} | same n-best | calls each | load |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in decode["rows"]:
         same = "" if r["same_hypotheses"] is None else ("yes" if r["same_hypotheses"] else "**no**")
@@ -640,6 +644,7 @@ def _decode_step_table(decode: dict | None) -> list[str]:
             f"| {r['batch_size']} | {r['decoder_steps']} | {r['current_ms_per_step']:.2f} "
             f"| {_cell(r['baseline_ms_per_step'], '.2f')} | {_cell(r['ratio'], '.2f')} "
             f"| {r['current_operators_per_step']:.0f} | {_cell(r['baseline_operators_per_step'], '.0f')} "
+            f"| {r['current_dispatched_per_step']:.0f} / {_cell(r['baseline_dispatched_per_step'], '.0f')} "
             f"| {same} | {r['repeats']} | {r['load_average']:.2f} |"
         )
     return lines

@@ -141,6 +141,24 @@ def operators_per_step(model, enc, settings, steps: int, search=None) -> float:
     return next(r["calls_per_step"] for r in rows if r["family"] == OPERATORS_PER_STEP)
 
 
+def dispatched_per_step(search, steps: int) -> float:
+    """Operators a decoder step dispatches from Python (one ``search()`` under a ``TorchDispatchMode``; the calls
+    that kernels make inside, which :func:`operators_per_step` also counts, are not seen): what a host-bound
+    step pays its per-call overhead on."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Counter():
+        search()
+    return _Counter.calls / max(steps, 1)
+
+
 def _count(events) -> int:
     return sum(e.count for e in events)
 

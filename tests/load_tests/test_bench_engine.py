@@ -243,13 +243,16 @@ def test_decode_step_row_alternates_the_sides_and_divides_by_each_sides_steps(mo
 
     row = bench_engine.decode_step_row(8, sides, repeats=3)
 
-    assert log == ["cur", "base"] * 4  # one untimed call each, then three alternating
+    assert (
+        log == ["cur", "base"] * 5
+    )  # one untimed call each, three alternating, one with its operators counted
     assert row["decoder_steps"] == 10 and row["baseline_decoder_steps"] == 8
     assert 1.0 <= row["current_ms_per_step"] < 4.0  # 10 ms over 10 steps, plus the machine's noise
     assert 5.0 <= row["baseline_ms_per_step"] < 20.0  # 40 ms over 8 steps
     assert row["ratio"] == pytest.approx(row["current_ms_per_step"] / row["baseline_ms_per_step"])
     assert row["current_operators_per_step"] == 250.0 and row["baseline_operators_per_step"] == 1000.0
     assert profiled == [10, 8]
+    assert row["current_dispatched_per_step"] == 0.0  # the stand-in searches call no operator
     assert row["same_hypotheses"] is False  # different tokens
 
 
@@ -270,9 +273,11 @@ def _decode_row(batch: int, ratio: float | None, ops: float, same: bool | None =
         "decoder_steps": 17,
         "current_ms_per_step": 6.0,
         "current_operators_per_step": ops,
+        "current_dispatched_per_step": 270.0,
         "baseline_decoder_steps": None if ratio is None else 17,
         "baseline_ms_per_step": None if ratio is None else 6.0 / ratio,
         "baseline_operators_per_step": None if ratio is None else 1090.0,
+        "baseline_dispatched_per_step": None if ratio is None else 299.0,
         "ratio": ratio,
         "same_hypotheses": None if ratio is None else same,
         "load_average": 1.0,
@@ -321,7 +326,7 @@ def test_an_unavailable_baseline_is_a_red_fail_never_a_pass(capsys, monkeypatch)
     assert "[FAIL] baseline 0741503 unavailable (no git history)" in capsys.readouterr().out
     text = bench_engine.markdown(_report(decode_step=result))
     assert "baseline 0741503 unavailable (no git history): only the current engine is shown." in text
-    assert "| 1 | 17 | 6.00 |  |  | 250 |  |  | 5 | 1.00 |" in text
+    assert "| 1 | 17 | 6.00 |  |  | 250 |  | 270 /  |  | 5 | 1.00 |" in text
 
 
 def test_the_report_shows_both_decode_steps_and_their_ratio():
@@ -330,7 +335,7 @@ def test_the_report_shows_both_decode_steps_and_their_ratio():
     text = bench_engine.markdown(_report(decode_step=result))
 
     assert "Decode step, float32, beam 5: the current engine vs 0741503's in the same run" in text
-    assert "| 8 | 17 | 6.00 | 12.00 | 0.50 | 280 | 1090 | yes | 5 | 1.00 |" in text
+    assert "| 8 | 17 | 6.00 | 12.00 | 0.50 | 280 | 1090 | 270 / 299 | yes | 5 | 1.00 |" in text
     assert "Decode step" not in bench_engine.markdown(_report(decode_step=None))
 
 
@@ -343,3 +348,15 @@ def test_decode_step_options():
     assert args.no_decode_step is True and args.decode_step_repeats == 2
     with pytest.raises(SystemExit):
         tool.parse_args(bench_engine.TOOL, ["--decode-step-repeats", "0"])
+
+
+def test_dispatched_per_step_counts_the_operators_a_call_dispatches():
+    import torch
+
+    x = torch.ones(4)
+
+    def three_ops():
+        return ((x * 2) + 1).sum()
+
+    assert engine_profile.dispatched_per_step(three_ops, 1) == 3.0
+    assert engine_profile.dispatched_per_step(three_ops, 2) == 1.5
