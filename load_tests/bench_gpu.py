@@ -128,30 +128,16 @@ def refusal(
 
 
 def nvidia_driver() -> str | None:
-    """The NVIDIA driver's version (NVML, else ``nvidia-smi``), or ``None`` where neither answers."""
-    if importlib.util.find_spec("pynvml") is not None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            version = pynvml.nvmlSystemGetDriverVersion()
-            return version.decode() if isinstance(version, bytes) else str(version)
-        except Exception:  # NVML present but not answering: try nvidia-smi
-            pass
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
+    """The NVIDIA driver's version, or ``None`` where no driver answers: ``make setup``'s own reading
+    (``requirements/platform_check.py``: /proc/driver/nvidia/version, else ``nvidia-smi``)."""
+    path = Path(__file__).resolve().parents[1] / "requirements" / "platform_check.py"
+    spec = importlib.util.spec_from_file_location("platform_check", path)
+    if spec is None or spec.loader is None:
         return None
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.split()
-    return lines[0] if out.returncode == 0 and lines else None
+    check = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("platform_check", check)  # its dataclasses resolve their module by name
+    spec.loader.exec_module(check)
+    return check.detect_nvidia_driver() or None
 
 
 def card_info(device: str) -> dict:
