@@ -7,6 +7,8 @@ target out of reach on a machine says so.
 
 from __future__ import annotations
 
+from collections import Counter
+
 from load_tests.tool import timed
 
 #: The row of :func:`beam_op_profile` that counts every operator of a step.
@@ -141,22 +143,28 @@ def operators_per_step(model, enc, settings, steps: int, search=None) -> float:
     return next(r["calls_per_step"] for r in rows if r["family"] == OPERATORS_PER_STEP)
 
 
-def dispatched_per_step(search, steps: int) -> float:
-    """Operators a decoder step dispatches from Python (one ``search()`` under a ``TorchDispatchMode``; the calls
-    that kernels make inside, which :func:`operators_per_step` also counts, are not seen): what a host-bound
-    step pays its per-call overhead on."""
+def dispatched_operators(fn) -> Counter[str]:
+    """The operators ``fn()`` dispatches from Python, by name (e.g. ``aten.add.Tensor``), counted under a
+    ``TorchDispatchMode``: the calls that kernels make inside, which :func:`operators_per_step` also counts, are not
+    seen."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class _Counter(TorchDispatchMode):
-        calls = 0
+    counts: Counter[str] = Counter()
 
+    class _Recorder(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            _Counter.calls += 1
+            counts[str(func)] += 1
             return func(*args, **(kwargs or {}))
 
-    with _Counter():
-        search()
-    return _Counter.calls / max(steps, 1)
+    with _Recorder():
+        fn()
+    return counts
+
+
+def dispatched_per_step(search, steps: int) -> float:
+    """Operators a decoder step dispatches from Python (:func:`dispatched_operators` of one ``search()``): what a
+    host-bound step pays its per-call overhead on."""
+    return sum(dispatched_operators(search).values()) / max(steps, 1)
 
 
 def _count(events) -> int:

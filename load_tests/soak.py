@@ -102,13 +102,8 @@ def settle_arguments(args: argparse.Namespace) -> str | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The soak's arguments; argparse refuses (exit 2) options that contradict each other."""
-    parser = tool.build_parser(TOOL)
-    args = parser.parse_args(argv)
-    problem = settle_arguments(args)
-    if problem:
-        parser.error(problem)
-    return args
+    """The soak's arguments, settled; argparse refuses (exit 2) options that contradict each other."""
+    return tool.parse_args(TOOL, argv)
 
 
 def _log(message: str) -> None:
@@ -277,9 +272,6 @@ def wait_for_users(
 
 def run(args: argparse.Namespace, server: ServerHandle) -> dict:
     """The soak against ``server``: users for ``--seconds`` while RSS is sampled; the report with its checks."""
-    problem = settle_arguments(args)
-    if problem:
-        raise tool.Refused(problem)
     pid, stubs_before = server_stubs(server)
     corpus = UniqueImages(load_images(args.image_dir))
     metrics_before = server.metrics()
@@ -375,12 +367,12 @@ TOOL = tool.Tool(
     run=run,
     summarize=summarize,
     needs=METRICS_PACKAGES,
+    check_arguments=settle_arguments,
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     """``make soak``: the exit status (0 passed, 1 a check failed, 2 refused)."""
-    parse_args(argv)  # options that contradict each other are refused before a server starts
     return tool.main(TOOL, argv)
 
 

@@ -136,7 +136,9 @@ class Tool:
     report's folder and file stem. ``run(args, server)`` measures and returns the report, a JSON-able dict with ``"checks"``
     (``{name: bool}``; ``None`` = did not apply); ``server`` is the ready server when ``needs_server``, else
     ``None``. ``summarize(report)`` prints the table. ``needs``: the packages checked before anything runs.
-    ``markdown(report)``, when given, is also written beside the JSON as ``<name>.md``.
+    ``markdown(report)``, when given, is also written beside the JSON as ``<name>.md``. ``check_arguments(args)``,
+    when given, fills in derived defaults and returns the reason to refuse arguments that contradict each other
+    (argparse's refusal, exit 2, before any server starts), else ``None``.
     """
 
     name: str
@@ -147,6 +149,7 @@ class Tool:
     needs_server: bool = True
     needs: tuple[str, ...] = ()
     markdown: Callable[[dict], str] | None = None
+    check_arguments: Callable[[argparse.Namespace], str | None] | None = None
 
 
 def build_parser(tool: Tool) -> argparse.ArgumentParser:
@@ -167,8 +170,14 @@ def build_parser(tool: Tool) -> argparse.ArgumentParser:
 
 
 def parse_args(tool: Tool, argv: list[str] | None = None) -> argparse.Namespace:
-    """The tool's arguments parsed from ``argv`` (default: the command line); argparse exits 2 on bad ones."""
-    return build_parser(tool).parse_args(argv)
+    """The tool's arguments parsed from ``argv`` (default: the command line) and settled by the tool's
+    ``check_arguments``; argparse exits 2 on bad ones."""
+    parser = build_parser(tool)
+    args = parser.parse_args(argv)
+    problem = tool.check_arguments(args) if tool.check_arguments else None
+    if problem:
+        parser.error(problem)
+    return args
 
 
 def write_report(report: dict, results_dir: Path, name: str, markdown: Callable[[dict], str] | None) -> Path:

@@ -127,7 +127,9 @@ def graphed_beam_search(
     graphed = searches.get(key)
     if graphed is None:
         if graphs is None:
-            graphs = _graphs.get(model) or _graphs.setdefault(model, CudaGraphs())
+            graphs = _graphs.get(model)
+            if graphs is None:
+                graphs = _graphs[model] = CudaGraphs()
         graphed = searches[key] = GraphedSearch(model, encoder_out, settings, graphs)
         while len(searches) > MAX_SEARCHES:
             searches.popitem(last=False)

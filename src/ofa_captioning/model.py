@@ -140,7 +140,7 @@ class OFAModel(nn.Module):
         cross_k, cross_v, cross_bias = self._cross_inputs(encoder_out, max_positions)
         heads, hd = self.decoder.num_heads, self.config.d_model // self.decoder.num_heads
         shape = (2, len(self.decoder.layers), enc.shape[0] * beam, heads, max_positions, hd)
-        return DecoderState(cross_k, cross_v, cross_bias, enc.new_empty(shape), beam)
+        return DecoderState(cross_k, cross_v, cross_bias, enc.new_empty(shape))
 
     def load_decoder_state(self, state: DecoderState, encoder_out: EncoderOutput) -> None:
         """Write the cross-attention inputs of ``encoder_out`` (as many images, same layout) into ``state``'s own

@@ -144,10 +144,6 @@ class OFAAttention(nn.Module):
         """[..., T, D] -> [..., H, T, hd]."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
 
-    def query(self, x: Tensor) -> Tensor:
-        """Scaled queries in heads layout [..., H, T, hd]."""
-        return self.heads(self.query_rows(x))
-
     def query_rows(self, x: Tensor) -> Tensor:
         """Scaled queries [..., D], heads side by side."""
         if self._fused is not None:
@@ -166,7 +162,7 @@ class OFAAttention(nn.Module):
         if self._fused is not None:
             q, k, v = self._fused["qkv"](x).chunk(3, dim=-1)
             return self.heads(q), self.heads(k), self.heads(v)
-        return (self.query(x), *self.keys_values(x))
+        return (self.heads(self.query_rows(x)), *self.keys_values(x))
 
     def query_keys_values(self, x: Tensor, t_new: int) -> tuple[Tensor, Tensor]:
         """Self-attention of ``x`` [R*T,D] (``t_new`` positions per row): scaled queries [R,H,T,hd] and the keys and
@@ -557,7 +553,6 @@ class DecoderState:
         Tensor  # [B or 1,H,Tmax,N]: position bias of decoder positions 0..Tmax-1, plus the padding mask
     )
     self_kv: Tensor  # [2,layers,R,H,Tmax,hd]: self-attention keys (0) and values (1) of every layer
-    beam: int  # rows per image the cache was allocated for
     length: int = 0  # positions already in the self-attention cache
 
     def layer_cache(self, layer: int) -> Tensor:

@@ -3,13 +3,12 @@ steps as graphs (captured once per key, replayed after) giving the eager loop's 
 
 from __future__ import annotations
 
-import collections
 import inspect
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from load_tests.engine_profile import dispatched_operators
 from load_tests.testkit.parity import assert_same_results
 from ofa_captioning import cuda_graphs
 from ofa_captioning.beam_search import BeamSearch, beam_search
@@ -19,18 +18,6 @@ from ofa_captioning.captioner import Captioner
 # reads without dispatching an operator: the step's source is checked for it instead.
 HOST_READS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default"}
 HOST_BUILT = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default", "aten._to_copy.default"}
-
-
-class _Recorder(TorchDispatchMode):
-    """Every operator dispatched inside the mode, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +41,14 @@ def test_a_step_neither_reads_the_device_nor_builds_host_tensors(engine, encoded
     enc, settings = encoded
     with torch.inference_mode():
         search = BeamSearch(engine.model, enc, settings)
-        steps = []
-        for s in range(settings.max_len_b + 1):
-            recorder = _Recorder()
-            with recorder:
-                search.step(s)
-            steps.append(recorder.ops)
+        steps = [dispatched_operators(lambda s=s: search.step(s)) for s in range(settings.max_len_b + 1)]
         search.reset(enc)
-        whole = _Recorder()
-        with whole:
-            search.run(search.step)
+        whole = dispatched_operators(lambda: search.run(search.step))
     assert len(steps) == settings.max_len_b + 1
     for s, ops in enumerate(steps):
         assert sum(ops.values()) > 100, s  # the step ran the decoder
         assert not (set(ops) & (HOST_READS | HOST_BUILT)), (s, set(ops) & (HOST_READS | HOST_BUILT))
-    reads = sum(whole.ops[name] for name in HOST_READS)
+    reads = sum(whole[name] for name in HOST_READS)
     assert 1 <= reads <= settings.max_len_b, reads
     for method in (BeamSearch.step, BeamSearch._candidates, BeamSearch._finalize, BeamSearch._advance):
         source = inspect.getsource(method)
